@@ -1,0 +1,8 @@
+"""The neural long-term memory (paper §3): a reference loop, the chunk-parallel form, and the NeuralMemory layer."""
+
+from titans.memory.chunked import chunked_memory
+from titans.memory.naive import naive_memory
+from titans.memory.network import MemoryMLP
+from titans.memory.state import MemoryState
+
+__all__ = ["MemoryMLP", "MemoryState", "chunked_memory", "naive_memory"]

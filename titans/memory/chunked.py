@@ -1,0 +1,231 @@
+"""Chunk-parallel Titans memory: the same results as `naive.py`, a handful of matmuls per chunk.
+
+Inside a chunk of b tokens every inner gradient is taken at the chunk-start weights (the anchor, Eq. 16), so all
+b gradients come from one batched forward/backward of the keys (rank one per token: u_t = g_t a_t^T). Momentum and
+forgetting still act per token (Eqs. 13, 14, 18). Unrolled over the chunk, with A_t = prod_{j<=t}(1 - alpha_j) and
+E_t = prod_{j<=t} eta_j (products from the chunk start; chunked-memory.md §3):
+
+    M_t = A_t M_0 + rho_t S_0 - sum_{i<=t} C_{t,i} theta_i u_i
+    rho_t = sum_{s<=t} (A_t / A_s) E_s,        C_{t,i} = sum_{s=i}^{t} (A_t / A_s) (E_s / E_i)
+
+The output of token t reads its own M_t (Eq. 15) without ever forming M_t (the dual form, §4): layer by layer,
+
+    z_t = A_t (M_0 h_t) + rho_t (S_0 h_t) - sum_{i<=t} C_{t,i} theta_i (a_i . h_t) g_i
+
+which over the chunk is two [b, d] x [d, d'] matmuls and one masked [b, b] mix. The ratios A_t / A_s and E_s / E_i
+come from segment sums of logs masked before `exp`, so nothing overflows. Chunks run in sequence (the recurrence
+across chunks is non-linear); the backward pass keeps the state only every `checkpoint_every` chunks and recomputes
+the chunks in between, so training memory does not grow with one weight copy per chunk (§7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from titans.memory.inputs import GateArg, LayerGates, prepare
+from titans.memory.network import MemoryMLP, activation, layer_norm
+from titans.memory.state import MemoryState
+
+
+def segment_sum(x: Tensor) -> Tensor:
+    """out[..., t, s] = sum_{j=s+1}^{t} x[..., j] for s <= t and -inf above the diagonal. x [..., b] -> [..., b, b].
+
+    Built by a masked cumulative sum (not a difference of cumulative sums) so that -inf never meets -inf.
+    """
+    b = x.shape[-1]
+    rows = x.unsqueeze(-1).expand(*x.shape, b)
+    strictly_lower = torch.ones(b, b, dtype=torch.bool, device=x.device).tril(-1)
+    out = rows.masked_fill(~strictly_lower, 0.0).cumsum(dim=-2)
+    return out.masked_fill(~strictly_lower.logical_or(torch.eye(b, dtype=torch.bool, device=x.device)), float("-inf"))
+
+
+@dataclass
+class ChunkCoefficients:
+    """How the state and each token's gradient enter every later state of one chunk of b tokens (one layer).
+
+    decay      A_t                 [B, H, b]   ([B, H, b, c] with channel-wise forgetting)
+    carry      rho_t or None       like decay (None without momentum: S_0 never reaches M_t)
+    mix        C_{t,i} theta_i     [B, H, b, b] ([B, H, c, b, b] channel-wise), zero above the diagonal
+    mom_decay  E_b or None         [B, H]
+    mom_mix    theta_i E_b / E_i   [B, H, b]  (without momentum: theta_b at i = b, zero elsewhere)
+    """
+
+    decay: Tensor
+    carry: Tensor | None
+    mix: Tensor
+    mom_decay: Tensor | None
+    mom_mix: Tensor
+
+    @classmethod
+    def build(cls, gates: LayerGates) -> ChunkCoefficients:
+        theta = gates.theta
+        b = theta.shape[-1]
+        channelwise = gates.alpha is not None and gates.alpha.dim() == 4
+        if gates.alpha is None:
+            log_keep = torch.zeros_like(theta)
+        else:
+            log_keep = torch.log1p(-gates.alpha)
+            if channelwise:
+                log_keep = log_keep.transpose(-1, -2)  # [B, H, c, b]: the time axis last for the scans
+        decay_ratio = segment_sum(log_keep).exp()  # A_t / A_s, [.., b, b]
+        decay = log_keep.cumsum(-1).exp()  # A_t
+        if gates.eta is None:
+            mix, carry, mom_decay = decay_ratio, None, None
+            mom_mix = theta * torch.nn.functional.one_hot(torch.tensor(b - 1), b).to(theta)
+        else:
+            log_eta = torch.log(gates.eta)
+            mom_ratio = segment_sum(log_eta).exp()  # E_s / E_i, [B, H, b, b]
+            mom_cum = log_eta.cumsum(-1).exp()  # E_s
+            if channelwise:
+                mom_ratio, mom_cum = mom_ratio.unsqueeze(2), mom_cum.unsqueeze(2)
+            mix = decay_ratio @ mom_ratio
+            carry = (decay_ratio @ mom_cum.unsqueeze(-1)).squeeze(-1)
+            mom_decay = mom_cum[..., -1] if not channelwise else mom_cum[:, :, 0, -1]
+            mom_mix = (mom_ratio[..., -1, :] if not channelwise else mom_ratio[:, :, 0, -1, :]) * theta
+        theta_cols = theta[:, :, None, None, :] if channelwise else theta[:, :, None, :]
+        mix = mix * theta_cols
+        if channelwise:
+            decay = decay.transpose(-1, -2)
+            carry = None if carry is None else carry.transpose(-1, -2)
+        return cls(decay, carry, mix, mom_decay, mom_mix)
+
+    @property
+    def channelwise(self) -> bool:
+        return self.mix.dim() == 5
+
+
+def _layer_output(h: Tensor, w0: Tensor, s0: Tensor, a: Tensor, g: Tensor, co: ChunkCoefficients) -> Tensor:
+    """z_t = M_t h_t for every token of the chunk, without forming M_t (dual form).
+
+    h [B, H, b, d_in]; w0, s0 [B, H, d_out, d_in]; a [B, H, b, d_in]; g [B, H, b, d_out] -> [B, H, b, d_out].
+    """
+    scores = h @ a.transpose(-1, -2)  # (a_i . h_t): [B, H, b, b]
+    if co.channelwise:
+        out = co.decay * (h @ w0.transpose(-1, -2))
+        if co.carry is not None:
+            out = out + co.carry * (h @ s0.transpose(-1, -2))
+        return out - torch.einsum("bhti,bhcti,bhic->bhtc", scores, co.mix, g)
+    out = co.decay.unsqueeze(-1) * (h @ w0.transpose(-1, -2))
+    if co.carry is not None:
+        out = out + co.carry.unsqueeze(-1) * (h @ s0.transpose(-1, -2))
+    return out - (scores * co.mix) @ g
+
+
+def _layer_end_state(w0: Tensor, s0: Tensor, a: Tensor, g: Tensor, co: ChunkCoefficients) -> tuple[Tensor, Tensor]:
+    """(M_b, S_b) of one layer at the chunk's last token (chunked-memory.md §5). All [B, H, d_out, d_in]."""
+    s_new = -(g * co.mom_mix.unsqueeze(-1)).transpose(-1, -2) @ a
+    if co.mom_decay is not None:
+        s_new = s_new + co.mom_decay[..., None, None] * s0
+    if co.channelwise:
+        row = co.mix[..., -1, :].transpose(-1, -2)  # C_{b,i,c} theta_i as [B, H, b, c]
+        w_new = co.decay[:, :, -1, :, None] * w0 - (g * row).transpose(-1, -2) @ a
+        if co.carry is not None:
+            w_new = w_new + co.carry[:, :, -1, :, None] * s0
+        return w_new, s_new
+    w_new = co.decay[..., -1, None, None] * w0 - (g * co.mix[..., -1, :].unsqueeze(-1)).transpose(-1, -2) @ a
+    if co.carry is not None:
+        w_new = w_new + co.carry[..., -1, None, None] * s0
+    return w_new, s_new
+
+
+def _chunk(
+    network: MemoryMLP,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gates: list[LayerGates],
+    weights: list[Tensor],
+    momentum: list[Tensor],
+    anchor: list[Tensor],
+    stats: dict[str, list[Tensor]] | None,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """One chunk (or the part of one that a stream holds): outputs and the state after its last token."""
+    inputs, grads, loss = network.key_path(anchor, k, v)
+    coefficients = [ChunkCoefficients.build(g) for g in gates]
+    h, new_weights, new_momentum = q, [], []
+    for i in range(network.depth):
+        z = _layer_output(h, weights[i], momentum[i], inputs[i], grads[i], coefficients[i])
+        h = activation(z, network.activation) if i < network.depth - 1 else z
+        w, s = _layer_end_state(weights[i], momentum[i], inputs[i], grads[i], coefficients[i])
+        new_weights.append(w)
+        new_momentum.append(s)
+    y = q + layer_norm(h) if network.residual_norm else h
+    if stats is not None:
+        with torch.no_grad():
+            # ||theta_t g_t a_t^T||_F = theta_t ||g_t|| ||a_t||, summed in square over layers
+            layers = zip(gates, grads, inputs, strict=True)
+            norm_sq = sum((gl.theta * gr.norm(dim=-1) * a.norm(dim=-1)).square() for gl, gr, a in layers)
+            stats["surprise"].append(loss.detach())
+            stats["update_norm"].append(norm_sq.sqrt())
+    return y, new_weights, new_momentum
+
+
+def chunked_memory(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: GateArg,
+    eta: GateArg,
+    alpha: GateArg,
+    network: MemoryMLP,
+    state: MemoryState | None = None,
+    chunk_size: int = 16,
+    stats: dict[str, Tensor] | None = None,
+    checkpoint_every: int = 16,
+) -> tuple[Tensor, MemoryState]:
+    """Same contract and results as `naive_memory`; see its docstring. q, k, v [B, H, T, D] -> y [B, H, T, D].
+
+    checkpoint_every: when gradients are being recorded, keep the state only every this many chunks and recompute
+    the chunks in between during backward (0 keeps every chunk; results and gradients are identical either way).
+    """
+    gates, state = prepare(q, k, v, theta, eta, alpha, network, state, chunk_size)
+    length = q.shape[2]
+    # Spans follow the chunk grid of the whole stream: a stream that stopped mid-chunk first finishes that chunk.
+    bounds, start = [], 0
+    while start < length:
+        stop = min(length, start + chunk_size - (state.position + start) % chunk_size)
+        bounds.append((start, stop))
+        start = stop
+
+    weights, momentum, anchor = list(state.weights), list(state.momentum), list(state.anchor)
+    collected: dict[str, list[Tensor]] | None = {"surprise": [], "update_norm": []} if stats is not None else None
+    depth = network.depth
+
+    def run_spans(span_list: list[tuple[int, int]], *flat_state: Tensor) -> tuple[Tensor, ...]:
+        ws, ss, an = list(flat_state[:depth]), list(flat_state[depth : 2 * depth]), list(flat_state[2 * depth :])
+        outs = []
+        for lo, hi in span_list:
+            if (state.position + lo) % chunk_size == 0:
+                an = ws
+            span_gates = [g.span(lo, hi) for g in gates]
+            piece = (q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi])
+            y, ws, ss = _chunk(network, *piece, span_gates, ws, ss, an, collected)
+            outs.append(y)
+        return (torch.cat(outs, dim=2), *ws, *ss, *an)
+
+    use_checkpoint = checkpoint_every > 0 and torch.is_grad_enabled() and len(bounds) > checkpoint_every
+    group = checkpoint_every if use_checkpoint else max(len(bounds), 1)
+    outputs = []
+    for first in range(0, len(bounds), group):
+        span_list = bounds[first : first + group]
+        if use_checkpoint:
+            result = checkpoint(run_spans, span_list, *weights, *momentum, *anchor, use_reentrant=False)
+        else:
+            result = run_spans(span_list, *weights, *momentum, *anchor)
+        outputs.append(result[0])
+        weights = list(result[1 : 1 + depth])
+        momentum = list(result[1 + depth : 1 + 2 * depth])
+        anchor = list(result[1 + 2 * depth :])
+
+    position = state.position + length
+    if position % chunk_size == 0:
+        anchor = list(weights)
+    if stats is not None and collected is not None and collected["surprise"]:
+        stats["surprise"] = torch.cat(collected["surprise"], dim=-1)
+        stats["update_norm"] = torch.cat(collected["update_norm"], dim=-1)
+    y = torch.cat(outputs, dim=2) if outputs else torch.zeros_like(q)
+    return y, MemoryState(tuple(weights), tuple(momentum), tuple(anchor), position)
