@@ -1,8 +1,9 @@
 """The neural long-term memory (paper §3): a reference loop, the chunk-parallel form, and the NeuralMemory layer."""
 
 from titans.memory.chunked import chunked_memory
+from titans.memory.module import NeuralMemory, NeuralMemoryState
 from titans.memory.naive import naive_memory
 from titans.memory.network import MemoryMLP
 from titans.memory.state import MemoryState
 
-__all__ = ["MemoryMLP", "MemoryState", "chunked_memory", "naive_memory"]
+__all__ = ["MemoryMLP", "MemoryState", "NeuralMemory", "NeuralMemoryState", "chunked_memory", "naive_memory"]

@@ -1,0 +1,209 @@
+"""NeuralMemory: the long-term memory as a sequence layer (paper v1 §3.1 and §4.4, NeurIPS §3.3).
+
+    q, k, v = SiLU(CausalDepthwiseConv_4(x W_Q | x W_K | x W_V))      §4.4: conv after each projection, SiLU
+    q, k    = q / ||q||_2, k / ||k||_2  (per head)                     §4.4: l2-normalised queries and keys
+    theta_t = max_lr * sigmoid(x_t W_theta),  eta_t = sigmoid(x_t W_eta),  alpha_t = sigmoid(x_t W_alpha)
+              per token and head, optionally per memory layer (NeurIPS App. B.3) and per channel (App. F)
+    y       = memory(q, k, v, gates)                                   Eqs. 12-18, one memory per sequence and head
+    out     = W_O (RMSNorm(y) * SiLU(x W_G))                           §4.4: normalisation and gating before W_O
+
+Fast weights start from the learned M_0 for every sequence and live only in the returned state: they are never
+shared across the batch and never written into a parameter. The outer loss back-propagates through every inner
+update to W_Q, W_K, W_V, the gate projections and M_0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from titans.memory.chunked import chunked_memory
+from titans.memory.naive import naive_memory
+from titans.memory.network import Activation, MemoryMLP
+from titans.memory.state import MemoryState
+
+
+@dataclass
+class NeuralMemoryState:
+    """What a stream carries between calls: the memory (weights, momentum, anchor) and the conv's last inputs.
+
+    conv: [B, 3 * heads * head_dim, conv_kernel - 1], the pre-conv projections of the last tokens.
+    """
+
+    memory: MemoryState
+    conv: Tensor
+
+    def detach(self) -> NeuralMemoryState:
+        return NeuralMemoryState(self.memory.detach(), self.conv.detach())
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+class NeuralMemory(nn.Module):
+    """The LMM layer: x [B, T, dim] -> y [B, T, dim], with a carried per-sequence state."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 1,
+        depth: int = 2,
+        expansion: int = 4,
+        activation: Activation = "gelu",
+        residual_norm: bool = False,
+        chunk_size: int = 16,
+        impl: Literal["chunked", "naive"] = "chunked",
+        momentum: bool = True,
+        forgetting: bool = True,
+        per_layer_gates: bool = True,
+        channelwise_forget: bool = False,
+        max_lr: float = 1.0,
+        conv_kernel: int = 4,
+        checkpoint_every: int = 16,
+    ) -> None:
+        super().__init__()
+        if dim % heads != 0:
+            raise ValueError(f"memory heads ({heads}) must divide the model dimension ({dim})")
+        if impl not in ("chunked", "naive"):
+            raise ValueError(f"memory impl must be 'chunked' or 'naive', got {impl!r}")
+        if conv_kernel < 1 or chunk_size < 1 or max_lr <= 0:
+            raise ValueError(
+                f"need conv_kernel >= 1, chunk_size >= 1 and max_lr > 0; got {conv_kernel}, {chunk_size}, {max_lr}"
+            )
+        if channelwise_forget and not forgetting:
+            raise ValueError("channelwise_forget needs forgetting=True")
+        self.dim, self.heads, self.head_dim = dim, heads, dim // heads
+        self.chunk_size, self.impl, self.max_lr = chunk_size, impl, max_lr
+        self.momentum, self.forgetting, self.channelwise_forget = momentum, forgetting, channelwise_forget
+        self.checkpoint_every = checkpoint_every
+        self.update_memory = True  # False reads the memory without writing it (memory-check's ablation)
+        self.network = MemoryMLP(self.head_dim, depth, heads, expansion, activation, residual_norm)
+
+        inner = heads * self.head_dim
+        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.conv_kernel = conv_kernel
+        self.conv_weight = nn.Parameter(torch.empty(3 * inner, 1, conv_kernel))
+        # identity-like init (last tap = 1) so the conv starts as a pass-through and learns local mixing
+        with torch.no_grad():
+            self.conv_weight.normal_(0.0, 0.02)
+            self.conv_weight[:, 0, -1] += 1.0
+        n_gate = depth if per_layer_gates else 1
+        self.gate_groups = n_gate
+        self.to_theta = nn.Linear(dim, heads * n_gate)
+        self.to_eta = nn.Linear(dim, heads * n_gate) if momentum else None
+        alpha_width = sum(d_out for d_out, _ in self.network.shapes) if channelwise_forget else n_gate
+        self.to_alpha = nn.Linear(dim, heads * alpha_width) if forgetting else None
+        self.out_norm_weight = nn.Parameter(torch.ones(self.head_dim))
+        self.to_gate = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.reset_gates()
+
+    def reset_gates(self, theta: float = 0.1, eta: float = 0.9, alpha: float = 0.01) -> None:
+        """Start the gates near theta, eta and alpha (small input weights barely move them at initialisation).
+
+        These starting points are engineering choices (the paper gives none): a small forgetting rate keeps the past,
+        eta = 0.9 integrates surprise over about ten tokens, and theta keeps the first updates stable.
+        """
+        with torch.no_grad():
+            for proj, value in ((self.to_theta, theta / self.max_lr), (self.to_eta, eta), (self.to_alpha, alpha)):
+                if proj is None:
+                    continue
+                proj.weight.normal_(0.0, 0.02)
+                proj.bias.fill_(_logit(value))
+
+    @classmethod
+    def from_config(cls, model_cfg) -> NeuralMemory:
+        """Build from a `titans.config.ModelConfig` (memory depth is the seed's `model.memory_layers`)."""
+        mem = model_cfg.memory
+        return cls(
+            dim=model_cfg.d_model,
+            heads=mem.heads or model_cfg.n_heads,
+            depth=model_cfg.memory_layers,
+            expansion=mem.expansion,
+            activation=mem.activation,
+            residual_norm=mem.residual_norm,
+            chunk_size=mem.chunk_size,
+            impl=mem.impl,
+            momentum=mem.momentum,
+            forgetting=mem.forgetting,
+            per_layer_gates=mem.per_layer_gates,
+            channelwise_forget=mem.channelwise_forget,
+            max_lr=mem.max_lr,
+            conv_kernel=mem.conv_kernel,
+            checkpoint_every=mem.checkpoint_every,
+        )
+
+    def initial_state(self, batch_size: int, device=None, dtype=None) -> NeuralMemoryState:
+        """A fresh stream: M_0 for every sequence, zero momentum, an empty conv history."""
+        conv = torch.zeros(
+            batch_size,
+            self.conv_weight.shape[0],
+            self.conv_kernel - 1,
+            device=device or self.conv_weight.device,
+            dtype=dtype or self.conv_weight.dtype,
+        )
+        return NeuralMemoryState(MemoryState.initial(self.network, batch_size), conv)
+
+    def _causal_conv(self, x: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
+        """Depthwise causal conv over time. x [B, T, C], history [B, C, K-1] -> ([B, T, C], new history)."""
+        padded = torch.cat([history.to(x.dtype), x.transpose(1, 2)], dim=2)
+        out = F.conv1d(padded, self.conv_weight.to(x.dtype), groups=padded.shape[1])
+        return out.transpose(1, 2), padded[:, :, padded.shape[2] - (self.conv_kernel - 1) :]
+
+    def _gates(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | list[Tensor] | None]:
+        """theta, eta [B, H, T, L] and alpha ([B, H, T, L] or a list of [B, H, T, d_l]) from x [B, T, dim]."""
+        batch, length, _ = x.shape
+
+        def per_head(t: Tensor) -> Tensor:  # [B, T, H * n] -> [B, H, T, n]
+            return t.view(batch, length, self.heads, -1).permute(0, 2, 1, 3)
+
+        if not self.update_memory:
+            zeros = x.new_zeros(batch, self.heads, length, self.gate_groups)
+            return zeros, None, None
+        theta = self.max_lr * torch.sigmoid(per_head(self.to_theta(x)))
+        eta = torch.sigmoid(per_head(self.to_eta(x))) if self.to_eta is not None else None
+        alpha = torch.sigmoid(per_head(self.to_alpha(x))) if self.to_alpha is not None else None
+        if alpha is not None and self.channelwise_forget:
+            alpha = list(alpha.split([d_out for d_out, _ in self.network.shapes], dim=-1))
+        return theta, eta, alpha
+
+    def forward(
+        self, x: Tensor, state: NeuralMemoryState | None = None, stats: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, NeuralMemoryState]:
+        """x [B, T, dim] -> (y [B, T, dim], state). Any split of a stream with the carried state equals one call."""
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"NeuralMemory expects x of shape [B, T, {self.dim}], got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"NeuralMemory expects a floating-point input, got {x.dtype}")
+        batch, length, _ = x.shape
+        if state is None:
+            state = self.initial_state(batch, x.device, x.dtype)
+        elif state.conv.shape[0] != batch:
+            raise ValueError(
+                f"the state holds {state.conv.shape[0]} sequences but x has batch size {batch}; "
+                "pass state=None to start new sequences"
+            )
+
+        qkv, conv_state = self._causal_conv(self.to_qkv(x), state.conv)
+        # inner-loop arithmetic in float32 at least, even under autocast (bf16 inner updates drift)
+        inner_dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            qkv = F.silu(qkv.to(inner_dtype)).view(batch, length, 3, self.heads, self.head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, head_dim]
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            theta, eta, alpha = self._gates(x.to(inner_dtype))
+            memory_fn = chunked_memory if self.impl == "chunked" else naive_memory
+            extra = {"checkpoint_every": self.checkpoint_every} if self.impl == "chunked" else {}
+            y, memory_state = memory_fn(
+                q, k, v, theta, eta, alpha, self.network, state.memory, self.chunk_size, stats=stats, **extra
+            )
+            y = F.rms_norm(y, (self.head_dim,), self.out_norm_weight.to(inner_dtype), eps=1e-6)
+        y = y.to(x.dtype).permute(0, 2, 1, 3).reshape(batch, length, self.heads * self.head_dim)
+        out = self.to_out(y * F.silu(self.to_gate(x)))
+        return out, NeuralMemoryState(memory_state, conv_state)
