@@ -104,11 +104,12 @@ class NeuralMemory(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=False)
         self.reset_gates()
 
-    def reset_gates(self, theta: float = 0.1, eta: float = 0.9, alpha: float = 0.01) -> None:
+    def reset_gates(self, theta: float = 0.1, eta: float = 0.5, alpha: float = 0.01) -> None:
         """Start the gates near theta, eta and alpha (small input weights barely move them at initialisation).
 
         These starting points are engineering choices (the paper gives none): a small forgetting rate keeps the past,
-        eta = 0.9 integrates surprise over about ten tokens, and theta keeps the first updates stable.
+        and theta = 0.1 with eta = 0.5 keeps the first inner updates stable for an MLP memory (eta = 0.9 with the same
+        theta oscillates on repeated inputs; the outer loop can still learn larger values).
         """
         with torch.no_grad():
             for proj, value in ((self.to_theta, theta / self.max_lr), (self.to_eta, eta), (self.to_alpha, alpha)):
