@@ -89,10 +89,6 @@ class NeuralMemory(nn.Module):
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.conv_kernel = conv_kernel
         self.conv_weight = nn.Parameter(torch.empty(3 * inner, 1, conv_kernel))
-        # identity-like init (last tap = 1) so the conv starts as a pass-through and learns local mixing
-        with torch.no_grad():
-            self.conv_weight.normal_(0.0, 0.02)
-            self.conv_weight[:, 0, -1] += 1.0
         n_gate = depth if per_layer_gates else 1
         self.gate_groups = n_gate
         self.to_theta = nn.Linear(dim, heads * n_gate)
@@ -102,6 +98,14 @@ class NeuralMemory(nn.Module):
         self.out_norm_weight = nn.Parameter(torch.ones(self.head_dim))
         self.to_gate = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Memory-specific init, re-applied by TitansLM after its generic N(0, 0.02) pass over every nn.Linear."""
+        with torch.no_grad():
+            # near-identity conv (last tap = 1): it starts as a pass-through and learns local mixing
+            self.conv_weight.normal_(0.0, 0.02)
+            self.conv_weight[:, 0, -1] += 1.0
         self.reset_gates()
 
     def reset_gates(self, theta: float = 0.1, eta: float = 0.5, alpha: float = 0.01) -> None:

@@ -7,10 +7,18 @@ from collections.abc import Callable
 from titans.config import VARIANTS, ModelConfig
 from titans.models.backbone import LMState, TitansLM, num_parameters
 from titans.models.baseline import build_baseline
+from titans.models.lmm import build_lmm
+from titans.models.mac import build_mac
+from titans.models.mag import build_mag
+from titans.models.mal import build_mal
 
 # canonical variant name (as in titans.config.VARIANTS) -> builder
 MODELS: dict[str, Callable[[ModelConfig], TitansLM]] = {
     "baseline": build_baseline,
+    "LMM": build_lmm,
+    "MAC": build_mac,
+    "MAG": build_mag,
+    "MAL": build_mal,
 }
 
 

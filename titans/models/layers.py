@@ -294,3 +294,21 @@ class Attention(nn.Module):
         """The same layer computed with the dense reference_attention, for a whole stream from position 0. [B, T, D]."""
         q, k, v = self._project(x, 0)
         return self._merge(reference_attention(q, k, v, self.window, self.n_prefix))
+
+
+class GatedCombine(nn.Module):
+    """The paper's "y (x) M(x)" for MAG (Eq. 28) and MAC (Eq. 25): o = W_o(RMSNorm(y) * sigmoid(RMSNorm(m))).
+
+    "we normalize the outputs y and M(x) using learnable vector-valued weights, followed by a non-linearity" (v1 §4.2):
+    the RMSNorm gains are those vectors, and the sigmoid of the normalised memory branch gates the other branch
+    channel by channel. y, m [B, T, D] -> [B, T, D], projected into the residual stream.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm_y = RMSNorm(dim)
+        self.norm_m = RMSNorm(dim)
+        self.out = ResidualProjection(dim, dim)
+
+    def forward(self, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm_y(y) * torch.sigmoid(self.norm_m(m)))

@@ -1,0 +1,51 @@
+"""MAL, Memory as a Layer (v1 §4.3, Eqs. 29-31, Figure 5).
+
+    x~ = [p_1 .. p_Np] || x          Eq. 29: persistent tokens prepended to the sequence (by TitansLM)
+    y  = M(x~)                       Eq. 30: the memory layer first
+    o  = SW-Attn(y)                  Eq. 31: then sliding-window attention over the memory's output
+H3-style stacking (v1: "a similar architecture as H3 ... where we replace the sequence model with our LMM"): each block
+is x + LMM(RMSNorm(x)), then x + SWA(RMSNorm(x)) with the prefix kept visible, then x + SwiGLU(RMSNorm(x)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from titans.config import ModelConfig
+from titans.memory import NeuralMemory, NeuralMemoryState
+from titans.models.backbone import TitansLM
+from titans.models.layers import Attention, KVCache, RMSNorm, SwiGLU, swiglu_hidden
+
+
+@dataclass
+class MALState:
+    memory: NeuralMemoryState
+    attention: KVCache
+
+
+class MALBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.memory_norm = RMSNorm(cfg.d_model)
+        self.memory = NeuralMemory.from_config(cfg)
+        self.attn_norm = RMSNorm(cfg.d_model)
+        self.attn = Attention(
+            cfg.d_model, cfg.n_heads, cfg.rope_base, window=cfg.window, n_prefix=cfg.persistent_memory_size
+        )
+        self.mlp_norm = RMSNorm(cfg.d_model)
+        self.mlp = SwiGLU(cfg.d_model, swiglu_hidden(cfg.d_model, cfg.mlp_ratio))
+
+    def forward(self, x: torch.Tensor, state: MALState | None = None) -> tuple[torch.Tensor, MALState]:
+        """x [B, T, D] -> x [B, T, D]."""
+        m, memory = self.memory(self.memory_norm(x), None if state is None else state.memory)
+        x = x + m
+        y, cache = self.attn(self.attn_norm(x), None if state is None else state.attention)
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), MALState(memory, cache)
+
+
+def build_mal(cfg: ModelConfig) -> TitansLM:
+    return TitansLM(cfg, MALBlock, n_prefix=cfg.persistent_memory_size)
