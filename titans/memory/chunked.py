@@ -47,6 +47,7 @@ def segment_sum(x: Tensor) -> Tensor:
 class ChunkCoefficients:
     """How the state and each token's gradient enter every later state of one chunk of b tokens (one layer).
 
+    Shapes for one chunk (`build` also accepts extra leading axes, e.g. [B, H, n_chunks, ...]):
     decay      A_t                 [B, H, b]   ([B, H, b, c] with channel-wise forgetting)
     carry      rho_t or None       like decay (None without momentum: S_0 never reaches M_t)
     mix        C_{t,i} theta_i     [B, H, b, b] ([B, H, c, b, b] channel-wise), zero above the diagonal
@@ -59,43 +60,80 @@ class ChunkCoefficients:
     mix: Tensor
     mom_decay: Tensor | None
     mom_mix: Tensor
+    channelwise: bool
 
     @classmethod
-    def build(cls, gates: LayerGates) -> ChunkCoefficients:
-        theta = gates.theta
+    def build(cls, theta: Tensor, eta: Tensor | None, alpha: Tensor | None) -> ChunkCoefficients:
+        """theta, eta [..., b]; alpha [..., b] or channel-wise [..., b, c]; eta/alpha None = switched off."""
         b = theta.shape[-1]
-        channelwise = gates.alpha is not None and gates.alpha.dim() == 4
-        if gates.alpha is None:
+        channelwise = alpha is not None and alpha.dim() == theta.dim() + 1
+        if alpha is None:
             log_keep = torch.zeros_like(theta)
         else:
-            log_keep = torch.log1p(-gates.alpha)
+            log_keep = torch.log1p(-alpha)
             if channelwise:
-                log_keep = log_keep.transpose(-1, -2)  # [B, H, c, b]: the time axis last for the scans
-        decay_ratio = segment_sum(log_keep).exp()  # A_t / A_s, [.., b, b]
+                log_keep = log_keep.transpose(-1, -2)  # [..., c, b]: the time axis last for the scans
+        decay_ratio = segment_sum(log_keep).exp()  # A_t / A_s, [..., b, b]
         decay = log_keep.cumsum(-1).exp()  # A_t
-        if gates.eta is None:
+        if eta is None:
             mix, carry, mom_decay = decay_ratio, None, None
             mom_mix = theta * torch.nn.functional.one_hot(torch.tensor(b - 1), b).to(theta)
         else:
-            log_eta = torch.log(gates.eta)
-            mom_ratio = segment_sum(log_eta).exp()  # E_s / E_i, [B, H, b, b]
+            log_eta = torch.log(eta)
+            mom_ratio = segment_sum(log_eta).exp()  # E_s / E_i, [..., b, b]
             mom_cum = log_eta.cumsum(-1).exp()  # E_s
+            mom_decay, mom_mix = mom_cum[..., -1], mom_ratio[..., -1, :] * theta
             if channelwise:
-                mom_ratio, mom_cum = mom_ratio.unsqueeze(2), mom_cum.unsqueeze(2)
+                mom_ratio, mom_cum = mom_ratio.unsqueeze(-3), mom_cum.unsqueeze(-2)
             mix = decay_ratio @ mom_ratio
             carry = (decay_ratio @ mom_cum.unsqueeze(-1)).squeeze(-1)
-            mom_decay = mom_cum[..., -1] if not channelwise else mom_cum[:, :, 0, -1]
-            mom_mix = (mom_ratio[..., -1, :] if not channelwise else mom_ratio[:, :, 0, -1, :]) * theta
-        theta_cols = theta[:, :, None, None, :] if channelwise else theta[:, :, None, :]
+        theta_cols = theta[..., None, None, :] if channelwise else theta[..., None, :]
         mix = mix * theta_cols
         if channelwise:
             decay = decay.transpose(-1, -2)
             carry = None if carry is None else carry.transpose(-1, -2)
-        return cls(decay, carry, mix, mom_decay, mom_mix)
+        return cls(decay, carry, mix, mom_decay, mom_mix, channelwise)
 
-    @property
-    def channelwise(self) -> bool:
-        return self.mix.dim() == 5
+    @classmethod
+    def for_spans(cls, gates: LayerGates, spans: list[tuple[int, int]], chunk_size: int) -> list[ChunkCoefficients]:
+        """Coefficients of each span; runs of whole chunks are built in one batched call (fewer, larger ops)."""
+        out: list[ChunkCoefficients] = []
+        i = 0
+        while i < len(spans):
+            j = i
+            while j < len(spans) and spans[j][1] - spans[j][0] == chunk_size:
+                j += 1
+            if j - i <= 1:
+                lo, hi = spans[i]
+                g = gates.span(lo, hi)
+                out.append(cls.build(g.theta, g.eta, g.alpha))
+                i += 1
+                continue
+            lo, hi, n = spans[i][0], spans[j - 1][1], j - i
+            g = gates.span(lo, hi)
+
+            def chunks(t: Tensor | None, n: int = n) -> Tensor | None:  # [B, H, n*b(, c)] -> [B, H, n, b(, c)]
+                return None if t is None else t.reshape(*t.shape[:2], n, chunk_size, *t.shape[3:])
+
+            batch = cls.build(chunks(g.theta), chunks(g.eta), chunks(g.alpha))
+            out.extend(batch.select(c) for c in range(n))
+            i = j
+        return out
+
+    def select(self, index: int) -> ChunkCoefficients:
+        """Chunk `index` of coefficients built with a chunk axis at dim 2."""
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[:, :, index]
+
+        return ChunkCoefficients(
+            pick(self.decay),
+            pick(self.carry),
+            pick(self.mix),
+            pick(self.mom_decay),
+            pick(self.mom_mix),
+            self.channelwise,
+        )
 
 
 def _layer_output(h: Tensor, w0: Tensor, s0: Tensor, a: Tensor, g: Tensor, co: ChunkCoefficients) -> Tensor:
@@ -138,6 +176,7 @@ def _chunk(
     k: Tensor,
     v: Tensor,
     gates: list[LayerGates],
+    coefficients: list[ChunkCoefficients],
     weights: list[Tensor],
     momentum: list[Tensor],
     anchor: list[Tensor],
@@ -145,7 +184,6 @@ def _chunk(
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """One chunk (or the part of one that a stream holds): outputs and the state after its last token."""
     inputs, grads, loss = network.key_path(anchor, k, v)
-    coefficients = [ChunkCoefficients.build(g) for g in gates]
     h, new_weights, new_momentum = q, [], []
     for i in range(network.depth):
         z = _layer_output(h, weights[i], momentum[i], inputs[i], grads[i], coefficients[i])
@@ -198,12 +236,14 @@ def chunked_memory(
     def run_spans(span_list: list[tuple[int, int]], *flat_state: Tensor) -> tuple[Tensor, ...]:
         ws, ss, an = list(flat_state[:depth]), list(flat_state[depth : 2 * depth]), list(flat_state[2 * depth :])
         outs = []
-        for lo, hi in span_list:
+        per_layer = [ChunkCoefficients.for_spans(g, span_list, chunk_size) for g in gates]
+        for n, (lo, hi) in enumerate(span_list):
             if (state.position + lo) % chunk_size == 0:
                 an = ws
             span_gates = [g.span(lo, hi) for g in gates]
             piece = (q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi])
-            y, ws, ss = _chunk(network, *piece, span_gates, ws, ss, an, collected)
+            coefficients = [layer[n] for layer in per_layer]
+            y, ws, ss = _chunk(network, *piece, span_gates, coefficients, ws, ss, an, collected)
             outs.append(y)
         return (torch.cat(outs, dim=2), *ws, *ss, *an)
 

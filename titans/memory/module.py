@@ -108,7 +108,7 @@ class NeuralMemory(nn.Module):
             self.conv_weight[:, 0, -1] += 1.0
         self.reset_gates()
 
-    def reset_gates(self, theta: float = 0.1, eta: float = 0.5, alpha: float = 0.01) -> None:
+    def reset_gates(self, theta: float = 0.02, eta: float = 0.5, alpha: float = 0.01) -> None:
         """Start the gates near theta, eta and alpha (small input weights barely move them at initialisation).
 
         These starting points are engineering choices (the paper gives none): a small forgetting rate keeps the past,

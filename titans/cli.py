@@ -1,0 +1,306 @@
+"""The `titans` command line: a thin argparse layer over train / evaluate / generate / memory_check.
+
+    titans train [--config FILE] [--resume [PATH]] [key=value ...]
+    titans eval CHECKPOINT [key=value ...]                      # e.g. data.seq_len=512 to test longer inputs
+    titans compare [--config FILE] [--variants baseline,MAC] [key=value ...]
+    titans generate CHECKPOINT --prompt "3 1 7 2" --max-new-tokens 8
+    titans memory-check CHECKPOINT
+    titans bench [ARGS ...]                                     # benchmarks/bench_memory.py and bench_models.py
+
+`python -m titans ...` is the same; `python main.py [--config FILE] [key=value ...]` is `titans train`.
+Overrides are dotted `key=value` pairs (`training.learning_rate=3e-4 model.memory.chunk_size=8`). train, eval,
+compare and memory-check end by printing one JSON line of results. A bad config prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from titans.checkpoint import load_checkpoint, resolve_resume_path
+from titans.config import VARIANTS, ConfigError, RunConfig, load_config
+from titans.evaluate import evaluate
+from titans.models import TitansLM, build_model, num_parameters
+from titans.plots import plot_comparison
+from titans.tasks import Task, make_task
+from titans.train import TrainingDivergedError, make_datasets, read_metrics, resolve_device, train
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARKS = ("bench_memory.py", "bench_models.py")
+
+
+def print_json(result: dict[str, Any]) -> None:
+    """One JSON line; NaN/Inf (not valid JSON) become null."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    print(json.dumps(clean(result)), flush=True)
+
+
+def config_from_checkpoint(state: dict[str, Any], overrides: Sequence[str]) -> RunConfig:
+    """The run's resolved config stored in a checkpoint, with `key=value` overrides applied and validated."""
+    # load_config is the one validating path from YAML to RunConfig, so the stored dict goes through a file.
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(yaml.safe_dump(state["config"], sort_keys=False))
+        return load_config(path, overrides)
+
+
+def load_trained(checkpoint: str, overrides: Sequence[str]) -> tuple[RunConfig, Task, TitansLM, Path]:
+    """(cfg, task, model in eval mode on cfg.training.device, checkpoint path) from a ckpt file or run directory.
+
+    overrides may change the task (e.g. data.seq_len for longer inputs) but not the model's parameter shapes.
+    """
+    path = resolve_resume_path(checkpoint)
+    state = load_checkpoint(path)
+    cfg = config_from_checkpoint(state, overrides)
+    task = make_task(cfg.data)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = task.vocab_size
+    model = build_model(cfg.model)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        first_line = str(error).splitlines()[0]
+        raise ConfigError(
+            f"the overrides {list(overrides)} give a model whose parameters do not match {path} ({first_line}); "
+            "override only data.* and training.* keys when evaluating a checkpoint"
+        ) from error
+    model.to(resolve_device(cfg.training.device)).eval()
+    return cfg, task, model, path
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    resume, overrides = args.resume, list(args.overrides)
+    if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
+        # argparse hands `--resume key=value` the override as PATH; it was meant as a bare --resume.
+        resume, overrides = True, [resume, *overrides]
+    config = args.config
+    if config is None and isinstance(resume, str):
+        # `titans train --resume runs/x` without --config continues with the run's own resolved config.
+        run_config = resolve_resume_path(resume).parent / "config.yaml"
+        config = run_config if run_config.is_file() else None
+    if config is None:
+        config = args.default_config
+    cfg = load_config(config, overrides)
+    result = train(cfg, resume=resume)
+    print_json(result)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    cfg, task, model, path = load_trained(args.checkpoint, args.overrides)
+    _, test_set = make_datasets(cfg, task)
+    if cfg.training.eval_samples:
+        test_set = test_set[: cfg.training.eval_samples]
+    start = time.time()
+    metrics = evaluate(model, task, test_set, cfg.training.batch_size)
+    print(f"{path}: Test Loss {metrics['test_loss']:.4f}, {task.metric}: {metrics[task.metric]:.4f}")
+    result = {"variant": cfg.model.variant, "task": task.name, **metrics, "chance": task.chance}
+    result.update({"params": num_parameters(model), "samples": len(test_set), "wall_s": round(time.time() - start, 2)})
+    result["checkpoint"] = str(path)
+    print_json(result)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    base = load_config(args.config, args.overrides)
+    name = base.training.run_name or f"compare-{base.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    results, histories = [], {}
+    for variant in args.variants:
+        # Same file, overrides, seed and budget for every variant; only the variant and the run directory differ.
+        cfg = load_config(
+            args.config, [*args.overrides, f"model.variant={variant}", f"training.run_name={name}-{variant}"]
+        )
+        print(f"=== {variant} ===", flush=True)
+        try:
+            result = train(cfg)
+        except (NotImplementedError, TrainingDivergedError, ValueError) as error:
+            # One variant failing (diverged, not built yet) still leaves the others' comparison worth reporting.
+            print(f"{variant} failed: {error}", file=sys.stderr)
+            results.append({"variant": variant, "error": str(error)})
+            continue
+        results.append(result)
+        histories[variant] = read_metrics(Path(result["run_dir"]) / "metrics.jsonl")
+
+    task = make_task(base.data)
+    metric = task.metric
+    print(f"\n{'variant':<10}{metric:>18}{'test_loss':>12}{'params':>10}{'steps':>8}{'wall_s':>9}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['variant']:<10}  failed: {r['error'][:80]}")
+        else:
+            print(
+                f"{r['variant']:<10}{r.get(metric, float('nan')):>18.4f}{r.get('test_loss', float('nan')):>12.4f}"
+                f"{r['params']:>10,}{r['steps']:>8}{r['wall_s']:>9.1f}"
+            )
+    plot = None
+    if histories:
+        plot = str(plot_comparison(histories, Path(base.training.out_dir) / f"{name}.png", metric, task.chance))
+        print(f"plot: {plot}")
+    print_json({"task": task.name, "metric": metric, "chance": task.chance, "plot": plot, "results": results})
+    return 1 if any("error" in r for r in results) else 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    cfg, task, model, _ = load_trained(args.checkpoint, args.overrides)
+    if hasattr(task, "iter_segments"):
+        # Byte-level text tasks: the prompt is text, the output is decoded text.
+        from titans.tasks.text import decode, encode
+
+        prompt = encode(args.prompt).long()
+    else:
+        try:
+            prompt = torch.tensor([int(tok) for tok in args.prompt.replace(",", " ").split()], dtype=torch.long)
+        except ValueError:
+            prompt = None
+        decode = None
+    if prompt is None or prompt.numel() == 0 or prompt.min() < 0 or prompt.max() >= task.vocab_size:
+        print(
+            f"titans generate: --prompt must be token ids in [0, {task.vocab_size}) separated by spaces, "
+            f"e.g. '3 1 7 2'; got {args.prompt!r}",
+            file=sys.stderr,
+        )
+        return 2
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    out = model.generate(
+        prompt[None].to(device), args.max_new_tokens, args.temperature, args.top_k, generator=generator
+    )[0].cpu()
+    new = out[prompt.numel() :]
+    if decode is not None:
+        print(decode(out.to(torch.uint8), errors="replace"))
+    else:
+        print(" ".join(str(tok) for tok in out.tolist()))
+    print_json({"variant": cfg.model.variant, "task": task.name, "prompt": prompt.tolist(), "generated": new.tolist()})
+    return 0
+
+
+def cmd_memory_check(args: argparse.Namespace) -> int:
+    # Imported lazily: the check lives in its own module and is only needed by this command.
+    from titans.memory_check import memory_check
+
+    print_json(memory_check(args.checkpoint))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    scripts = [BENCH_DIR / name for name in BENCHMARKS if (BENCH_DIR / name).is_file()]
+    if not scripts:
+        print(f"titans bench: no benchmark scripts ({', '.join(BENCHMARKS)}) in {BENCH_DIR}", file=sys.stderr)
+        return 2
+    status = 0
+    for script in scripts:
+        print(f"=== {script.name} ===", flush=True)
+        status = max(status, subprocess.run([sys.executable, str(script), *args.args]).returncode)
+    return status
+
+
+def variant_list(text: str) -> list[str]:
+    """`--variants baseline,MAC` -> ["baseline", "MAC"], each matched case-insensitively against VARIANTS."""
+    canonical = {name.lower(): name for name in VARIANTS}
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name.lower() not in canonical]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(VARIANTS)}, got {text!r}")
+    return [canonical[name.lower()] for name in names]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="titans", description="Titans: train, evaluate and compare memory models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    overrides = {"nargs": "*", "metavar": "key=value", "help": "dotted config overrides, e.g. training.max_steps=100"}
+
+    p = commands.add_parser("train", help="train one model")
+    p.add_argument("--config", help="YAML run config (default: all defaults)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="PATH",
+        help="continue from a ckpt_*.pt file or run directory (no PATH: this config's own run directory)",
+    )
+    p.add_argument("overrides", **overrides)
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("eval", help="evaluate a checkpoint on its run's test split")
+    p.add_argument("checkpoint", help="ckpt_*.pt file or run directory (newest valid checkpoint)")
+    p.add_argument("overrides", **overrides)
+    p.set_defaults(func=cmd_eval)
+
+    p = commands.add_parser("compare", help="train several variants with the same budget and compare them")
+    p.add_argument("--config", help="YAML run config shared by every variant")
+    p.add_argument(
+        "--variants",
+        type=variant_list,
+        default=list(VARIANTS),
+        metavar="V1,V2",
+        help=f"comma-separated variants to train (default: all of {','.join(VARIANTS)})",
+    )
+    p.add_argument("overrides", **overrides)
+    p.set_defaults(func=cmd_compare)
+
+    p = commands.add_parser("generate", help="sample a continuation from a checkpoint")
+    p.add_argument("checkpoint", help="ckpt_*.pt file or run directory")
+    p.add_argument("--prompt", required=True, help="token ids ('3 1 7 2'), or text for byte-level text tasks")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", **overrides)
+    p.set_defaults(func=cmd_generate)
+
+    p = commands.add_parser("memory-check", help="check that the neural memory changes at test time")
+    p.add_argument("checkpoint", help="ckpt_*.pt file or run directory")
+    p.set_defaults(func=cmd_memory_check)
+
+    # Listed for `titans --help`; main() hands everything after `bench` to the scripts without parsing it.
+    commands.add_parser("bench", help="run benchmarks/bench_memory.py and bench_models.py (arguments passed through)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, default_config: str | Path | None = None) -> int:
+    """Entry point of the `titans` script; returns the process exit code.
+
+    default_config: the YAML `train` uses when neither --config nor a --resume path is given (main.py passes the
+    repository's config.yaml); None = all defaults.
+    """
+    parser = build_parser()
+    parser.set_defaults(default_config=default_config)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # Everything after `bench` belongs to the scripts, options included (argparse would claim --help etc.).
+        args = argparse.Namespace(command="bench", func=cmd_bench, args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as error:
+        # One line, no traceback: the message already names the key and the fix.
+        print(f"titans: config error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as error:
+        print(f"titans: {error}", file=sys.stderr)
+        return 2
+    except TrainingDivergedError as error:
+        print(f"titans: training diverged: {error}", file=sys.stderr)
+        return 1
