@@ -83,6 +83,8 @@ class NeuralMemory(nn.Module):
         self.momentum, self.forgetting, self.channelwise_forget = momentum, forgetting, channelwise_forget
         self.checkpoint_every = checkpoint_every
         self.update_memory = True  # False reads the memory without writing it (memory-check's ablation)
+        # when a list, every forward appends {"surprise", "update_norm"} [B, H, T] to it (memory-check's probe)
+        self.stats_sink: list[dict[str, Tensor]] | None = None
         self.network = MemoryMLP(self.head_dim, depth, heads, expansion, activation, residual_norm)
 
         inner = heads * self.head_dim
@@ -195,6 +197,9 @@ class NeuralMemory(nn.Module):
                 "pass state=None to start new sequences"
             )
 
+        if stats is None and self.stats_sink is not None:
+            stats = {}
+            self.stats_sink.append(stats)
         qkv, conv_state = self._causal_conv(self.to_qkv(x), state.conv)
         # inner-loop arithmetic in float32 at least, even under autocast (bf16 inner updates drift)
         inner_dtype = torch.promote_types(x.dtype, torch.float32)
