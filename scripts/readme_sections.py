@@ -1,0 +1,147 @@
+"""Regenerate the generated sections of README.md: the config reference and the file tree.
+
+    python scripts/readme_sections.py          # rewrite README.md in place
+    python scripts/readme_sections.py --check  # exit 1 if README.md is out of date (run by the tests)
+
+The config table comes from titans/config.py (each field's default and its trailing comment); the file tree lists
+every tracked file with the first line of its module docstring (or a description below), so the README cannot
+drift from the code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+# Files without a module docstring, described here.
+DESCRIPTIONS = {
+    "README.md": "this file",
+    "TECHNICAL_REPORT.md": "the equations as implemented, the chunked derivation, what each test proves",
+    "Makefile": "`make run` / `make test` (each builds .venv with pinned dependencies), `make lint`, `make bench`",
+    "pyproject.toml": "package metadata, pinned dependencies, extras, ruff and pytest settings",
+    "config.yaml": "the default run: MAC on the copy task (seed schema)",
+    "configs/seed.yaml": "the seed project's config.yaml, verbatim: it loads unchanged",
+    ".ci/run": "CI entry point: lint, then `make test`",
+    ".gitignore": "ignored build and run outputs",
+    "titans/memory/README.md": "the memory's math, the functional contract, paper symbols vs code names",
+    "docs/paper_alignment.md": "every component: faithful / resolves an ambiguity / deviates / extends",
+    "docs/results.md": "measured results with the command that reproduces each",
+    "docs/eval_tasks.md": "MQAR, S-NIAH and text task definitions as implemented, with sources",
+    "benchmarks/README.md": "benchmark method, tables and targets",
+}
+
+READING_ORDER = [
+    "titans/memory/naive.py",
+    "titans/memory/chunked.py",
+    "titans/memory/module.py",
+    "titans/models/mac.py",
+    "titans/train.py",
+]
+
+
+def config_rows() -> list[tuple[str, str, str]]:
+    """(dotted key, default, meaning) for every field of the run config, in source order."""
+    source = (ROOT / "titans" / "config.py").read_text().splitlines()
+    tree = ast.parse("\n".join(source))
+    prefixes = {}
+    classes = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            classes[node.name] = node
+            for stmt in node.body:
+                if isinstance(stmt, ast.AnnAssign) and getattr(stmt.target, "id", "") == "_path":
+                    prefixes[node.name] = ast.literal_eval(stmt.value)
+    rows = []
+    for name in ("ModelConfig", "MemoryConfig", "DataConfig", "TrainingConfig", "RunConfig"):
+        node = classes[name]
+        for stmt in node.body:
+            if not isinstance(stmt, ast.AnnAssign) or not isinstance(stmt.target, ast.Name):
+                continue
+            key = stmt.target.id
+            if key.startswith("_") or stmt.value is None:
+                continue
+            default = ast.get_source_segment("\n".join(source), stmt.value) or ""
+            if "default_factory" in default:
+                continue  # a nested section, listed under its own prefix
+            line = source[stmt.lineno - 1]
+            comment = line.split("#", 1)[1].strip() if "#" in line else ""
+            follow = stmt.lineno
+            while follow < len(source) and source[follow].strip().startswith("#"):
+                comment += " " + source[follow].strip().lstrip("#").strip()
+                follow += 1
+            rows.append((prefixes[name] + key, default.replace("None", "null"), comment))
+    return rows
+
+
+def config_table() -> str:
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, default, meaning in config_rows():
+        lines.append(f"| `{key}` | `{default}` | {meaning.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def describe(path: str) -> str:
+    if path in DESCRIPTIONS:
+        return DESCRIPTIONS[path]
+    file = ROOT / path
+    if file.suffix == ".py":
+        doc = ast.get_docstring(ast.parse(file.read_text()))
+        if doc:
+            return doc.strip().splitlines()[0].rstrip(".")
+    if file.suffix in (".yaml", ".yml"):
+        first = file.read_text().splitlines()[0] if file.read_text() else ""
+        if first.startswith("#"):
+            return first.lstrip("# ").rstrip(".")
+    if file.suffix == ".md":
+        for line in file.read_text().splitlines():
+            if line.startswith("#"):
+                return line.lstrip("# ").strip()
+    return ""
+
+
+def file_tree() -> str:
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    files = sorted(f for f in files if (ROOT / f).is_file() and not f.startswith("benchmarks/results/"))
+    width = max(len(f) for f in files) + 2
+    lines = ["```"]
+    for f in files:
+        text = describe(f)
+        lines.append(f"{f:<{width}}# {text}" if text else f)
+    lines.append("```")
+    lines.append("")
+    lines.append("Reading order: " + " → ".join(f"`{f}`" for f in READING_ORDER) + ".")
+    return "\n".join(lines)
+
+
+def render(text: str) -> str:
+    for name, body in (("config-table", config_table()), ("file-tree", file_tree())):
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{start}\n{body}\n{end}{tail}"
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
+    args = parser.parse_args()
+    current = README.read_text()
+    wanted = render(current)
+    if args.check:
+        if current != wanted:
+            print("README.md is out of date: run `python scripts/readme_sections.py`", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(wanted)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
