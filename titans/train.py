@@ -3,6 +3,7 @@
     python main.py --config config.yaml training.max_epochs=5          # the seed's usage
     python -m titans train --config config.yaml model.variant=MAG
     python -m titans train --config config.yaml --resume                # continue runs/<run_name>/ exactly
+    torchrun --standalone --nproc_per_node=2 -m titans train --config config.yaml    # data-parallel, same results
 
 Outline: device and threads -> task -> model (seeded) -> data (fixed set reshuffled per epoch, or fresh batches)
 -> AdamW + warmup/cosine schedule -> resume -> loop (micro-batches, NaN/Inf guard, clip, step, eval, checkpoint)
@@ -14,6 +15,12 @@ Everything a run writes lives in `<training.out_dir>/<training.run_name>/`: conf
 Exact resume: a checkpoint holds the model, optimizer, scheduler, step, the current epoch's shuffle order and every
 RNG state, so training from a checkpoint yields the same losses, bit for bit, as the uninterrupted run (same device
 and thread count). SIGINT/SIGTERM make the loop finish its current step, save a checkpoint and return.
+
+Under torchrun every process runs this same loop (titans/distributed.py has the rank-aware pieces):
+training.batch_size is the global micro-batch, split across the ranks; gradients are all-reduced once per optimizer
+step; losses are reduced so every rank takes the same decisions (NaN guard, stop on a signal); rank 0 alone writes
+files and evaluates (every rank under FSDP). Results match a single process on the whole batch up to float
+summation order, and a checkpoint resumes under any world size.
 """
 
 from __future__ import annotations
@@ -48,11 +55,29 @@ from titans.checkpoint import (
     save_checkpoint,
 )
 from titans.config import ConfigError, RunConfig, config_to_dict, save_config
+from titans.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    check_batch_divisible,
+    distributed,
+    full_state_dicts,
+    gradient_sync,
+    is_sharded,
+    launch_world_size,
+    load_full_state_dicts,
+    print0,
+    rank_rows,
+    sample_rows,
+    wrap_model,
+)
 from titans.evaluate import evaluate
+from titans.long_eval import detach_state
 from titans.models import build_model, num_parameters
 from titans.plots import plot_run
 from titans.tasks import make_task
-from titans.tasks.base import Batch, Task
+from titans.tasks.base import IGNORE_INDEX, Batch, Task
 
 KEEP_CHECKPOINTS = 3  # older ones are pruned; more than one survives a corrupt newest file
 
@@ -203,18 +228,22 @@ def train(cfg: RunConfig, resume: str | os.PathLike | bool | None = None) -> dic
     Returns {"variant", "task", <task.metric>, "test_loss", "train_loss", "chance", "params", "steps", "epochs",
         "skipped_steps", "interrupted", "wall_s", "device", "run_dir", "checkpoint"}.
     Raises TrainingDivergedError on a NaN/Inf loss or gradient when training.nan_policy == 'stop'.
+
+    Launched by torchrun (WORLD_SIZE > 1), every process calls train() and gets the same result dict; the process
+    group is created here and destroyed on the way out, errors and Ctrl-C included.
     """
+    # Checked before joining the process group: a bad launch fails at once instead of waiting at the rendezvous.
+    check_batch_divisible(cfg.training.batch_size, launch_world_size())
+    with distributed(cfg.training.device) as dist_info:
+        return _train(cfg, resume, dist_info)
+
+
+def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: DistInfo) -> dict[str, Any]:
     # ---- setup: a private copy of the config, device, threads, output directory
     start_time = time.time()
     cfg = copy.deepcopy(cfg)
     t = cfg.training
-    device = resolve_device(t.device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # train() is single-process; several torchrun workers would each train and overwrite one run directory.
-        raise ValueError(
-            f"train() runs in one process, but WORLD_SIZE={os.environ['WORLD_SIZE']} (torchrun); "
-            f"training.parallel={t.parallel!r} is not wired into this loop, so launch with plain python"
-        )
+    device, is_main, world_size = dist_info.device, dist_info.is_main, dist_info.world_size
     if t.threads:
         torch.set_num_threads(t.threads)
     autocast_dtype = torch.bfloat16 if t.dtype == "bfloat16" else None
@@ -240,12 +269,14 @@ def train(cfg: RunConfig, resume: str | os.PathLike | bool | None = None) -> dic
         run_dir = resume_path.parent
         t.run_name = run_dir.name
     else:
-        t.run_name = t.run_name or default_run_name(cfg)
+        # Rank 0's name: the default one holds the time, which may tick between the ranks' clocks.
+        t.run_name = broadcast_object(t.run_name or default_run_name(cfg))
         run_dir = Path(t.out_dir) / t.run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_partial_saves(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
-    if resume_path is None:
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_saves(run_dir)
+    if resume_path is None and is_main:
         stale = list_checkpoints(run_dir)
         if stale or metrics_path.exists():
             print(f"starting fresh in {run_dir}: removing {len(stale)} old checkpoint(s) and metrics (use --resume)")
@@ -257,10 +288,14 @@ def train(cfg: RunConfig, resume: str | os.PathLike | bool | None = None) -> dic
     task = make_task(cfg.data)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = task.vocab_size
+    # The same seed on every rank: identical initial weights (DDP also broadcasts rank 0's at wrapping).
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model).to(device)
-    n_params = num_parameters(model)
-    save_config(cfg, run_dir / "config.yaml")
+    module = build_model(cfg.model).to(device)
+    n_params = num_parameters(module)
+    # DDP or FSDP2 when launched with several processes; `module` stays the single-device model inside.
+    model = wrap_model(module, t.parallel, dist_info)
+    if is_main:
+        save_config(cfg, run_dir / "config.yaml")
 
     # ---- data: a fixed train/test split; training batches come from it reshuffled per epoch, or fresh
     train_set, test_set = make_datasets(cfg, task)
@@ -268,14 +303,21 @@ def train(cfg: RunConfig, resume: str | os.PathLike | bool | None = None) -> dic
         test_set = test_set[: t.eval_samples]
     examples_per_step = t.batch_size * t.grad_accum_steps
     steps_per_epoch = math.ceil(len(train_set) / examples_per_step)
+    # Text with data.text_carry_state: step s trains on segment s (mod the epoch) of examples_per_step contiguous
+    # rows of the train split, each micro-batch carrying its detached memory state to the next step (truncated BPTT).
+    stream = cfg.data.dataset == "text" and cfg.data.text_carry_state
+    carried: dict[int, Any] = {}
+    if stream:
+        steps_per_epoch = task.corpus.num_segments("train", task.seq_len, examples_per_step)
     total_steps = t.max_steps if t.max_steps is not None else t.max_epochs * steps_per_epoch
-    # A separate stream for training batches (shuffles, or fresh samples), so the data set itself never depends on it.
+    # A separate stream for the shuffles, so the data set itself never depends on it. It advances identically on every
+    # rank: all ranks see one permutation and take their rows of it. Fresh samples are drawn per (step, global row).
     data_generator = torch.Generator().manual_seed(cfg.seed + 1)
     epoch_order = None
 
     # ---- optimizer: AdamW with linear warmup then cosine decay to min_lr_ratio * learning_rate
     optimizer = torch.optim.AdamW(
-        optimizer_groups(model, t.weight_decay), lr=t.learning_rate, betas=tuple(t.betas), weight_decay=t.weight_decay
+        optimizer_groups(module, t.weight_decay), lr=t.learning_rate, betas=tuple(t.betas), weight_decay=t.weight_decay
     )
     schedule = functools.partial(
         lr_multiplier, warmup_steps=t.warmup_steps, total_steps=total_steps, min_lr_ratio=t.min_lr_ratio
@@ -289,29 +331,37 @@ def train(cfg: RunConfig, resume: str | os.PathLike | bool | None = None) -> dic
         # On the CPU: RNG states must stay CPU tensors; load_state_dict copies weights to the model's device.
         state = load_checkpoint(resume_path, map_location="cpu")
         try:
-            model.load_state_dict(state["model"])
+            # Full state dicts: a checkpoint from any world size (or FSDP) loads into any other.
+            load_full_state_dicts(model, optimizer, state["model"], state["optimizer"])
         except RuntimeError as error:
             raise ValueError(
                 f"checkpoint {resume_path} does not fit the configured model ({error}); resume with the run's own "
                 f"config ({run_dir / 'config.yaml'}) or start a fresh run"
             ) from error
-        optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, skipped_steps, epoch_order = state["step"], state["skipped_steps"], state["epoch_order"]
         restore_rng_state(state["rng"], data_generator)
         # Records written after this checkpoint belong to the lost future; the resumed run rewrites them.
         records = [r for r in read_metrics(metrics_path) if r["step"] <= step]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        print(f"resumed from {resume_path} at step {step}")
+        # Every rank has read the old file before rank 0 rewrites it.
+        barrier()
+        if is_main:
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        print0(f"resumed from {resume_path} at step {step}")
 
-    if t.tensorboard:
+    if t.tensorboard and is_main:
         writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def checkpoint(epoch: int) -> Path:
-        path = save_checkpoint(
+        # Gathering is collective under FSDP, so every rank calls this; rank 0 alone writes the file.
+        model_state, optimizer_state = full_state_dicts(model, optimizer)
+        path = checkpoint_path(run_dir, step)
+        if not is_main:
+            return path
+        save_checkpoint(
             {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "step": step,
                 "epoch": epoch,
@@ -320,28 +370,35 @@ def train(cfg: RunConfig, resume: str | os.PathLike | bool | None = None) -> dic
                 "config": config_to_dict(cfg),
                 "rng": rng_state(data_generator),
             },
-            checkpoint_path(run_dir, step),
+            path,
         )
         prune_checkpoints(run_dir, KEEP_CHECKPOINTS)
         return path
 
     def run_eval(epoch: int, train_loss: float) -> dict[str, Any]:
-        metrics = evaluate(model, task, test_set, t.batch_size, autocast_dtype)
+        # The whole test set on one rank (the unwrapped module, no collectives), so the numbers do not depend on the
+        # world size; an FSDP forward needs every rank, so there each rank evaluates the whole set.
+        metrics = None
+        if is_main or is_sharded(model):
+            metrics = evaluate(model if is_sharded(model) else module, task, test_set, t.batch_size, autocast_dtype)
+        metrics = broadcast_object(metrics)
         record = {"kind": "eval", "step": step, "epoch": epoch, "train_loss": train_loss, **metrics}
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
         records.append(record)
-        tqdm.write(_format_eval(epoch, step, train_loss, metrics, task.metric))
+        if is_main:
+            tqdm.write(_format_eval(epoch, step, train_loss, metrics, task.metric))
         if writer is not None:
             for name, value in metrics.items():
                 writer.add_scalar(f"eval/{name}", value, step)
         return record
 
-    print(
-        f"training {cfg.model.variant} on {task.name}: {n_params:,} parameters, device {device}, "
+    processes = f" x {world_size} processes ({t.parallel})" if world_size > 1 else ""
+    print0(
+        f"training {cfg.model.variant} on {task.name}: {n_params:,} parameters, device {device}{processes}, "
         f"{total_steps} steps ({steps_per_epoch} per epoch of {len(train_set)} examples), run dir {run_dir}"
     )
-    show_bar = t.progress and sys.stdout.isatty() and sys.stderr.isatty()
+    show_bar = is_main and t.progress and sys.stdout.isatty() and sys.stderr.isatty()
     bar = tqdm(total=total_steps, initial=step, disable=not show_bar, dynamic_ncols=True, unit="step")
     last_eval = next((r for r in reversed(records) if r["kind"] == "eval"), None)
     # The train loss printed at an evaluation averages the steps since the previous one, resumed runs included.
@@ -351,34 +408,70 @@ def train(cfg: RunConfig, resume: str | os.PathLike | bool | None = None) -> dic
         if r["kind"] == "train" and not r.get("skipped") and (last_eval is None or r["step"] > last_eval["step"])
     ]
     interrupted, saved = None, resume_path
+    # Agreed by all ranks once per step, so every rank stops after the same step when any of them is signalled.
+    stop_requested = False
 
     # ---- the loop: one iteration is one optimizer step over grad_accum_steps micro-batches
     model.train()
-    with _StopFlag() as stop, open(metrics_path, "a") as metrics_file:
-        while step < total_steps and stop.signal_name is None:
+    # Only rank 0 writes metrics.jsonl; the other ranks keep the same records in memory.
+    with _StopFlag() as stop, open(metrics_path if is_main else os.devnull, "a") as metrics_file:
+        while step < total_steps and not stop_requested:
             epoch, index_in_epoch = divmod(step, steps_per_epoch)
-            if cfg.data.fresh_samples:
-                batch = task.sample(examples_per_step, data_generator)
+            # The step's global batch is rows [first, first + step_rows) of the epoch order (or fresh rows); this
+            # rank trains on its contiguous 1/world_size of every micro-batch of it.
+            first = index_in_epoch * examples_per_step
+            if stream:
+                if index_in_epoch == 0:
+                    carried.clear()  # each epoch reads the rows from their first byte, with a fresh memory
+                segment = task.corpus.segment("train", task.seq_len, examples_per_step, index_in_epoch)
+                step_rows = examples_per_step
+            elif cfg.data.fresh_samples:
+                step_rows = examples_per_step
             else:
                 if index_in_epoch == 0 or epoch_order is None:
                     epoch_order = torch.randperm(len(train_set), generator=data_generator)
-                batch = train_set[
-                    epoch_order[index_in_epoch * examples_per_step : (index_in_epoch + 1) * examples_per_step]
-                ]
+                step_rows = min(examples_per_step, len(train_set) - first)
+            micro_batches = []
+            for rows in rank_rows(step_rows, t.batch_size, dist_info.rank, world_size):
+                # A rank whose share of a short last micro-batch is empty still joins the all-reduce: it runs one
+                # row with weight 0 (its scored-token count below).
+                real = len(rows) > 0
+                rows = rows if real else range(rows.start, rows.start + 1)
+                if stream:
+                    micro = segment[rows.start : rows.stop]
+                elif cfg.data.fresh_samples:
+                    micro = sample_rows(task, cfg.seed, step, rows)
+                else:
+                    micro = train_set[epoch_order[first + rows.start : first + rows.stop]]
+                scored = int((micro.targets != IGNORE_INDEX).sum()) if real else 0
+                micro_batches.append((micro, scored, rows.start))
+            # The model's loss is a mean over a micro-batch's scored tokens; weighting each by its share of the whole
+            # step's scored tokens (summed over ranks) makes the total the step's token mean, however unevenly the
+            # tokens fall across micro-batches and ranks.
+            local_tokens = float(sum(scored for _, scored, _ in micro_batches))
+            step_tokens = all_reduce_sum(torch.tensor(local_tokens, device=device)).item()
 
-            # Micro-batch losses are weighted by their share of the step's examples: their sum is the step's mean.
-            step_loss = torch.zeros((), device=device)
-            for start in range(0, len(batch), t.batch_size):
-                micro = batch[start : start + t.batch_size].to(device)
-                with autocast:
-                    _, loss, _ = model(micro.inputs, micro.targets)
-                loss = loss * (len(micro) / len(batch))
-                loss.backward()
-                step_loss += loss.detach()
-            step_loss = step_loss.item()
+            step_loss = torch.zeros((), dtype=torch.float64, device=device)
+            for index, (micro, scored, row) in enumerate(micro_batches):
+                micro = micro.to(device)
+                # All-reduce the accumulated gradients only in the last micro-step's backward.
+                with gradient_sync(model, enabled=index == len(micro_batches) - 1):
+                    with autocast:
+                        _, loss, new_state = model(micro.inputs, micro.targets, state=carried.get(row))
+                    if stream:
+                        carried[row] = detach_state(new_state)
+                    share = loss * (scored / max(step_tokens, 1.0))
+                    # DDP and FSDP average gradients over ranks; the shares are meant to be summed, hence * world_size.
+                    (share * world_size).backward()
+                step_loss += share.detach()
+            # One reduction gives every rank the step's loss and whether any rank was signalled to stop.
+            agreed = all_reduce_sum(torch.stack([step_loss, step_loss.new_tensor(stop.signal_name is not None)]))
+            step_loss, stop_requested = agreed[0].item(), agreed[1].item() > 0
             # clip_grad_norm_ returns the pre-clip norm; with max_norm=inf it only measures.
             max_norm = t.gradient_clip if t.gradient_clip else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            # Under FSDP the norm is a replicated DTensor; full_tensor() makes it a plain one.
+            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
 
             finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
             if not finite and t.nan_policy == "stop":
@@ -390,6 +483,14 @@ def train(cfg: RunConfig, resume: str | os.PathLike | bool | None = None) -> dic
                 optimizer.step()
             else:
                 skipped_steps += 1
+                # Said once per skipped step: a run that skips every step should not look healthy in the log.
+                what = "loss" if not math.isfinite(step_loss) else "gradient norm"
+                if is_main:
+                    tqdm.write(
+                        f"step {step + 1}: {what} is NaN/Inf, update skipped (training.nan_policy=skip, "
+                        f"{skipped_steps} skipped so far); if it repeats, lower training.learning_rate or "
+                        "model.memory.max_lr"
+                    )
             # The schedule advances either way, so the learning rate stays a function of the step alone.
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -426,7 +527,8 @@ def train(cfg: RunConfig, resume: str | os.PathLike | bool | None = None) -> dic
         bar.close()
 
         final_epoch = max(0, step - 1) // steps_per_epoch
-        interrupted = stop.signal_name
+        # From the agreed flag, so that every rank makes the same collective calls (evaluation, checkpoint) below.
+        interrupted = (stop.signal_name or "a signal to another process") if stop_requested else None
         if interrupted is None and (last_eval is None or last_eval["step"] != step):
             train_loss = sum(window_losses) / len(window_losses) if window_losses else float("nan")
             last_eval = run_eval(final_epoch, train_loss)
@@ -436,9 +538,12 @@ def train(cfg: RunConfig, resume: str | os.PathLike | bool | None = None) -> dic
     if writer is not None:
         writer.close()
     # Plotted once at the end: rendering costs more than a tiny model's evaluation.
-    plot_run(records, run_dir, task.metric, task.chance)
+    if is_main:
+        plot_run(records, run_dir, task.metric, task.chance)
+    # No rank returns before rank 0 has written the final checkpoint and plots.
+    barrier()
     if interrupted is not None:
-        print(f"{interrupted} received: stopped at step {step}, checkpoint {saved}; continue with --resume {run_dir}")
+        print0(f"{interrupted} received: stopped at step {step}, checkpoint {saved}; continue with --resume {run_dir}")
 
     result = {"variant": cfg.model.variant, "task": task.name}
     if last_eval is not None:

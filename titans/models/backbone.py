@@ -16,9 +16,11 @@ it runs after these defaults.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
 import torch
@@ -30,6 +32,8 @@ from titans.models.layers import ResidualProjection, RMSNorm
 from titans.tasks.base import IGNORE_INDEX
 
 INIT_STD = 0.02
+# MemoryConfig fields that pick an algorithm for the same function, not a different model (see model_signature).
+_COMPUTE_ONLY_MEMORY_FIELDS = ("impl", "checkpoint_every")
 
 
 @dataclass
@@ -38,10 +42,33 @@ class LMState:
 
     block_states: one state per block, in order (None = that block has not started). prefix_emitted: whether the
     persistent tokens were already fed at the start of this stream (they are fed once, never again).
+    signature / batch_size: stamped by the model that returned the state, so that passing it to a model of another
+    configuration, or with another batch size, fails with a clear error before any compute (None = not stamped,
+    e.g. a hand-made fresh state; then only the block count is checked).
     """
 
     block_states: list[Any]
     prefix_emitted: bool
+    signature: str | None = None
+    batch_size: int | None = None
+
+
+def model_signature(cfg: ModelConfig, n_prefix: int) -> str:
+    """A readable identity of a model configuration, e.g. "MAG(d_model=64, n_heads=4, n_layers=2, vocab=14) #3fa1c2d0".
+
+    The hash covers every field of cfg that shapes the model or its state; the memory's `impl` and
+    `checkpoint_every` only change how the same function is computed, so states pass freely between such models.
+    The readable part is what error messages show.
+    """
+    fields = asdict(cfg) if is_dataclass(cfg) else dict(vars(cfg))
+    memory = fields.get("memory")
+    if isinstance(memory, dict):
+        fields["memory"] = {k: v for k, v in memory.items() if k not in _COMPUTE_ONLY_MEMORY_FIELDS}
+    digest = hashlib.sha1(json.dumps([fields, n_prefix], sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return (
+        f"{cfg.variant}(d_model={cfg.d_model}, n_heads={cfg.n_heads}, n_layers={cfg.n_layers}, "
+        f"vocab={cfg.vocab_size}) #{digest}"
+    )
 
 
 def num_parameters(model: nn.Module) -> int:
@@ -68,6 +95,8 @@ class TitansLM(nn.Module):
             raise ValueError(f"n_prefix must be >= 0, got {n_prefix}")
         self.cfg = cfg
         self.n_prefix = n_prefix
+        # Taken now: cfg may be edited after construction, but the modules were built from these values.
+        self.signature = model_signature(cfg, n_prefix)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.persistent = nn.Parameter(torch.empty(n_prefix, cfg.d_model)) if n_prefix > 0 else None
         self.blocks = nn.ModuleList(make_block(cfg, i) for i in range(cfg.n_layers))
@@ -100,15 +129,11 @@ class TitansLM(nn.Module):
 
         loss: cross-entropy in at least float32, averaged over targets != IGNORE_INDEX (0 if none is scored).
         """
-        if idx.dim() != 2 or idx.shape[1] < 1 or idx.dtype != torch.long:
-            raise ValueError(f"idx must be a [B, T] long tensor with T >= 1, got {idx.dtype} {tuple(idx.shape)}")
-        if targets is not None and targets.shape != idx.shape:
-            raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
-        if state is not None and len(state.block_states) != len(self.blocks):
-            raise ValueError(
-                f"state has {len(state.block_states)} block states but the model has {len(self.blocks)} blocks; "
-                "pass the state this model returned, or None to start a stream"
-            )
+        self._check_tokens(idx, "idx")
+        if targets is not None:
+            self._check_targets(targets, idx)
+        if state is not None:
+            self._check_state(state, idx.shape[0])
         B = idx.shape[0]
         x = self.embed(idx)
         emit_prefix = self.persistent is not None and (state is None or not state.prefix_emitted)
@@ -132,7 +157,77 @@ class TitansLM(nn.Module):
             # a batch with nothing to score gives loss 0 (no gradient) rather than 0/0 = NaN
             loss = total / (targets != IGNORE_INDEX).sum().clamp(min=1)
         prefix_emitted = emit_prefix or (state is not None and state.prefix_emitted)
-        return logits, loss, LMState(new_states, prefix_emitted)
+        return logits, loss, LMState(new_states, prefix_emitted, self.signature, B)
+
+    # ---- input validation: every check runs before any compute and names the bad value and the fix
+
+    def _check_tokens(self, idx: Any, name: str) -> None:
+        """idx must be a [B, T] long tensor, B, T >= 1, with ids in [0, vocab_size)."""
+        if not isinstance(idx, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(idx).__name__}")
+        if idx.dtype != torch.long:
+            raise ValueError(
+                f"{name} must be a [B, T] long (int64) tensor of token ids, got dtype {idx.dtype}; convert with "
+                f"{name}.long()"
+            )
+        if idx.dim() != 2 or idx.shape[0] < 1 or idx.shape[1] < 1:
+            raise ValueError(
+                f"{name} must be a [B, T] long tensor with B >= 1 and T >= 1, got shape {tuple(idx.shape)}; "
+                f"add a batch dimension with {name}.unsqueeze(0) for a single sequence"
+            )
+        # A data-dependent check (a host sync); skipped while torch.compile traces, where it would break the graph.
+        if not torch.compiler.is_compiling():
+            low, high = (int(v) for v in idx.aminmax())
+            vocab = self.cfg.vocab_size
+            if low < 0 or high >= vocab:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"{name} holds token id {bad}, outside the vocabulary [0, {vocab}); check the tokenizer, or "
+                    f"build the model with model.vocab_size > {high}"
+                )
+
+    def _check_targets(self, targets: Any, idx: torch.Tensor) -> None:
+        """targets must be a long tensor shaped like idx, holding ids in [0, vocab_size) or IGNORE_INDEX."""
+        if not isinstance(targets, torch.Tensor):
+            raise TypeError(f"targets must be a torch.Tensor or None, got {type(targets).__name__}")
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
+        if targets.dtype != torch.long:
+            raise ValueError(f"targets must be a long (int64) tensor, got dtype {targets.dtype}; use targets.long()")
+        if not torch.compiler.is_compiling():
+            scored = targets[targets != IGNORE_INDEX]
+            if scored.numel() > 0:
+                low, high = (int(v) for v in scored.aminmax())
+                vocab = self.cfg.vocab_size
+                if low < 0 or high >= vocab:
+                    bad = low if low < 0 else high
+                    raise ValueError(
+                        f"targets hold id {bad}, outside the vocabulary [0, {vocab}); unscored positions must be "
+                        f"IGNORE_INDEX ({IGNORE_INDEX})"
+                    )
+
+    def _check_state(self, state: Any, batch_size: int) -> None:
+        """state must be an LMState this model (or one of the same configuration) returned for this batch size."""
+        if not isinstance(state, LMState):
+            raise TypeError(
+                f"state must be the LMState a previous call returned, or None to start a stream; got "
+                f"{type(state).__name__}"
+            )
+        if state.signature is not None and state.signature != self.signature:
+            raise ValueError(
+                f"state was made by a different model, {state.signature}, but this model is {self.signature}; "
+                "pass the state this model returned, or None to start a stream"
+            )
+        if len(state.block_states) != len(self.blocks):
+            raise ValueError(
+                f"state has {len(state.block_states)} block states but the model has {len(self.blocks)} blocks; "
+                "pass the state this model returned, or None to start a stream"
+            )
+        if state.batch_size is not None and state.batch_size != batch_size:
+            raise ValueError(
+                f"state holds {state.batch_size} sequences but idx has batch size {batch_size}; continue each "
+                "stream with its own batch, or pass state=None to start new streams"
+            )
 
     @torch.no_grad()
     def generate(
@@ -149,14 +244,13 @@ class TitansLM(nn.Module):
         temperature 0 or top_k 1 is greedy. use_cache=True prefills the prompt once and then feeds one token at a time
         with the carried state; use_cache=False re-runs the whole sequence every step (the reference).
         """
-        if idx.dim() != 2 or idx.shape[1] < 1 or idx.dtype != torch.long:
-            raise ValueError(f"idx must be a [B, T0] long prompt with T0 >= 1, got {idx.dtype} {tuple(idx.shape)}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        self._check_tokens(idx, "idx")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None (no truncation), got {top_k}")
+        if not isinstance(temperature, int | float) or not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be an int >= 1 or None (no truncation), got {top_k!r}")
 
         out = idx
         logits, _, state = self(idx)

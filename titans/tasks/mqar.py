@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from titans.config import ConfigError, DataConfig
 from titans.tasks.base import IGNORE_INDEX, Batch
 
 
@@ -102,6 +103,31 @@ class MQAR:
             )
         if not self.power_a > 0:
             raise ValueError(f"MQAR power_a must be > 0 (power-law exponent), got {self.power_a}")
+
+    @classmethod
+    def from_config(cls, data: DataConfig) -> MQAR:
+        """The MQAR of `data.dataset: mqar`: data.vocab_size is the whole vocabulary, data.seq_len the length.
+
+        data.mqar_num_kv_pairs null gives `max(1, seq_len // 16)` pairs, Zoology's train-grid ratio ((64, 4),
+        (128, 8), (256, 16)). A layout that does not fit raises ConfigError naming the data.* key to change.
+        """
+        if not isinstance(data, DataConfig):
+            raise TypeError(f"MQAR.from_config expects a DataConfig, got {type(data).__name__}")
+        pairs = data.mqar_num_kv_pairs if data.mqar_num_kv_pairs is not None else max(1, data.seq_len // 16)
+        try:
+            return cls(
+                vocab_size=data.vocab_size,
+                seq_len=data.seq_len,
+                num_kv_pairs=pairs,
+                power_a=data.mqar_power_a,
+                random_non_queries=data.mqar_random_non_queries,
+            )
+        except ValueError as error:
+            # MQAR's own message names its fields; map them to the config keys a user edits.
+            message = str(error).replace("num_kv_pairs", "data.mqar_num_kv_pairs")
+            for name in ("vocab_size", "seq_len"):
+                message = message.replace(f"{name}=", f"data.{name}=").replace(f"raise {name}", f"raise data.{name}")
+            raise ConfigError(f"dataset mqar: {message}") from error
 
     @property
     def num_values(self) -> int:

