@@ -34,6 +34,7 @@ from titans.config import VARIANTS, ConfigError, RunConfig, load_config
 from titans.evaluate import evaluate
 from titans.models import TitansLM, build_model, num_parameters
 from titans.plots import plot_comparison
+from titans.system import pin_malloc_mmap_threshold
 from titans.tasks import Task, make_task
 from titans.train import TrainingDivergedError, make_datasets, read_metrics, resolve_device, train
 
@@ -218,6 +219,7 @@ def cmd_long_eval(args: argparse.Namespace) -> int:
         args.segment_len,
         args.max_new_tokens,
         progress=cfg.training.progress,
+        max_bytes=args.max_bytes,
     )
     print(f"{path}: {cfg.model.variant} on {task.name}")
     print(format_long_eval(result))
@@ -324,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16, help="niah: bytes generated after the prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--max-bytes", type=int, default=None, help="text: score only the first N bytes of each split")
     p.add_argument("--plot", help="write accuracy vs length to this PNG (mqar, niah)")
     p.add_argument("overrides", **overrides)
     p.set_defaults(func=cmd_long_eval)
@@ -342,6 +345,8 @@ def main(argv: Sequence[str] | None = None, default_config: str | Path | None = 
     parser = build_parser()
     parser.set_defaults(default_config=default_config)
     argv = list(sys.argv[1:] if argv is None else argv)
+    # RSS should follow live tensors: the memory scan frees many large temporaries (see titans/system.py)
+    pin_malloc_mmap_threshold()
     if argv[:1] == ["bench"]:
         # Everything after `bench` belongs to the scripts, options included (argparse would claim --help etc.).
         args = argparse.Namespace(command="bench", func=cmd_bench, args=argv[1:])
