@@ -1,3 +1,3 @@
-"""titans: Titans (Behrouz, Zhong, Mirrokni 2025) in PyTorch — neural long-term memory and the MAC/MAG/MAL/LMM models."""
+"""titans: Titans (Behrouz, Zhong, Mirrokni 2025) in PyTorch: the neural long-term memory and MAC/MAG/MAL/LMM."""
 
 __version__ = "0.1.0"

@@ -42,6 +42,43 @@ class NeuralMemoryState:
         return NeuralMemoryState(self.memory.detach(), self.conv.detach())
 
 
+class CausalDepthwiseConv(nn.Module):
+    """Depthwise causal conv over time with a carried history: x [B, T, C] -> [B, T, C] (v1 §4.4's short conv).
+
+    forward(x, history [B, C, K-1] or None) -> (y, new history); feeding a stream in pieces with the returned
+    history equals one call. Initialised near the identity (last tap 1), so it starts as a pass-through.
+    """
+
+    def __init__(self, channels: int, kernel: int = 4) -> None:
+        super().__init__()
+        if kernel < 1:
+            raise ValueError(f"conv kernel must be >= 1, got {kernel}")
+        self.kernel = kernel
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        with torch.no_grad():
+            self.weight.normal_(0.0, 0.02)
+            self.weight[:, 0, -1] += 1.0
+
+    def empty_history(self, batch_size: int, device=None, dtype=None) -> Tensor:
+        return torch.zeros(
+            batch_size,
+            self.weight.shape[0],
+            self.kernel - 1,
+            device=device or self.weight.device,
+            dtype=dtype or self.weight.dtype,
+        )
+
+    def forward(self, x: Tensor, history: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if history is None:
+            history = self.empty_history(x.shape[0], x.device, x.dtype)
+        padded = torch.cat([history.to(x.dtype), x.transpose(1, 2)], dim=2)
+        out = F.conv1d(padded, self.weight.to(x.dtype), groups=padded.shape[1])
+        return out.transpose(1, 2), padded[:, :, padded.shape[2] - (self.kernel - 1) :]
+
+
 def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
@@ -89,8 +126,7 @@ class NeuralMemory(nn.Module):
 
         inner = heads * self.head_dim
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
-        self.conv_kernel = conv_kernel
-        self.conv_weight = nn.Parameter(torch.empty(3 * inner, 1, conv_kernel))
+        self.conv = CausalDepthwiseConv(3 * inner, conv_kernel)
         n_gate = depth if per_layer_gates else 1
         self.gate_groups = n_gate
         self.to_theta = nn.Linear(dim, heads * n_gate)
@@ -104,10 +140,7 @@ class NeuralMemory(nn.Module):
 
     def init_weights(self) -> None:
         """Memory-specific init, re-applied by TitansLM after its generic N(0, 0.02) pass over every nn.Linear."""
-        with torch.no_grad():
-            # near-identity conv (last tap = 1): it starts as a pass-through and learns local mixing
-            self.conv_weight.normal_(0.0, 0.02)
-            self.conv_weight[:, 0, -1] += 1.0
+        self.conv.init_weights()
         self.reset_gates()
 
     def reset_gates(self, theta: float = 0.02, eta: float = 0.5, alpha: float = 0.01) -> None:
@@ -148,20 +181,8 @@ class NeuralMemory(nn.Module):
 
     def initial_state(self, batch_size: int, device=None, dtype=None) -> NeuralMemoryState:
         """A fresh stream: M_0 for every sequence, zero momentum, an empty conv history."""
-        conv = torch.zeros(
-            batch_size,
-            self.conv_weight.shape[0],
-            self.conv_kernel - 1,
-            device=device or self.conv_weight.device,
-            dtype=dtype or self.conv_weight.dtype,
-        )
+        conv = self.conv.empty_history(batch_size, device, dtype)
         return NeuralMemoryState(MemoryState.initial(self.network, batch_size), conv)
-
-    def _causal_conv(self, x: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
-        """Depthwise causal conv over time. x [B, T, C], history [B, C, K-1] -> ([B, T, C], new history)."""
-        padded = torch.cat([history.to(x.dtype), x.transpose(1, 2)], dim=2)
-        out = F.conv1d(padded, self.conv_weight.to(x.dtype), groups=padded.shape[1])
-        return out.transpose(1, 2), padded[:, :, padded.shape[2] - (self.conv_kernel - 1) :]
 
     def _gates(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | list[Tensor] | None]:
         """theta, eta [B, H, T, L] and alpha ([B, H, T, L] or a list of [B, H, T, d_l]) from x [B, T, dim]."""
@@ -200,7 +221,7 @@ class NeuralMemory(nn.Module):
         if stats is None and self.stats_sink is not None:
             stats = {}
             self.stats_sink.append(stats)
-        qkv, conv_state = self._causal_conv(self.to_qkv(x), state.conv)
+        qkv, conv_state = self.conv(self.to_qkv(x), state.conv)
         # inner-loop arithmetic in float32 at least, even under autocast (bf16 inner updates drift)
         inner_dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):

@@ -28,6 +28,7 @@ from torch import nn
 
 from titans.config import ModelConfig
 from titans.memory import MemoryState, NeuralMemory, NeuralMemoryState
+from titans.memory.module import CausalDepthwiseConv
 from titans.models.backbone import TitansLM
 from titans.models.layers import GatedCombine, RMSNorm, SwiGLU, apply_rope, rope_cache, swiglu_hidden
 
@@ -35,11 +36,13 @@ from titans.models.layers import GatedCombine, RMSNorm, SwiGLU, apply_rope, rope
 @dataclass
 class MACState:
     """memory: the memory after every write so far; committed: M*_{s-1}, read by Eq. 21 for the current segment;
+    retrieve_conv: the retrieval query conv's history [B, D, K-1];
     keys/values: rotated k/v of the current segment's retrieved tokens ("h") and input tokens ("x"), [B, H, n, Dh];
     position: tokens of the stream seen by this block."""
 
     memory: NeuralMemoryState
     committed: MemoryState
+    retrieve_conv: torch.Tensor
     h_keys: torch.Tensor
     h_values: torch.Tensor
     x_keys: torch.Tensor
@@ -58,8 +61,10 @@ class MACBlock(nn.Module):
         self.heads, self.head_dim, self.rope_base = cfg.n_heads, d // cfg.n_heads, cfg.rope_base
         self.norm = RMSNorm(d)
         self.memory = NeuralMemory.from_config(cfg)
-        # Eq. 21's W_Q: the read of M*_{s-1} has its own query projection (the memory's own q path runs over y)
+        # Eq. 21's W_Q: the read of M*_{s-1} has its own query projection (the memory's own q path runs over y),
+        # followed like every q/k/v projection by the short causal conv of v1 §4.4
         self.retrieve_query = nn.Linear(d, d, bias=False)
+        self.retrieve_conv = CausalDepthwiseConv(d, cfg.memory.conv_kernel)
         self.retrieve_norm = nn.Parameter(torch.ones(self.memory.head_dim))
         self.retrieve_out = nn.Linear(d, d, bias=False)
         self.persistent = nn.Parameter(torch.zeros(self.n_persistent, d)) if self.n_persistent > 0 else None
@@ -75,18 +80,22 @@ class MACBlock(nn.Module):
 
     def _fresh_state(self, x: torch.Tensor) -> MACState:
         memory = self.memory.initial_state(x.shape[0], x.device, x.dtype)
+        conv = self.retrieve_conv.empty_history(x.shape[0], x.device, x.dtype)
         empty = x.new_zeros(x.shape[0], self.heads, 0, self.head_dim)
-        return MACState(memory, memory.memory, empty, empty, empty, empty, 0)
+        return MACState(memory, memory.memory, conv, empty, empty, empty, empty, 0)
 
-    def _retrieve(self, h: torch.Tensor, committed: MemoryState) -> torch.Tensor:
-        """Eq. 21: h [B, n, D] -> M*_{s-1}(q) [B, n, D], a read of the committed fast weights with no update."""
+    def _retrieve(
+        self, h: torch.Tensor, committed: MemoryState, conv: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 21: h [B, n, D] -> (M*_{s-1}(q) [B, n, D], conv history): a read of the committed weights, no update."""
         B, n, d = h.shape
         heads, head_dim = self.memory.heads, self.memory.head_dim
-        q = F.silu(self.retrieve_query(h)).view(B, n, heads, head_dim).transpose(1, 2)
+        q, conv = self.retrieve_conv(self.retrieve_query(h), conv)
+        q = F.silu(q).view(B, n, heads, head_dim).transpose(1, 2)
         q = F.normalize(q, dim=-1).to(committed.weights[0].dtype)
         r = self.memory.network.forward_with(committed.weights, q)
         r = F.rms_norm(r, (head_dim,), self.retrieve_norm.to(r.dtype), eps=1e-6)
-        return self.retrieve_out(r.to(h.dtype).transpose(1, 2).reshape(B, n, d))
+        return self.retrieve_out(r.to(h.dtype).transpose(1, 2).reshape(B, n, d)), conv
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """[B, n, D] -> [B, H, n, Dh]."""
@@ -121,7 +130,9 @@ class MACBlock(nn.Module):
             masks.insert(0, torch.ones(n, self.n_persistent, dtype=torch.bool, device=h.device))
         y = F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2), attn_mask=torch.cat(masks, 1))
         y = self.attn_out(y.transpose(1, 2).reshape(B, n, d))
-        cache = MACState(state.memory, state.committed, h_keys, h_values, x_keys, x_values, state.position)
+        cache = MACState(
+            state.memory, state.committed, state.retrieve_conv, h_keys, h_values, x_keys, x_values, state.position
+        )
         return y, cache
 
     def forward(self, x: torch.Tensor, state: MACState | None = None) -> tuple[torch.Tensor, MACState]:
@@ -133,7 +144,7 @@ class MACBlock(nn.Module):
             n = min(T - start, self.segment_len - state.position % self.segment_len)
             piece = x[:, start : start + n]
             h = self.norm(piece)
-            retrieved = self._retrieve(h, state.committed)
+            retrieved, conv = self._retrieve(h, state.committed, state.retrieve_conv)
             y, state = self._attend(h, retrieved, state)
             m, memory = self.memory(y, state.memory)  # Eqs. 24-25: write y token by token, read after each write
             piece = piece + self.combine(y, m)
@@ -142,11 +153,10 @@ class MACBlock(nn.Module):
             if position % self.segment_len == 0:
                 # segment finished: commit its memory for the next segment's retrieval and drop its keys and values
                 empty = x.new_zeros(x.shape[0], self.heads, 0, self.head_dim)
-                state = MACState(memory, memory.memory, empty, empty, empty, empty, position)
+                state = MACState(memory, memory.memory, conv, empty, empty, empty, empty, position)
             else:
-                state = MACState(
-                    memory, state.committed, state.h_keys, state.h_values, state.x_keys, state.x_values, position
-                )
+                kv = (state.h_keys, state.h_values, state.x_keys, state.x_values)
+                state = MACState(memory, state.committed, conv, *kv, position)
             start += n
         return torch.cat(outputs, dim=1), state
 
