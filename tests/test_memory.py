@@ -104,6 +104,25 @@ OPTIONS = {
 }
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("chunk_size, T", [(1, 7), (4, 19)])
+def test_chunked_matches_reference_with_inner_gradient_clipping(depth: int, chunk_size: int, T: int) -> None:
+    inputs = make_inputs(T, depth, seed=3, channelwise=True)
+    clip = 0.3  # below the typical per-token gradient norm here, so most tokens are clipped
+    ref, ref_state = naive_memory(**inputs, chunk_size=chunk_size, grad_clip=clip)
+    out, state = chunked_memory(**inputs, chunk_size=chunk_size, grad_clip=clip, checkpoint_every=2)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(state.weights, ref_state.weights, strict=True):
+        torch.testing.assert_close(a, b)
+    unclipped, _ = naive_memory(**inputs, chunk_size=chunk_size)
+    assert not torch.allclose(unclipped, ref), "the clip should bind in this test"
+    named = leaves(inputs)
+    g_ref = torch.autograd.grad(ref.square().sum(), list(named.values()))
+    g_out = torch.autograd.grad(out.square().sum(), list(named.values()))
+    for name, a, b in zip(named, g_out, g_ref, strict=True):
+        torch.testing.assert_close(a, b, msg=lambda m, n=name: f"d{n}: {m}")
+
+
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("chunk_size, T", [(1, 7), (4, 19), (16, 19)])

@@ -120,6 +120,13 @@ class ChunkCoefficients:
             i = j
         return out
 
+    def scaled(self, scale: Tensor) -> ChunkCoefficients:
+        """The same coefficients with token i's gradient scaled by scale[..., i] [B, H, b] (inner gradient clipping)."""
+        cols = scale[..., None, None, :] if self.channelwise else scale[..., None, :]
+        return ChunkCoefficients(
+            self.decay, self.carry, self.mix * cols, self.mom_decay, self.mom_mix * scale, self.channelwise
+        )
+
     def select(self, index: int) -> ChunkCoefficients:
         """Chunk `index` of coefficients built with a chunk axis at dim 2."""
 
@@ -181,9 +188,16 @@ def _chunk(
     momentum: list[Tensor],
     anchor: list[Tensor],
     stats: dict[str, list[Tensor]] | None,
+    grad_clip: float | None = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """One chunk (or the part of one that a stream holds): outputs and the state after its last token."""
     inputs, grads, loss = network.key_path(anchor, k, v)
+    # ||u_t||_F = ||g_t|| ||a_t|| for a rank-one gradient: clipping it is a per-token factor on theta
+    grad_norms = [g.norm(dim=-1) * a.norm(dim=-1) for g, a in zip(grads, inputs, strict=True)]
+    if grad_clip is not None:
+        scales = [(grad_clip / n.clamp_min(1e-30)).clamp(max=1.0) for n in grad_norms]
+        coefficients = [co.scaled(sc) for co, sc in zip(coefficients, scales, strict=True)]
+        grad_norms = [n * sc for n, sc in zip(grad_norms, scales, strict=True)]
     h, new_weights, new_momentum = q, [], []
     for i in range(network.depth):
         z = _layer_output(h, weights[i], momentum[i], inputs[i], grads[i], coefficients[i])
@@ -195,8 +209,7 @@ def _chunk(
     if stats is not None:
         with torch.no_grad():
             # ||theta_t g_t a_t^T||_F = theta_t ||g_t|| ||a_t||, summed in square over layers
-            layers = zip(gates, grads, inputs, strict=True)
-            norm_sq = sum((gl.theta * gr.norm(dim=-1) * a.norm(dim=-1)).square() for gl, gr, a in layers)
+            norm_sq = sum((gl.theta * n).square() for gl, n in zip(gates, grad_norms, strict=True))
             stats["surprise"].append(loss.detach())
             stats["update_norm"].append(norm_sq.sqrt())
     return y, new_weights, new_momentum
@@ -213,6 +226,7 @@ def chunked_memory(
     state: MemoryState | None = None,
     chunk_size: int = 16,
     stats: dict[str, Tensor] | None = None,
+    grad_clip: float | None = None,
     checkpoint_every: int = 16,
 ) -> tuple[Tensor, MemoryState]:
     """Same contract and results as `naive_memory`; see its docstring. q, k, v [B, H, T, D] -> y [B, H, T, D].
@@ -243,7 +257,7 @@ def chunked_memory(
             span_gates = [g.span(lo, hi) for g in gates]
             piece = (q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi])
             coefficients = [layer[n] for layer in per_layer]
-            y, ws, ss = _chunk(network, *piece, span_gates, coefficients, ws, ss, an, collected)
+            y, ws, ss = _chunk(network, *piece, span_gates, coefficients, ws, ss, an, collected, grad_clip)
             outs.append(y)
         return (torch.cat(outs, dim=2), *ws, *ss, *an)
 

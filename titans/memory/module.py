@@ -103,6 +103,7 @@ class NeuralMemory(nn.Module):
         max_lr: float = 1.0,
         conv_kernel: int = 4,
         checkpoint_every: int = 16,
+        grad_clip: float | None = None,
     ) -> None:
         super().__init__()
         if dim % heads != 0:
@@ -119,6 +120,9 @@ class NeuralMemory(nn.Module):
         self.chunk_size, self.impl, self.max_lr = chunk_size, impl, max_lr
         self.momentum, self.forgetting, self.channelwise_forget = momentum, forgetting, channelwise_forget
         self.checkpoint_every = checkpoint_every
+        if grad_clip is not None and grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0 or None (no clipping), got {grad_clip}")
+        self.grad_clip = grad_clip  # max Frobenius norm of each token's inner gradient, per layer (None = off)
         self.update_memory = True  # False reads the memory without writing it (memory-check's ablation)
         # when a list, every forward appends {"surprise", "update_norm"} [B, H, T] to it (memory-check's probe)
         self.stats_sink: list[dict[str, Tensor]] | None = None
@@ -177,6 +181,7 @@ class NeuralMemory(nn.Module):
             max_lr=mem.max_lr,
             conv_kernel=mem.conv_kernel,
             checkpoint_every=mem.checkpoint_every,
+            grad_clip=getattr(mem, "inner_grad_clip", None),
         )
 
     def initial_state(self, batch_size: int, device=None, dtype=None) -> NeuralMemoryState:
@@ -232,7 +237,7 @@ class NeuralMemory(nn.Module):
             memory_fn = chunked_memory if self.impl == "chunked" else naive_memory
             extra = {"checkpoint_every": self.checkpoint_every} if self.impl == "chunked" else {}
             y, memory_state = memory_fn(
-                q, k, v, theta, eta, alpha, self.network, state.memory, self.chunk_size, stats=stats, **extra
+                q, k, v, theta, eta, alpha, self.network, state.memory, self.chunk_size, stats, self.grad_clip, **extra
             )
             y = F.rms_norm(y, (self.head_dim,), self.out_norm_weight.to(inner_dtype), eps=1e-6)
         y = y.to(x.dtype).permute(0, 2, 1, 3).reshape(batch, length, self.heads * self.head_dim)

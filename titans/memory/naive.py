@@ -30,12 +30,14 @@ def naive_memory(
     state: MemoryState | None = None,
     chunk_size: int = 16,
     stats: dict[str, Tensor] | None = None,
+    grad_clip: float | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Run the memory over q, k, v [B, H, T, D]; return (y [B, H, T, D], final state).
 
     theta, eta, alpha: [B, H, T], [B, H, T, L] (one gate per memory layer), or a list of L tensors (alpha's may be
     [B, H, T, d_l] for channel-wise forgetting); eta/alpha None disable momentum/forgetting. If `stats` is a dict,
     it receives "surprise" [B, H, T] (the inner loss at the anchor) and "update_norm" [B, H, T] (||theta_t u_t||).
+    grad_clip: if set, each layer's per-token gradient u_t is rescaled to Frobenius norm at most grad_clip.
     """
     gates, state = prepare(q, k, v, theta, eta, alpha, network, state, chunk_size)
     weights, momentum, anchor = list(state.weights), list(state.momentum), list(state.anchor)
@@ -54,6 +56,9 @@ def naive_memory(
         norm_sq = 0.0
         for i, g in enumerate(gates):
             step = g.theta[:, :, t, None, None] * u[i]
+            if grad_clip is not None:
+                norm = u[i].square().sum((-1, -2)).sqrt()
+                step = step * (grad_clip / norm.clamp_min(1e-30)).clamp(max=1.0)[..., None, None]
             norm_sq = norm_sq + step.square().sum((-1, -2))
             momentum[i] = -step if g.eta is None else g.eta[:, :, t, None, None] * momentum[i] - step
             if g.alpha is None:
