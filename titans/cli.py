@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -104,7 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = args.default_config
     cfg = load_config(config, overrides)
     result = train(cfg, resume=resume)
-    print_json(result)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one JSON line for the run, from rank 0
+        print_json(result)
     return 0
 
 
