@@ -151,7 +151,6 @@ def test_wrong_types_say_expected_and_got(override, expected):
         (["data.dataset=language_modeling", "data.seq_len=1"], "raise data.seq_len"),
         (["data.dataset=needle_haystack", "data.needle_min_distance=200"], "data.needle_min_distance = 200"),
         (["data.dataset=needle_haystack", "data.needle_buckets=1000"], "data.needle_buckets must lie in [2, 48]"),
-        (["training.dtype=bfloat16", "training.device=cpu"], "use training.dtype=float32 on cpu"),
         (["model.vocab_size=10"], "model.vocab_size = 10 is smaller than the copy_task vocabulary (14 ids"),
         (["training.batch_size=900"], "exceeds the 800 train samples"),
         (["training.eval_samples=201"], "exceeds the 200 test samples"),

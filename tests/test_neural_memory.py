@@ -88,7 +88,7 @@ def test_every_parameter_learns_through_the_inner_updates(options) -> None:
 def test_test_time_learning_lowers_the_surprise_of_repeated_pairs() -> None:
     """Presenting the same sequence again: the inner loss l(M; k_t, v_t) on the repeat is far below the first pass."""
     mem = make_memory(dim=32, heads=1, expansion=4, chunk_size=4)
-    mem.reset_gates(alpha=0.001)  # default theta and eta; little forgetting over the 96 tokens
+    mem.reset_gates(theta=0.1, alpha=0.001)  # a visible step; little forgetting over the 96 tokens
     x = torch.randn(1, 24, 32, dtype=DT)
     stats: dict[str, torch.Tensor] = {}
     with torch.no_grad():

@@ -28,6 +28,9 @@ VARIANTS = ("baseline", "LMM", "MAC", "MAG", "MAL")
 
 # Integers must fit in int64: torch stores sizes and seeds as int64, and bigger ones would overflow float maths.
 _INT64_MAX = 2**63 - 1
+# Vocabularies beyond 2**20 ids are refused: the embedding and head would need megabytes per channel each,
+# and tasks enumerate their answer ids; refusing them in the config beats an out-of-memory kill in a task or model.
+MAX_VOCAB = 2**20
 
 
 class ConfigError(ValueError):
@@ -172,6 +175,7 @@ class MemoryConfig:
     max_lr: float = 1.0  # theta_t = max_lr * sigmoid(.)
     conv_kernel: int = 4  # causal depthwise conv after the q/k/v projections (v1 §4.4)
     checkpoint_every: int = 16  # chunks per gradient-checkpoint group in training (0 = keep every chunk state)
+    inner_grad_clip: float | None = None  # max norm of each token's inner gradient per memory layer; null = off
 
     def __post_init__(self) -> None:
         _coerce_fields(self)
@@ -182,6 +186,10 @@ class MemoryConfig:
         _require(self.max_lr > 0, f"{p}max_lr must be > 0, got {self.max_lr}")
         _require(self.conv_kernel >= 1, f"{p}conv_kernel must be >= 1 (1 = no mixing in time), got {self.conv_kernel}")
         _require(self.checkpoint_every >= 0, f"{p}checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        _require(
+            self.inner_grad_clip is None or self.inner_grad_clip > 0,
+            f"{p}inner_grad_clip must be > 0 or null (no clipping), got {self.inner_grad_clip}",
+        )
         _require(
             self.forgetting or not self.channelwise_forget,
             f"{p}channelwise_forget = true needs {p}forgetting = true (it makes the forgetting gate per channel); "
@@ -238,6 +246,11 @@ class ModelConfig:
         )
         _require(self.vocab_size is None or self.vocab_size >= 2, f"{p}vocab_size must be >= 2 or null (= task's)")
         _require(
+            self.vocab_size is None or self.vocab_size <= MAX_VOCAB,
+            f"{p}vocab_size = {self.vocab_size} exceeds the {MAX_VOCAB:,} ids this library supports; use a smaller "
+            "vocabulary (or null to take the task's)",
+        )
+        _require(
             self.persistent_memory_size >= 0,
             f"{p}persistent_memory_size must be >= 0, got {self.persistent_memory_size}",
         )
@@ -254,6 +267,10 @@ class DataConfig:
     drawn once and split into train and test (`split_sizes`); with `true` every step draws new examples and
     `num_samples` only sizes the evaluation set. Task-specific keys left at null are derived from `seq_len` so
     that the dependency distance exceeds the default attention window (see each task's module docstring).
+
+    Evaluation tasks: `mqar` (Zoology; `vocab_size` is its whole vocabulary), `niah` (RULER S-NIAH, bytes) and
+    `text` (bytes of `path` or Penn Treebank; training streams the train split with the memory state carried
+    across steps when `text_carry_state`, and is tested on the valid split). `niah` and `text` ignore `vocab_size`.
     """
 
     _path: ClassVar[str] = "data."
@@ -298,6 +315,10 @@ class DataConfig:
             raise ConfigError(f"{p}dataset must be one of {', '.join(TASKS)}, got {self.dataset!r}{hint}")
         _require(self.seq_len >= 1, f"{p}seq_len must be >= 1, got {self.seq_len}")
         _require(self.vocab_size >= 2, f"{p}vocab_size must be >= 2 content symbols, got {self.vocab_size}")
+        _require(
+            self.vocab_size <= MAX_VOCAB,
+            f"{p}vocab_size = {self.vocab_size} exceeds the {MAX_VOCAB:,} ids this library supports; lower it",
+        )
         _require(0 < self.test_fraction < 1, f"{p}test_fraction must lie in (0, 1), got {self.test_fraction}")
         _require(
             self.mqar_num_kv_pairs is None or self.mqar_num_kv_pairs >= 1,

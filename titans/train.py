@@ -165,7 +165,8 @@ def _divergence_message(cfg: RunConfig, what: str, step: int, run_dir: Path) -> 
         f"{what} is NaN/Inf at step {step}; the update was not applied. Knobs that help: lower "
         f"training.learning_rate (now {t.learning_rate}), set training.gradient_clip (now {t.gradient_clip}), raise "
         f"training.warmup_steps (now {t.warmup_steps}), use training.dtype=float32 (now {t.dtype}), lower "
-        f"model.memory.max_lr (now {cfg.model.memory.max_lr}), or set training.nan_policy=skip to skip such steps. "
+        f"model.memory.max_lr (now {cfg.model.memory.max_lr}), set model.memory.inner_grad_clip (now "
+        f"{cfg.model.memory.inner_grad_clip}), or set training.nan_policy=skip to skip such steps. "
         f"{last_good}"
     )
 
@@ -305,6 +306,7 @@ def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: D
     steps_per_epoch = math.ceil(len(train_set) / examples_per_step)
     # Text with data.text_carry_state: step s trains on segment s (mod the epoch) of examples_per_step contiguous
     # rows of the train split, each micro-batch carrying its detached memory state to the next step (truncated BPTT).
+    # Checkpoints hold no activations, so a resumed run restarts the carried state empty at its step.
     stream = cfg.data.dataset == "text" and cfg.data.text_carry_state
     carried: dict[int, Any] = {}
     if stream:

@@ -128,6 +128,9 @@ class TitansLM(nn.Module):
         """idx [B, T] long -> (logits [B, T, V], loss or None, state to continue the stream).
 
         loss: cross-entropy in at least float32, averaged over targets != IGNORE_INDEX (0 if none is scored).
+        Raises, before any compute, TypeError for a non-tensor idx/targets/state and ValueError for a wrong dtype or
+        rank, an empty batch, ids outside [0, vocab_size), or a state from a model of another configuration or
+        for another batch size.
         """
         self._check_tokens(idx, "idx")
         if targets is not None:

@@ -1,0 +1,129 @@
+"""The benchmark scripts: their FLOP count, memory watchdog, crossover maths, correctness gate and --quick runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_memory  # noqa: E402
+import bench_models  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # One intra-op thread: with libgomp's default spinning, 2 threads on a busy 2-core machine are many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "dim, heads, chunk, length",
+    [(32, 1, 8, 64), (32, 2, 4, 40), (48, 4, 16, 48)],
+    ids=["d32-h1-C8", "d32-h2-C4", "d48-h4-C16"],
+)
+def test_analytic_flops_equal_torch_flop_counter(dim, heads, chunk, length):
+    # every term but the elementwise state update is a matmul/conv that FlopCounterMode sees
+    case = bench_memory.MemoryCase(dim, heads, 2, length, chunk, "fwd")
+    module = bench_memory.build_memory(case)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(torch.randn(2, length, dim))
+    flops = bench_memory.memory_flops(case)
+    counted = counter.get_total_flops() / case.tokens
+    assert counted == pytest.approx(flops["forward"] - flops["state_update"], rel=1e-12)
+
+
+def test_flops_of_backward_add_the_recomputed_forward_only_when_the_scan_is_checkpointed():
+    short = bench_memory.MemoryCase(64, 1, 1, 64, 16, "fwd+bwd", checkpoint_every=16)  # 4 chunks: no checkpoint
+    long = bench_memory.MemoryCase(64, 1, 1, 1024, 16, "fwd+bwd", checkpoint_every=16)
+    forward = bench_memory.memory_flops(short)["forward"]
+    assert bench_memory.memory_flops(short)["total"] == 3 * forward
+    assert bench_memory.memory_flops(long)["total"] == 4 * forward
+
+
+def test_gate_passes_on_the_library_and_catches_a_wrong_memory(monkeypatch):
+    assert bench_memory.equivalence_error(16, 2, 4) < 1e-10
+    import titans.memory.module as module
+
+    real = module.chunked_memory
+
+    def shifted(*args, **kwargs):
+        y, state = real(*args, **kwargs)
+        return y + 1e-4, state  # a scale would be undone by the RMSNorm after the memory
+
+    monkeypatch.setattr(module, "chunked_memory", shifted)
+    with pytest.raises(AssertionError):
+        bench_memory.equivalence_error(16, 2, 4)
+
+
+def test_a_failed_gate_refuses_to_report(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise AssertionError("mismatch")
+
+    monkeypatch.setattr(bench_memory, "equivalence_error", broken)
+    assert bench_memory.main(["--quick", "--no-peer"]) == 1  # main() sets threads; the fixture restores them
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == {"benchmark": "memory", "gate": "failed", "config": "dim32-h2-C16"}
+
+
+def test_watchdog_kills_a_worker_over_the_memory_cap():
+    hog = [sys.executable, "-c", "import time; x = bytearray(300 * 2**20); time.sleep(30)"]
+    result = bench_memory.run_isolated(hog, timeout_s=20, mem_cap_gb=0.1)
+    assert "GB cap" in result["error"]
+    assert result["rss_seen_mb"] > 100
+
+
+def test_peak_rss_counts_from_the_reset_not_from_process_start():
+    # VmHWM after a reset: a 100 MB allocation shows as ~100 MB, whatever the process held at its peak before
+    held_before = bytearray(200 * 2**20)
+    del held_before
+    base = bench_memory.reset_peak_rss()
+    block = bytearray(100 * 2**20)  # zero-filled by calloc, so its pages are resident
+    assert 90 < bench_memory.peak_rss_mb() - base < 130
+    del block
+
+
+def test_crossover_interpolates_where_the_variant_overtakes_the_baseline():
+    def row(variant, length, tps):
+        return {"variant": variant, "kind": "train", "seq_len": length, "tokens_per_s": tps, "malloc": "glibc"}
+
+    rows = [row("baseline-full", 1000, 400.0), row("baseline-full", 4000, 100.0)]
+    rows += [row("MAC", 1000, 100.0), row("MAC", 4000, 400.0)]
+    # log-log straight lines meet halfway in log T: sqrt(1000 * 4000) = 2000
+    assert bench_models.crossover(rows, "MAC", "tokens_per_s", higher_is_better=True) == 2000
+    rows[3]["tokens_per_s"] = 90.0
+    assert bench_models.crossover(rows, "MAC", "tokens_per_s", higher_is_better=True) is None
+
+
+def _last_json(command: list[str]) -> dict:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_bench_memory_quick_runs_gated_and_ends_with_json():
+    out = _last_json([sys.executable, str(BENCH / "bench_memory.py"), "--quick", "--no-peer", "--repeats", "1"])
+    assert out["gate"] == "passed" and max(out["gate_max_abs_diff"].values()) < 1e-10
+    assert [r["mode"] for r in out["results"]] == ["fwd", "fwd+bwd"]
+    assert all(r["tokens_per_s"] > 0 and r["peak_delta_mb"] >= 0 for r in out["results"])
+    assert out["matmul_gflops"] > 0 and out["peer"]["source"].startswith("quoted")
+
+
+def test_bench_models_quick_runs_gated_and_ends_with_json():
+    command = [sys.executable, str(BENCH / "bench_models.py"), "--quick", "--no-peer", "--repeats", "1"]
+    out = _last_json([*command, "--variants", "MAC", "--seq-lens", "32"])
+    assert out["gate"] == "passed" and out["gate_max_abs_diff"]["MAC"] < 1e-10
+    assert [(r["variant"], r["seq_len"]) for r in out["results"]] == [("MAC", 32)]
+    assert out["results"][0]["tokens_per_s"] > 0
+    assert [t["target"].split(" >=")[0] for t in out["targets"]] == ["MAC cached generation"]
+    assert out["peer"][0]["ours"] > 0 and out["peer"][0]["peer_source"].startswith("quoted")
