@@ -105,6 +105,24 @@ def test_crossover_interpolates_where_the_variant_overtakes_the_baseline():
     assert bench_models.crossover(rows, "MAC", "tokens_per_s", higher_is_better=True) is None
 
 
+def test_extrapolated_crossover_solves_the_fitted_quadratic_baseline_against_a_flat_variant():
+    def row(variant, length, seconds_per_token):
+        return {
+            "variant": variant,
+            "kind": "train",
+            "seq_len": length,
+            "tokens_per_s": 1 / seconds_per_token,
+            "malloc": "glibc",
+        }
+
+    # baseline cost per token 1e-4 + 1e-8 T; the variant's is a flat 2e-4: they meet at T = 1e4
+    rows = [row("baseline-full", t, 1e-4 + 1e-8 * t) for t in (256, 1024, 4096)]
+    rows += [row("LMM", t, 2e-4) for t in (256, 1024)]
+    assert bench_models.extrapolated_crossover(rows, "LMM") == 10000
+    rows += [row("MAG", 1024, 5e-5)]  # already cheaper than the fitted intercept: no positive crossing
+    assert bench_models.extrapolated_crossover(rows, "MAG") is None
+
+
 def _last_json(command: list[str]) -> dict:
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
