@@ -41,3 +41,19 @@ class Task(Protocol):
     def score(self, logits: torch.Tensor, batch: Batch) -> dict[str, float]:
         """Metrics of logits [B, T, V] against batch.targets; includes self.metric."""
         ...
+
+
+def check_sample_args(n: int, generator: torch.Generator) -> None:
+    """The argument checks every task's `sample` starts with."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator (CPU), got {type(generator).__name__}")
+
+
+def check_logits(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> None:
+    """The shape check every task's `score` starts with: logits [B, T, >= vocab_size] against targets [B, T]."""
+    if logits.dim() != 3 or logits.shape[:2] != targets.shape or logits.shape[2] < vocab_size:
+        raise ValueError(
+            f"logits must be [B, T, >= {vocab_size}] matching targets {tuple(targets.shape)}, got {tuple(logits.shape)}"
+        )

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from titans.config import ConfigError, DataConfig
-from titans.tasks.base import IGNORE_INDEX, Batch
+from titans.tasks.base import IGNORE_INDEX, Batch, check_logits, check_sample_args
 
 
 class CopyTask:
@@ -69,10 +69,7 @@ class CopyTask:
 
     def sample(self, n: int, generator: torch.Generator) -> Batch:
         """n examples: inputs, targets [n, seq_len] long; targets are IGNORE_INDEX except on copied symbols."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator (CPU), got {type(generator).__name__}")
+        check_sample_args(n, generator)
         length, sep = self.copy_length, self.sep_position
         content = torch.randint(0, self.content_size, (n, length), generator=generator)
         tokens = torch.full((n, self.seq_len + 1), self.pad, dtype=torch.long)
@@ -101,11 +98,7 @@ class CopyTask:
     def score(self, logits: torch.Tensor, batch: Batch) -> dict[str, float]:
         """copy_accuracy (per copied token) and copy_sequence_accuracy (all n correct) of argmax(logits [B, T, V])."""
         targets = batch.targets
-        if logits.dim() != 3 or logits.shape[:2] != targets.shape or logits.shape[2] < self.vocab_size:
-            raise ValueError(
-                f"logits must be [B, T, >= {self.vocab_size}] matching targets {tuple(targets.shape)}, "
-                f"got {tuple(logits.shape)}"
-            )
+        check_logits(logits, targets, self.vocab_size)
         scored = targets != IGNORE_INDEX
         correct = (logits.argmax(-1) == targets) & scored
         return {

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from titans.config import ConfigError, DataConfig
-from titans.tasks.base import IGNORE_INDEX, Batch
+from titans.tasks.base import IGNORE_INDEX, Batch, check_logits, check_sample_args
 
 
 class NeedleTask:
@@ -75,10 +75,7 @@ class NeedleTask:
 
     def sample(self, n: int, generator: torch.Generator) -> Batch:
         """n examples: inputs, targets [n, seq_len] long; only the last target (the answer) is scored."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator (CPU), got {type(generator).__name__}")
+        check_sample_args(n, generator)
         inputs = torch.randint(0, self.content_size, (n, self.seq_len), generator=generator)
         needle_at = torch.randint(1, self.positions + 1, (n,), generator=generator)
         inputs[:, 0] = self.bos
@@ -103,11 +100,7 @@ class NeedleTask:
     def score(self, logits: torch.Tensor, batch: Batch) -> dict[str, float]:
         """needle_accuracy of argmax(logits [B, T, V]) at [QUERY], and needle_answer_prob (mean softmax on it)."""
         targets = batch.targets
-        if logits.dim() != 3 or logits.shape[:2] != targets.shape or logits.shape[2] < self.vocab_size:
-            raise ValueError(
-                f"logits must be [B, T, >= {self.vocab_size}] matching targets {tuple(targets.shape)}, "
-                f"got {tuple(logits.shape)}"
-            )
+        check_logits(logits, targets, self.vocab_size)
         answers, last = targets[:, -1], logits[:, -1].float()
         probs = last.softmax(-1).gather(1, answers.unsqueeze(1))
         return {

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from titans.config import ConfigError, DataConfig
-from titans.tasks.base import IGNORE_INDEX, Batch
+from titans.tasks.base import IGNORE_INDEX, Batch, check_logits, check_sample_args
 
 
 class PatternTask:
@@ -59,10 +59,7 @@ class PatternTask:
 
     def sample(self, n: int, generator: torch.Generator) -> Batch:
         """n examples: inputs, targets [n, seq_len] long; targets are IGNORE_INDEX up to the first [SEP]."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator (CPU), got {type(generator).__name__}")
+        check_sample_args(n, generator)
         periods = torch.randint(self.period_min, self.period_max + 1, (n, 1), generator=generator)
         content = torch.randint(0, self.content_size, (n, self.period_max), generator=generator)
         phase = torch.arange(self.seq_len + 1) % (periods + 1)  # [n, seq_len + 1]; phase p is the [SEP]
@@ -93,11 +90,7 @@ class PatternTask:
         """accuracy over scored tokens, sequence_accuracy, and first_repeat_accuracy (the unit right after the
         first, where each token has been seen exactly once) of argmax(logits [B, T, V])."""
         targets = batch.targets
-        if logits.dim() != 3 or logits.shape[:2] != targets.shape or logits.shape[2] < self.vocab_size:
-            raise ValueError(
-                f"logits must be [B, T, >= {self.vocab_size}] matching targets {tuple(targets.shape)}, "
-                f"got {tuple(logits.shape)}"
-            )
+        check_logits(logits, targets, self.vocab_size)
         scored = targets != IGNORE_INDEX
         correct = (logits.argmax(-1) == targets) & scored
         periods = self._periods(batch.inputs)
