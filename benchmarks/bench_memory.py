@@ -475,13 +475,16 @@ def check_targets(rows: list[dict[str, Any]], peer: dict[str, Any], peer_case: M
     return targets
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def shared_parser(doc: str | None, unit: str, budget: float) -> argparse.ArgumentParser:
+    """The flags both benchmark scripts take (`titans bench` forwards the same arguments to each)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sweep (smoke test)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every worker (default 2)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls; the median is reported (default 3)")
-    p.add_argument("--budget", type=float, default=60.0, help="stop repeating a case after this many s (default 60)")
+    p.add_argument("--warmup", type=int, default=1, help=f"untimed {unit} before timing (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help=f"timed {unit}; the median is reported (default 3)")
+    p.add_argument(
+        "--budget", type=float, default=budget, help=f"stop repeating a case after this many s (default {budget:g})"
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="kill a worker after this many s (default 600)")
     p.add_argument("--mem-cap-gb", type=float, default=8.0, help="kill a worker above this RSS (default 8)")
     p.add_argument(
@@ -492,6 +495,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON, help="python of the titans-pytorch 0.5.5 venv")
     p.add_argument("--no-peer", action="store_true", help="skip the peer; use its quoted numbers")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = shared_parser(doc=__doc__, unit="calls", budget=60.0)
     p.add_argument("--dims", type=int_list, help="model widths, e.g. 64,256 (with the other lists: a custom grid)")
     p.add_argument("--heads", type=int_list, help="memory heads, e.g. 1,4")
     p.add_argument("--batches", type=int_list, help="batch sizes, e.g. 1,4")

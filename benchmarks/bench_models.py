@@ -46,12 +46,12 @@ from bench_memory import (  # noqa: E402
     peak_rss_mb,
     reset_peak_rss,
     run_isolated,
+    shared_parser,
     time_repeats,
     worker_env,
 )
 
 SCRIPT = Path(__file__).resolve()
-DEFAULT_PEER_PYTHON = "/tmp/peer-venv/bin/python"
 VARIANTS = ("baseline-full", "baseline-sliding", "LMM", "MAC", "MAG", "MAL")
 VOCAB = 256
 # titans-pytorch 0.5.5 on this machine (issue 3): MAC training at dim 64, depth 2, segment 32, batch 4,
@@ -342,22 +342,7 @@ def peer_comparison(args: argparse.Namespace) -> tuple[list[dict[str, Any]], lis
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny sweep (smoke test)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every worker (default 2)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps before timing (default 1)")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps; the median is reported (default 3)")
-    p.add_argument("--budget", type=float, default=30.0, help="stop repeating a case after this many s (default 30)")
-    p.add_argument("--timeout", type=float, default=600.0, help="kill a worker after this many s (default 600)")
-    p.add_argument("--mem-cap-gb", type=float, default=8.0, help="kill a worker above this RSS (default 8)")
-    p.add_argument(
-        "--omp-wait-policy",
-        choices=["passive", "active"],
-        default="passive",
-        help="OMP_WAIT_POLICY of the workers (default passive: no spinning on a shared machine)",
-    )
-    p.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON, help="python of the titans-pytorch 0.5.5 venv")
-    p.add_argument("--no-peer", action="store_true", help="skip the peer; use its quoted numbers")
+    p = shared_parser(doc=__doc__, unit="steps", budget=30.0)
     p.add_argument("--seq-lens", type=lambda s: [int(v) for v in s.split(",")], help="e.g. 256,1024,8192")
     p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS), help=",".join(VARIANTS))
     p.add_argument("--worker", help=argparse.SUPPRESS)
