@@ -150,6 +150,30 @@ def test_compare_trains_each_variant_and_reports_a_table_plot_and_json(tmp_path,
     assert "baseline" in table and "MAG" in table and "failed" in table
 
 
+def test_compare_in_parallel_processes_matches_the_sequential_compare(tmp_path, capsys):
+    (tmp_path / "seed.yaml").write_text(SEED_STYLE_YAML)
+    common = [*TINY_RUN, f"training.out_dir={tmp_path}", "training.progress=false", "training.threads=1"]
+    summaries = {}
+    for jobs in (1, 2):
+        args = ["compare", "--config", str(tmp_path / "seed.yaml"), "--variants", "baseline,lmm", "--jobs", str(jobs)]
+        assert cli.main([*args, *common, f"training.run_name=cmp{jobs}"]) == 0
+        out = capsys.readouterr().out
+        summaries[jobs] = json.loads(out.strip().splitlines()[-1])
+        assert "chance" in out and "attention window 32" in out
+    for sequential, parallel in zip(summaries[1]["results"], summaries[2]["results"], strict=True):
+        assert parallel["variant"] == sequential["variant"]
+        assert parallel["run_dir"].endswith(f"cmp2-{parallel['variant']}")
+        # same config, seed and thread count in a child process: the same training, float for float
+        assert parallel["test_loss"] == sequential["test_loss"] and parallel["steps"] == sequential["steps"]
+    assert (tmp_path / "cmp2-LMM.log").read_text().strip().splitlines()[-1].startswith("{")
+    assert summaries[2]["window"] == 32 and Path(summaries[2]["plot"]).stat().st_size > 0
+
+
+def test_compare_rejects_zero_jobs(tmp_path, capsys):
+    assert cli.main(["compare", "--jobs", "0"]) == 2
+    assert "--jobs" in capsys.readouterr().err
+
+
 def test_resume_flag_followed_by_an_override_is_a_bare_resume(monkeypatch, tmp_path):
     calls = {}
 

@@ -2,7 +2,7 @@
 
     titans train [--config FILE] [--resume [PATH]] [key=value ...]
     titans eval CHECKPOINT [key=value ...]                      # e.g. data.seq_len=512 to test longer inputs
-    titans compare [--config FILE] [--variants baseline,MAC] [key=value ...]
+    titans compare [--config FILE] [--variants baseline,MAC] [--jobs 2] [key=value ...]
     titans generate CHECKPOINT --prompt "3 1 7 2" --max-new-tokens 8
     titans memory-check CHECKPOINT
     titans long-eval CHECKPOINT [--lengths 1x,2x,4x,8x] [--samples N] [--plot FILE]   # titans/long_eval.py
@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -125,25 +126,57 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_in_subprocess(config: str | None, overrides: list[str], log_path: Path) -> dict[str, Any]:
+    """`titans train` in a child process whose output goes to log_path; its JSON result, or {"error": ...}."""
+    command = [sys.executable, "-m", "titans", "train", *(["--config", config] if config else []), *overrides]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+    lines = log_path.read_text().strip().splitlines()
+    if code == 0 and lines:
+        try:
+            return json.loads(lines[-1])
+        except json.JSONDecodeError:
+            pass
+    return {"error": f"exit code {code}: {lines[-1] if lines else 'no output'} (full log: {log_path})"}
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     base = load_config(args.config, args.overrides)
     name = base.training.run_name or f"compare-{base.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    results, histories = [], {}
-    for variant in args.variants:
-        # Same file, overrides, seed and budget for every variant; only the variant and the run directory differ.
-        cfg = load_config(
-            args.config, [*args.overrides, f"model.variant={variant}", f"training.run_name={name}-{variant}"]
-        )
-        print(f"=== {variant} ===", flush=True)
-        try:
-            result = train(cfg)
-        except (NotImplementedError, TrainingDivergedError, ValueError) as error:
-            # One variant failing (diverged, not built yet) still leaves the others' comparison worth reporting.
-            print(f"{variant} failed: {error}", file=sys.stderr)
-            results.append({"variant": variant, "error": str(error)})
-            continue
-        results.append(result)
-        histories[variant] = read_metrics(Path(result["run_dir"]) / "metrics.jsonl")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+    by_variant: dict[str, dict[str, Any]] = {}
+    # Same file, overrides, seed and budget for every variant; only the variant and the run directory differ.
+    per_variant = {v: [*args.overrides, f"model.variant={v}", f"training.run_name={name}-{v}"] for v in args.variants}
+    for overrides in per_variant.values():
+        load_config(args.config, overrides)  # every variant's config is valid before anything trains
+    if args.jobs == 1:
+        for variant, overrides in per_variant.items():
+            print(f"=== {variant} ===", flush=True)
+            try:
+                by_variant[variant] = train(load_config(args.config, overrides))
+            except (NotImplementedError, TrainingDivergedError, ValueError) as error:
+                # One variant failing (diverged) still leaves the others' comparison worth reporting.
+                print(f"{variant} failed: {error}", file=sys.stderr)
+                by_variant[variant] = {"variant": variant, "error": str(error)}
+    else:
+        # One child process per variant, `jobs` at a time, the CPU threads split between them (unless set).
+        threads = base.training.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+        extra = [f"training.threads={threads}", "training.progress=false"]
+        logs = {v: Path(base.training.out_dir) / f"{name}-{v}.log" for v in per_variant}
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = {
+                pool.submit(_train_in_subprocess, args.config, [*o, *extra], logs[v]): v for v, o in per_variant.items()
+            }
+            print(f"training {len(futures)} variants, {args.jobs} at a time, {threads} thread(s) each", flush=True)
+            for future in as_completed(futures):
+                variant = futures[future]
+                by_variant[variant] = {"variant": variant, **future.result()}
+                outcome = by_variant[variant].get("error") or f"{by_variant[variant].get('wall_s', 0):.0f} s"
+                print(f"=== {variant} done ({outcome}); log: {logs[variant]}", flush=True)
+    results = [by_variant[v] for v in args.variants]  # the order asked for, whatever finished first
+    histories = {r["variant"]: read_metrics(Path(r["run_dir"]) / "metrics.jsonl") for r in results if "error" not in r}
 
     task = make_task(base.data)
     metric = task.metric
@@ -160,7 +193,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if histories:
         plot = str(plot_comparison(histories, Path(base.training.out_dir) / f"{name}.png", metric, task.chance))
         print(f"plot: {plot}")
-    print_json({"task": task.name, "metric": metric, "chance": task.chance, "plot": plot, "results": results})
+    m = base.model
+    print(
+        f"chance {task.chance:.4f}; attention window {m.window} (baseline: {m.baseline_attention} attention), "
+        f"MAC segment {m.segment_len}"
+    )
+    attention = {"window": m.window, "segment_len": m.segment_len, "baseline_attention": m.baseline_attention}
+    summary = {"task": task.name, "metric": metric, "chance": task.chance, **attention, "plot": plot}
+    print_json({**summary, "results": results})
     return 1 if any("error" in r for r in results) else 0
 
 
@@ -297,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(VARIANTS),
         metavar="V1,V2",
         help=f"comma-separated variants to train (default: all of {','.join(VARIANTS)})",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="variants trained at once, each in its own process with cpu_count/jobs threads (default 1)",
     )
     p.add_argument("overrides", **overrides)
     p.set_defaults(func=cmd_compare)

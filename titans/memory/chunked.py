@@ -193,7 +193,8 @@ def _chunk(
     """One chunk (or the part of one that a stream holds): outputs and the state after its last token."""
     inputs, grads, loss = network.key_path(anchor, k, v)
     # ||u_t||_F = ||g_t|| ||a_t|| for a rank-one gradient: clipping it is a per-token factor on theta
-    grad_norms = [g.norm(dim=-1) * a.norm(dim=-1) for g, a in zip(grads, inputs, strict=True)]
+    needs_norms = grad_clip is not None or stats is not None
+    grad_norms = [g.norm(dim=-1) * a.norm(dim=-1) for g, a in zip(grads, inputs, strict=True)] if needs_norms else []
     if grad_clip is not None:
         scales = [(grad_clip / n.clamp_min(1e-30)).clamp(max=1.0) for n in grad_norms]
         coefficients = [co.scaled(sc) for co, sc in zip(coefficients, scales, strict=True)]
