@@ -15,6 +15,7 @@ from titans.tasks.niah import (
     SNIAH,
     TEMPLATE,
     Haystack,
+    answer_digit_accuracy,
     build_prompt,
     load_haystack,
     min_length,
@@ -183,6 +184,22 @@ def test_score_answer_ignores_case_and_rejects_empty_answers():
     assert score_answer("the key is a1b2-c3", "A1B2-C3")
     with pytest.raises(ValueError, match="non-empty answer"):
         score_answer("anything", "")
+
+
+@pytest.mark.parametrize(
+    ("generated", "expected"),
+    [
+        (" 2867825.", 1.0),  # leading space and trailing text: every digit in place
+        ("2867xyz", 4 / 7),
+        ("1867825", 6 / 7),
+        ("867825", 0.0),  # shifted by one: nothing is in place, though score_answer would also say no
+        ("", 0.0),
+    ],
+)
+def test_answer_digit_accuracy_counts_digits_in_place(generated, expected):
+    assert answer_digit_accuracy(generated, "2867825") == pytest.approx(expected)
+    with pytest.raises(ValueError, match="non-empty answer"):
+        answer_digit_accuracy(generated, "")
 
 
 def test_bad_arguments_raise_with_the_fix():

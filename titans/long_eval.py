@@ -13,7 +13,8 @@ length T is evaluated at 8T or 16K bytes on a CPU.
   of key-value pairs, longer power-law gaps. Metric `mqar_accuracy` (per-example query accuracy, then the mean).
 * S-NIAH (RULER): generation, as RULER scores it. Each prompt is RULER's input plus answer prefix, sized so that
   `prompt + " " + answer` is L bytes; the model greedily generates `max_new_tokens` bytes after it and
-  `score_answer` (RULER's `string_match_all`) checks that the 7-digit value is in the output. Metric `niah_accuracy`.
+  `score_answer` (RULER's `string_match_all`) checks that the 7-digit value is in the output. Metric `niah_accuracy`;
+  `niah_digit_accuracy` (ours) is the fraction of the 7 digits generated in place, a graded view of partial recall.
 * Text: `stream_bits_per_byte` streams a split as `batch_size` contiguous rows (`ByteCorpus.iter_segments`) with the
   memory state carried from one segment to the next, so every byte is predicted from everything before it in its
   row: bits per byte = summed cross-entropy / (scored bytes * ln 2).
@@ -39,10 +40,11 @@ from tqdm import tqdm
 
 from titans.tasks.base import IGNORE_INDEX
 from titans.tasks.mqar import MQAR
-from titans.tasks.niah import SNIAH, min_length, score_answer
+from titans.tasks.niah import SNIAH, answer_digit_accuracy, min_length, score_answer
 from titans.tasks.text import ByteCorpus, Split, TextTask
 
 DEFAULT_SEGMENT_LEN = 1024  # tokens per forward call when streaming long inputs
+DIGIT_METRIC = "niah_digit_accuracy"  # graded S-NIAH companion metric, see answer_digit_accuracy
 
 
 def _progress(total: int, enabled: bool, desc: str) -> tqdm:
@@ -248,7 +250,8 @@ def niah_length_sweep(
 
     For each L, `samples` prompts from `task.make_prompt(generator, L)` (generator seeded with `seed + L`), greedy
     generation of `max_new_tokens` bytes, scored by `score_answer` (RULER's string_match_all).
-    Returns [{"length": L, "niah_accuracy": fraction of samples answered, "samples": n}].
+    Returns [{"length": L, "niah_accuracy": fraction of samples answered, "niah_digit_accuracy": mean fraction of
+    answer digits generated in place (`answer_digit_accuracy`; chance 0.1), "samples": n}].
     """
     lengths = _lengths(lengths)
     _check_positive("samples", samples)
@@ -268,15 +271,19 @@ def niah_length_sweep(
             generator = torch.Generator().manual_seed(seed + length)
             # Every prompt at one length has the same byte count (answers are always 7 digits), so they batch.
             drawn = [task.make_prompt(generator, length) for _ in range(samples)]
-            hits = 0
+            hits, digits = 0, 0.0
             for start in range(0, samples, batch_size):
                 part = drawn[start : start + batch_size]
                 prompt = torch.tensor([list(p.encode("utf-8")) for p, _ in part], dtype=torch.long, device=device)
                 generated = greedy_continue(model, prompt, max_new_tokens, segment_len).cpu()
                 for row, (_, answer) in zip(generated.tolist(), part, strict=True):
-                    hits += score_answer(bytes(row).decode("utf-8", errors="replace"), answer)
+                    text = bytes(row).decode("utf-8", errors="replace")
+                    hits += score_answer(text, answer)
+                    digits += answer_digit_accuracy(text, answer)
                 bar.update()
-            results.append({"length": length, task.metric: hits / samples, "samples": samples})
+            results.append(
+                {"length": length, task.metric: hits / samples, DIGIT_METRIC: digits / samples, "samples": samples}
+            )
     finally:
         bar.close()
         model.train(was_training)
@@ -388,6 +395,10 @@ def format_long_eval(result: dict[str, Any]) -> str:
         lines = [f"{'split':<8}{'bits/byte':>10}{'bytes':>12}"]
         lines += [f"{r['split']:<8}{r['bits_per_byte']:>10.4f}{r['bytes']:>12,}" for r in rows]
     else:
-        lines = [f"{'length':>8}{metric + ' %':>18}{'samples':>9}  (trained at {result['trained_length']})"]
-        lines += [f"{r['length']:>8}{100 * r[metric]:>18.1f}{r['samples']:>9}" for r in rows]
+        digits = all(DIGIT_METRIC in r for r in rows)
+        extra = f"{DIGIT_METRIC + ' %':>24}" if digits else ""
+        lines = [f"{'length':>8}{metric + ' %':>18}{extra}{'samples':>9}  (trained at {result['trained_length']})"]
+        for r in rows:
+            extra = f"{100 * r[DIGIT_METRIC]:>24.1f}" if digits else ""
+            lines.append(f"{r['length']:>8}{100 * r[metric]:>18.1f}{extra}{r['samples']:>9}")
     return "\n".join(lines)

@@ -195,6 +195,18 @@ def score_answer(generated: str, answer: str) -> bool:
     return answer.lower() in cleaned.lower()
 
 
+def answer_digit_accuracy(generated: str, answer: str) -> float:
+    """Graded companion to `score_answer` (ours, not RULER's): the fraction of the answer's characters that the
+    generation reproduces in place, comparing answer[i] with the i-th character after leading whitespace.
+
+    Exact match is all or nothing for a 7-digit number; this shows partial recall (chance: 1/10 per digit).
+    """
+    if not answer:
+        raise ValueError("answer_digit_accuracy needs a non-empty answer")
+    produced = generated.lstrip()
+    return sum(a == b for a, b in zip(produced.lower(), answer.lower(), strict=False)) / len(answer)
+
+
 class SNIAH:
     """Byte-level single-needle NIAH (vocabulary 256: a token is a UTF-8 byte).
 
