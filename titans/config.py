@@ -175,7 +175,8 @@ class MemoryConfig:
     max_lr: float = 1.0  # theta_t = max_lr * sigmoid(.)
     conv_kernel: int = 4  # causal depthwise conv after the q/k/v projections (v1 §4.4)
     checkpoint_every: int = 16  # chunks per gradient-checkpoint group in training (0 = keep every chunk state)
-    inner_grad_clip: float | None = None  # max norm of each token's inner gradient per memory layer; null = off
+    inner_grad_clip: float | None = 1.0  # max norm of each token's inner gradient per memory layer; null = off
+    theta_init: float | None = None  # theta_t starts near this, in (0, max_lr); null = min(0.05, max_lr / 2)
 
     def __post_init__(self) -> None:
         _coerce_fields(self)
@@ -184,6 +185,11 @@ class MemoryConfig:
         _require(self.expansion >= 1, f"{p}expansion must be >= 1, got {self.expansion}")
         _require(self.chunk_size >= 1, f"{p}chunk_size must be >= 1 (1 = per-token updates), got {self.chunk_size}")
         _require(self.max_lr > 0, f"{p}max_lr must be > 0, got {self.max_lr}")
+        _require(
+            self.theta_init is None or 0 < self.theta_init < self.max_lr,
+            f"{p}theta_init must lie in (0, max_lr = {self.max_lr}), got {self.theta_init}; "
+            f"lower {p}theta_init or raise {p}max_lr",
+        )
         _require(self.conv_kernel >= 1, f"{p}conv_kernel must be >= 1 (1 = no mixing in time), got {self.conv_kernel}")
         _require(self.checkpoint_every >= 0, f"{p}checkpoint_every must be >= 0, got {self.checkpoint_every}")
         _require(
