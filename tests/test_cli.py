@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -167,6 +169,26 @@ def test_compare_in_parallel_processes_matches_the_sequential_compare(tmp_path, 
         assert parallel["test_loss"] == sequential["test_loss"] and parallel["steps"] == sequential["steps"]
     assert (tmp_path / "cmp2-LMM.log").read_text().strip().splitlines()[-1].startswith("{")
     assert summaries[2]["window"] == 32 and Path(summaries[2]["plot"]).stat().st_size > 0
+
+
+def test_sigterm_to_a_parallel_compare_stops_every_child_with_a_checkpoint(tmp_path):
+    (tmp_path / "seed.yaml").write_text(SEED_STYLE_YAML)
+    overrides = [*TINY_RUN, f"training.out_dir={tmp_path}", "training.run_name=stop", "training.max_steps=100000"]
+    overrides += ["training.max_epochs=100000", "training.checkpoint_every=100000", "training.eval_every=100000"]
+    command = ["-m", "titans", "compare", "--config", "seed.yaml", "--variants", "baseline,lmm", "--jobs", "2"]
+    parent = subprocess.Popen([sys.executable, *command, *overrides], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    metrics = [tmp_path / f"stop-{v}" / "metrics.jsonl" for v in ("baseline", "LMM")]
+    deadline = time.time() + 60
+    while not all(m.is_file() and m.stat().st_size > 0 for m in metrics):  # both children are training
+        assert time.time() < deadline and parent.poll() is None
+        time.sleep(0.2)
+    parent.send_signal(signal.SIGTERM)
+    out, _ = parent.communicate(timeout=60)
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert [r["variant"] for r in summary["results"]] == ["baseline", "LMM"]
+    for result in summary["results"]:
+        # each child finished its step, saved a checkpoint and reported the interruption
+        assert result["interrupted"] is True and Path(result["checkpoint"]).is_file()
 
 
 def test_compare_rejects_zero_jobs(tmp_path, capsys):

@@ -19,9 +19,11 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -126,19 +128,65 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_in_subprocess(config: str | None, overrides: list[str], log_path: Path) -> dict[str, Any]:
-    """`titans train` in a child process whose output goes to log_path; its JSON result, or {"error": ...}."""
-    command = [sys.executable, "-m", "titans", "train", *(["--config", config] if config else []), *overrides]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
-    lines = log_path.read_text().strip().splitlines()
-    if code == 0 and lines:
-        try:
-            return json.loads(lines[-1])
-        except json.JSONDecodeError:
-            pass
-    return {"error": f"exit code {code}: {lines[-1] if lines else 'no output'} (full log: {log_path})"}
+class _ChildRuns:
+    """`titans train` child processes of a parallel compare; a signal to the parent is passed on to every child.
+
+    A child stopped by SIGINT/SIGTERM saves a checkpoint and reports `interrupted` (as `titans train` does), and no
+    further child starts, so stopping a comparison never leaves orphaned training processes behind.
+    """
+
+    def __init__(self) -> None:
+        self.running: set[subprocess.Popen] = set()
+        self.stopped = threading.Event()
+        self.lock = threading.Lock()
+
+    def forward_signal(self, signum: int, frame: Any) -> None:
+        self.stopped.set()
+        with self.lock:
+            for proc in self.running:
+                proc.send_signal(signum)
+
+    def train(self, config: str | None, overrides: list[str], log_path: Path) -> dict[str, Any]:
+        """Train in a child process whose output goes to log_path; its JSON result, or {"error": ...}."""
+        command = [sys.executable, "-m", "titans", "train", *(["--config", config] if config else []), *overrides]
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w") as log:
+            with self.lock:
+                if self.stopped.is_set():
+                    return {"error": "not started: the comparison was interrupted"}
+                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+                self.running.add(proc)
+            code = proc.wait()
+            with self.lock:
+                self.running.discard(proc)
+        lines = log_path.read_text().strip().splitlines()
+        if code == 0 and lines:
+            try:
+                return json.loads(lines[-1])
+            except json.JSONDecodeError:
+                pass
+        return {"error": f"exit code {code}: {lines[-1] if lines else 'no output'} (full log: {log_path})"}
+
+
+def _train_children(
+    children: _ChildRuns,
+    args: argparse.Namespace,
+    per_variant: dict[str, list[str]],
+    extra: list[str],
+    logs: dict[str, Path],
+    threads: int,
+) -> dict[str, dict[str, Any]]:
+    """Run every variant's training in a child process, `args.jobs` at a time; results by variant."""
+    results: dict[str, dict[str, Any]] = {}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(children.train, args.config, [*o, *extra], logs[v]): v for v, o in per_variant.items()}
+        print(f"training {len(futures)} variants, {args.jobs} at a time, {threads} thread(s) each", flush=True)
+        for future in as_completed(futures):
+            variant = futures[future]
+            results[variant] = {"variant": variant, **future.result()}
+            outcome = results[variant].get("error") or f"{results[variant].get('wall_s', 0):.0f} s"
+            print(f"=== {variant} done ({outcome}); log: {logs[variant]}", flush=True)
+    return results
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -160,22 +208,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 # One variant failing (diverged) still leaves the others' comparison worth reporting.
                 print(f"{variant} failed: {error}", file=sys.stderr)
                 by_variant[variant] = {"variant": variant, "error": str(error)}
+                continue
+            if by_variant[variant].get("interrupted"):
+                # SIGINT/SIGTERM stopped this variant (checkpoint saved): stop the comparison, not just one run
+                print(f"{variant} was interrupted; not training the remaining variants", file=sys.stderr)
+                break
     else:
         # One child process per variant, `jobs` at a time, the CPU threads split between them (unless set).
         threads = base.training.threads or max(1, (os.cpu_count() or 1) // args.jobs)
         extra = [f"training.threads={threads}", "training.progress=false"]
         logs = {v: Path(base.training.out_dir) / f"{name}-{v}.log" for v in per_variant}
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = {
-                pool.submit(_train_in_subprocess, args.config, [*o, *extra], logs[v]): v for v, o in per_variant.items()
-            }
-            print(f"training {len(futures)} variants, {args.jobs} at a time, {threads} thread(s) each", flush=True)
-            for future in as_completed(futures):
-                variant = futures[future]
-                by_variant[variant] = {"variant": variant, **future.result()}
-                outcome = by_variant[variant].get("error") or f"{by_variant[variant].get('wall_s', 0):.0f} s"
-                print(f"=== {variant} done ({outcome}); log: {logs[variant]}", flush=True)
-    results = [by_variant[v] for v in args.variants]  # the order asked for, whatever finished first
+        children = _ChildRuns()
+        previous = {sig: signal.signal(sig, children.forward_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            by_variant.update(_train_children(children, args, per_variant, extra, logs, threads))
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    results = [by_variant[v] for v in args.variants if v in by_variant]  # the order asked for
     histories = {r["variant"]: read_metrics(Path(r["run_dir"]) / "metrics.jsonl") for r in results if "error" not in r}
 
     task = make_task(base.data)
