@@ -216,7 +216,8 @@ class ModelConfig:
     vocab_size: int | None = None  # None: taken from the task
     memory_layers: int = 2  # depth L_M of the memory MLP (seed key)
     persistent_memory_size: int = 4  # N_p learnable tokens (Eq. 19; seed key)
-    window: int = 32  # sliding-window size for MAG, MAL and the windowed baseline
+    window: int = 16  # sliding window of MAG, MAL and the windowed baseline; n_layers stacked windows reach
+    # back n_layers * (window - 1) tokens (30 by default), so task distances must exceed that, not just the window
     segment_len: int = 32  # MAC attention segment length C
     baseline_attention: Literal["full", "sliding"] = "full"  # the baseline's attention
     mlp_ratio: float = 4.0  # SwiGLU hidden width = mlp_ratio * d_model * 2/3, rounded

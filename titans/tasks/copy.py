@@ -14,7 +14,8 @@ BOS and SEP frame the string: the memory can solve the task as associative recal
 tokens (its q/k/v pass through a short causal conv), and the framing makes the first copied symbol addressable.
 
 Defaults derived from `seq_len`: n = (seq_len + 1) // 4 and the gap fills the rest, so the seed's seq_len 96
-gives n = 24, gap = 47, distance 72 > the default window and MAC segment (32).
+gives n = 24, gap = 47, distance 72 > the default MAC segment (32) and the 30 tokens a 2-layer stack of
+16-token windows reaches.
 
 A perfect copier scores `copy_accuracy = 1`; a uniform guesser over the content symbols scores 1 / vocab_size.
 """

@@ -13,7 +13,8 @@ The only scored target is the answer, predicted from the [QUERY] input:
 * `needle_query: value`: the content symbol right after the needle (v) is the answer: associative recall.
 
 The token the answer comes from (the needle, or v) lies at least `needle_min_distance` positions before the answer
-(the dependency distance; default seq_len // 2, 48 for the seed's seq_len 96 > the default window of 32).
+(the dependency distance; default seq_len // 2, 48 for the seed's seq_len 96: beyond the 30 tokens that the
+default 2-layer stack of 16-token windows reaches, and beyond the default MAC segment of 32).
 
 A perfect model scores `needle_accuracy = 1`; a uniform guesser scores 1 / needle_buckets (position) or
 1 / vocab_size (value).

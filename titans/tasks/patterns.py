@@ -12,7 +12,8 @@ p + 1 positions earlier (the dependency distance). [SEP] marks where the pattern
 repeated token would be ambiguous, since the model cannot know p before the pattern comes round again.
 
 Defaults derived from `seq_len`: period_max = (seq_len + 1) // 2 - 1 (two units fit) and period_min = period_max
-minus a quarter, so the seed's seq_len 96 gives p in [36, 47], distance >= 37 > the default window (32).
+minus a quarter, so the seed's seq_len 96 gives p in [36, 47], distance >= 37: beyond the reach of the default
+2-layer sliding-window stack (2 x (16 - 1) = 30 tokens) and longer than the default MAC segment (32).
 
 A perfect model scores `accuracy = 1`; a uniform guesser over the answer symbols (content and [SEP]) scores
 1 / (vocab_size + 1).
