@@ -161,14 +161,14 @@ def test_compare_in_parallel_processes_matches_the_sequential_compare(tmp_path, 
         assert cli.main([*args, *common, f"training.run_name=cmp{jobs}"]) == 0
         out = capsys.readouterr().out
         summaries[jobs] = json.loads(out.strip().splitlines()[-1])
-        assert "chance" in out and "attention window 32" in out
+        assert "chance" in out and "attention window 16" in out
     for sequential, parallel in zip(summaries[1]["results"], summaries[2]["results"], strict=True):
         assert parallel["variant"] == sequential["variant"]
         assert parallel["run_dir"].endswith(f"cmp2-{parallel['variant']}")
         # same config, seed and thread count in a child process: the same training, float for float
         assert parallel["test_loss"] == sequential["test_loss"] and parallel["steps"] == sequential["steps"]
     assert (tmp_path / "cmp2-LMM.log").read_text().strip().splitlines()[-1].startswith("{")
-    assert summaries[2]["window"] == 32 and Path(summaries[2]["plot"]).stat().st_size > 0
+    assert summaries[2]["window"] == 16 and Path(summaries[2]["plot"]).stat().st_size > 0
 
 
 def test_sigterm_to_a_parallel_compare_stops_every_child_with_a_checkpoint(tmp_path):

@@ -7,6 +7,11 @@
     y       = memory(q, k, v, gates)                                   Eqs. 12-18, one memory per sequence and head
     out     = W_O (RMSNorm(y) * SiLU(x W_G))                           §4.4: normalisation and gating before W_O
 
+Decoding: a single token (T = 1) with gradients off, outside autocast and with memory writes on, takes the fast
+one-token path (`decode_step`, built on `titans.memory.step`): the same recurrence in a few dozen tensor ops instead
+of the chunked path's few hundred. Everything else (training, several tokens, the update_memory=False ablation) runs
+`chunked_memory` / `naive_memory`, which remain the reference; tests hold the two paths equal.
+
 Fast weights start from the learned M_0 for every sequence and live only in the returned state: they are never
 shared across the batch and never written into a parameter. The outer loss back-propagates through every inner
 update to W_Q, W_K, W_V, the gate projections and M_0.
@@ -26,6 +31,7 @@ from titans.memory.chunked import chunked_memory
 from titans.memory.naive import naive_memory
 from titans.memory.network import Activation, MemoryMLP
 from titans.memory.state import MemoryState
+from titans.memory.step import decode_linear, rms_norm_rows, step_layers
 
 
 @dataclass
@@ -74,9 +80,22 @@ class CausalDepthwiseConv(nn.Module):
     def forward(self, x: Tensor, history: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if history is None:
             history = self.empty_history(x.shape[0], x.device, x.dtype)
+        if x.shape[1] == 1 and not torch.is_autocast_enabled(x.device.type):  # autocast would cast conv1d
+            out, history = self.step(x[:, 0], history)
+            return out.unsqueeze(1), history
         padded = torch.cat([history.to(x.dtype), x.transpose(1, 2)], dim=2)
         out = F.conv1d(padded, self.weight.to(x.dtype), groups=padded.shape[1])
         return out.transpose(1, 2), padded[:, :, padded.shape[2] - (self.kernel - 1) :]
+
+    def step(self, x: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
+        """One token: x [B, C] -> (y [B, C], new history [B, C, K-1]).
+
+        The output is the weighted sum of the last `kernel` inputs, taken straight from the carried history (conv1d's
+        setup costs more than the sum; same value up to summation order).
+        """
+        window = torch.cat([history if history.dtype == x.dtype else history.to(x.dtype), x.unsqueeze(-1)], dim=2)
+        weight = self.weight[:, 0] if self.weight.dtype == x.dtype else self.weight[:, 0].to(x.dtype)  # [C, K]
+        return (window * weight).sum(-1), window[:, :, 1:]
 
 
 def _logit(p: float) -> float:
@@ -199,15 +218,17 @@ class NeuralMemory(nn.Module):
         return NeuralMemoryState(MemoryState.initial(self.network, batch_size), conv)
 
     def _gates(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | list[Tensor] | None]:
-        """theta, eta [B, H, T, L] and alpha ([B, H, T, L] or a list of [B, H, T, d_l]) from x [B, T, dim]."""
+        """theta, eta [B, H, T, L] ([B, H, T] when one gate serves every layer) and alpha (the same, or a list of
+        [B, H, T, d_l] channel-wise) from x [B, T, dim]."""
         batch, length, _ = x.shape
 
-        def per_head(t: Tensor) -> Tensor:  # [B, T, H * n] -> [B, H, T, n]
-            return t.view(batch, length, self.heads, -1).permute(0, 2, 1, 3)
+        def per_head(t: Tensor) -> Tensor:  # [B, T, H * n] -> [B, H, T, n], or [B, H, T] for one shared gate
+            t = t.view(batch, length, self.heads, -1).permute(0, 2, 1, 3)
+            # one gate for every layer is the contract's [B, H, T] (a trailing axis of 1 would mean depth 1)
+            return t[..., 0] if t.shape[-1] == 1 else t
 
         if not self.update_memory:
-            zeros = x.new_zeros(batch, self.heads, length, self.gate_groups)
-            return zeros, None, None
+            return per_head(x.new_zeros(batch, length, self.heads * self.gate_groups)), None, None
         theta = self.max_lr * torch.sigmoid(per_head(self.to_theta(x)))
         eta = torch.sigmoid(per_head(self.to_eta(x))) if self.to_eta is not None else None
         alpha = torch.sigmoid(per_head(self.to_alpha(x))) if self.to_alpha is not None else None
@@ -235,6 +256,9 @@ class NeuralMemory(nn.Module):
         if stats is None and self.stats_sink is not None:
             stats = {}
             self.stats_sink.append(stats)
+        if length == 1 and self.update_memory and not torch.is_grad_enabled():
+            if not torch.is_autocast_enabled(x.device.type):
+                return self.decode_step(x, state, stats)
         qkv, conv_state = self.conv(self.to_qkv(x), state.conv)
         # inner-loop arithmetic in float32 at least, even under autocast (bf16 inner updates drift)
         inner_dtype = torch.promote_types(x.dtype, torch.float32)
@@ -252,3 +276,60 @@ class NeuralMemory(nn.Module):
         y = y.to(x.dtype).permute(0, 2, 1, 3).reshape(batch, length, self.heads * self.head_dim)
         out = self.to_out(y * F.silu(self.to_gate(x)))
         return out, NeuralMemoryState(memory_state, conv_state)
+
+    def decode_step(
+        self, x: Tensor, state: NeuralMemoryState, stats: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, NeuralMemoryState]:
+        """One token with its carried state, forward only: x [B, 1, dim] -> (y [B, 1, dim], state).
+
+        `forward` routes here for T = 1 when gradients are off, autocast is off and memory writes are on; the result
+        equals the general path's (tested). Unchecked: `forward` validated x and the state's batch size.
+        Everything runs on [B, dim] rows (a 2-D linear is one matmul) and on N = B * H flattened memories.
+        """
+        batch = x.shape[0]
+        heads, head_dim, n_gate, n = self.heads, self.head_dim, self.gate_groups, x.shape[0] * self.heads
+        inner, depth = self.heads * self.head_dim, self.network.depth
+        inner_dtype = torch.promote_types(x.dtype, torch.float32)
+        row = x[:, 0]  # [B, dim]
+        gate_layers = [m for m in (self.to_theta, self.to_eta, self.to_alpha) if m is not None]
+        if row.dtype == inner_dtype:
+            # every projection of x in one matmul: q/k/v, the gates and the output gate
+            fused = decode_linear(row, self.to_qkv, self.to_gate, *gate_layers)
+            pre_qkv, out_gate, gate_logits = fused.split([3 * inner, inner, fused.shape[1] - 4 * inner], dim=1)
+        else:  # a low-precision input without autocast: the gates run in float32, as in the general path
+            pre_qkv, out_gate = self.to_qkv(row), self.to_gate(row)
+            gate_logits = torch.cat([m(row.to(inner_dtype)) for m in gate_layers], dim=1)
+        qkv, conv_state = self.conv.step(pre_qkv, state.conv)  # [B, 3 * H * head_dim]
+        qkv = F.silu(qkv if qkv.dtype == inner_dtype else qkv.to(inner_dtype))
+        qkv = qkv.view(batch, 3, heads, head_dim).transpose(0, 1).reshape(3, n, 1, head_dim)
+        qk = F.normalize(qkv[:2], dim=-1)  # q and k l2-normalised per head in one call
+        q, k, v = qk[0], qk[1], qkv[2]  # each [N, 1, head_dim]
+
+        def per_layer(t: Tensor) -> list[Tensor]:  # [B, H * n_gate] -> depth x [N, 1, 1]
+            t = t.reshape(n, n_gate, 1, 1)  # a view for B = 1; a copy of a few numbers otherwise
+            return [t[:, i if n_gate > 1 else 0] for i in range(depth)]
+
+        gates = torch.sigmoid(gate_logits)  # theta / max_lr, eta, alpha side by side
+        width = heads * n_gate
+        theta_gate = gates[:, :width]
+        theta = per_layer(theta_gate if self.max_lr == 1.0 else self.max_lr * theta_gate)
+        eta = per_layer(gates[:, width : 2 * width]) if self.to_eta is not None else None
+        keep = None
+        if self.to_alpha is not None:
+            retain = 1 - gates[:, gates.shape[1] - self.to_alpha.out_features :]  # (1 - alpha_t) of Eq. 13
+            if self.channelwise_forget:
+                # one value per output row of each weight matrix: [N, d_l, 1]
+                keep = list(retain.reshape(n, -1, 1).split([d_out for d_out, _ in self.network.shapes], dim=1))
+            else:
+                keep = per_layer(retain)
+        y, memory_state = step_layers(
+            q, k, v, theta, eta, keep, self.network, state.memory, self.chunk_size, self.grad_clip, stats
+        )
+        norm_weight = self.out_norm_weight
+        if norm_weight.dtype != inner_dtype:
+            norm_weight = norm_weight.to(inner_dtype)
+        y = rms_norm_rows(y, norm_weight, 1e-6)  # = F.rms_norm(y, (head_dim,), norm_weight, eps=1e-6)
+        # [N, 1, head_dim] is the token's heads in order: a view gives [B, H * head_dim]
+        y = (y if y.dtype == x.dtype else y.to(x.dtype)).view(batch, heads * head_dim) * F.silu(out_gate)
+        out = decode_linear(y, self.to_out) if y.dtype == self.to_out.weight.dtype else self.to_out(y)
+        return out.unsqueeze(1), NeuralMemoryState(memory_state, conv_state)

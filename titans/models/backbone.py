@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from titans.config import ModelConfig
+from titans.memory.step import decode_linear
 from titans.models.layers import ResidualProjection, RMSNorm
 from titans.tasks.base import IGNORE_INDEX
 
@@ -137,6 +138,12 @@ class TitansLM(nn.Module):
             self._check_targets(targets, idx)
         if state is not None:
             self._check_state(state, idx.shape[0])
+        return self._forward(idx, targets, state)
+
+    def _forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None, state: LMState | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, LMState]:
+        """`forward` after its checks (generate calls it directly for tokens it sampled itself, already valid)."""
         B = idx.shape[0]
         x = self.embed(idx)
         emit_prefix = self.persistent is not None and (state is None or not state.prefix_emitted)
@@ -150,7 +157,11 @@ class TitansLM(nn.Module):
         if emit_prefix:
             # the persistent positions carry no token to predict
             x = x[:, self.n_prefix :]
-        logits = self.head(self.norm(x))
+        if x.shape[1] == 1 and not torch.is_grad_enabled():
+            # decoding: the head as one matmul against a cached transposed copy of its weight
+            logits = decode_linear(self.norm(x[:, 0]), self.head).unsqueeze(1)
+        else:
+            logits = self.head(self.norm(x))
 
         loss = None
         if targets is not None:
@@ -255,18 +266,20 @@ class TitansLM(nn.Module):
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be an int >= 1 or None (no truncation), got {top_k!r}")
 
-        out = idx
+        new_tokens: list[torch.Tensor] = []
         logits, _, state = self(idx)
         for step in range(max_new_tokens):
             next_token = self._sample(logits[:, -1], temperature, top_k, generator)
-            out = torch.cat([out, next_token], dim=1)
+            new_tokens.append(next_token)
             if step == max_new_tokens - 1:
                 break
             if use_cache:
-                logits, _, state = self(next_token, state=state)
+                # the prompt and the state were checked by the first call; sampled ids are in the vocabulary by
+                # construction, so each step skips forward's validation (a host sync per token)
+                logits, _, state = self._forward(next_token, None, state)
             else:
-                logits, _, _ = self(out)
-        return out
+                logits, _, _ = self(torch.cat([idx, *new_tokens], dim=1))
+        return torch.cat([idx, *new_tokens], dim=1)
 
     @staticmethod
     def _sample(

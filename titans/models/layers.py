@@ -17,6 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from titans.memory.step import decode_linear, rms_norm_rows
+
+_FULL_PRECISION = (torch.float32, torch.float64)  # dtypes RMSNorm computes in directly
+
 
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight over the last dim. x [..., dim] -> [..., dim]."""
@@ -29,11 +33,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype in _FULL_PRECISION and x.dtype == self.weight.dtype and not torch.is_grad_enabled():
+            return rms_norm_rows(x, self.weight, self.eps)  # decoding rows [B, dim]: the same function, fewer ops
         # normalise in at least float32 so bf16 activations do not lose the mean square; float64 stays float64
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
-        xf = x.to(compute_dtype)
+        xf = x if x.dtype == compute_dtype else x.to(compute_dtype)  # no-op casts still cost a call per token
         y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return y.to(x.dtype) * self.weight
+        return (y if y.dtype == x.dtype else y.to(x.dtype)) * self.weight
 
 
 class ResidualProjection(nn.Linear):
@@ -66,6 +72,10 @@ class SwiGLU(nn.Module):
         self.down = ResidualProjection(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and not torch.is_grad_enabled():
+            # decoding rows [B, dim]: gate and up in one matmul against a cached transposed copy (decode_linear)
+            gate, up = decode_linear(x, self.gate, self.up).chunk(2, dim=1)
+            return decode_linear(F.silu(gate) * up, self.down)
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
@@ -84,9 +94,21 @@ def rope_cache(
     if base <= 0:
         raise ValueError(f"rope base must be > 0, got {base}")
     # angles in float64: position * frequency loses precision in float32 for long streams
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
-    angles = positions.to(device=device, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    angles = positions.to(device=device, dtype=torch.float64)[:, None] * _inv_freq(head_dim, base, device)[None, :]
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+_INV_FREQ: dict[tuple[int, float, str], torch.Tensor] = {}
+
+
+def _inv_freq(head_dim: int, base: float, device: torch.device | str | None) -> torch.Tensor:
+    """RoPE frequencies base^(-2i/Dh), float64 [Dh/2], computed once per (head_dim, base, device): decoding asks for
+    them every token."""
+    key = (head_dim, float(base), str(torch.device(device) if device is not None else torch.device("cpu")))
+    freq = _INV_FREQ.get(key)
+    if freq is None:
+        freq = _INV_FREQ[key] = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    return freq
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -236,7 +258,9 @@ class Attention(nn.Module):
     def _project(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, D] at positions start .. start+T-1 -> rotated q, k and v, each [B, H, T, Dh]."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, Dh]
+        # decoding (one token, no gradients): one matmul against a cached transposed copy of the weight
+        qkv = decode_linear(x[:, 0], self.qkv) if T == 1 and not torch.is_grad_enabled() else self.qkv(x)
+        q, k, v = qkv.view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, Dh]
         positions = torch.arange(start, start + T, device=x.device)
         cos, sin = rope_cache(positions, self.head_dim, self.rope_base, x.dtype, x.device)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
@@ -244,6 +268,8 @@ class Attention(nn.Module):
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
         """[B, H, T, Dh] -> output projection of [B, T, D]."""
         B, H, T, Dh = y.shape
+        if T == 1 and not torch.is_grad_enabled():
+            return decode_linear(y.reshape(B, H * Dh), self.out).unsqueeze(1)
         return self.out(y.transpose(1, 2).reshape(B, T, H * Dh))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
@@ -262,7 +288,17 @@ class Attention(nn.Module):
 
         k_tail = torch.cat([cache.k_recent, k], dim=2)  # positions seen-R .. seen+T-1
         v_tail = torch.cat([cache.v_recent, v], dim=2)
-        if self.window is None or seen + T <= self.window:
+        if T == 1:
+            # one query (decoding) at position seen sees every key of the tail (for a window, the tail is exactly its
+            # last `window` positions) and the prefix positions the tail does not hold: no mask, no blocking
+            k_keys, v_keys = k_tail, v_tail
+            if self.window is not None and cache.k_prefix.shape[2] > 0:
+                cut = min(cache.k_prefix.shape[2], max(0, seen - k_tail.shape[2] + 1))
+                if cut > 0:
+                    k_keys = torch.cat([cache.k_prefix[:, :, :cut], k_tail], dim=2)
+                    v_keys = torch.cat([cache.v_prefix[:, :, :cut], v_tail], dim=2)
+            y = F.scaled_dot_product_attention(q, k_keys, v_keys)
+        elif self.window is None or seen + T <= self.window:
             # every visible key lies in the tail (for a window: nothing has slid out yet), so plain causal attention
             if seen == 0:
                 y = F.scaled_dot_product_attention(q, k_tail, v_tail, is_causal=True)
@@ -275,12 +311,19 @@ class Attention(nn.Module):
             k_prefix = torch.cat([cache.k_prefix, k[:, :, :n_new_prefix]], dim=2)
             v_prefix = torch.cat([cache.v_prefix, v[:, :, :n_new_prefix]], dim=2)
             y = _blocked_window_attention(q, k_prefix, v_prefix, k_tail, v_tail, seen, self.window, self.n_prefix)
-        return self._merge(y), self._next_cache(cache, k, v, seen + T)
+        return self._merge(y), self._next_cache(cache, k, v, seen + T, k_tail, v_tail)
 
-    def _next_cache(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor, seen: int) -> KVCache:
-        """Append the new rotated k/v [B, H, T, Dh]; with a window keep just the prefix and the last window-1."""
-        k_recent = torch.cat([cache.k_recent, k], dim=2)
-        v_recent = torch.cat([cache.v_recent, v], dim=2)
+    def _next_cache(
+        self,
+        cache: KVCache,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        seen: int,
+        k_recent: torch.Tensor,
+        v_recent: torch.Tensor,
+    ) -> KVCache:
+        """Append the new rotated k/v [B, H, T, Dh] (k_recent/v_recent: the old recent ones followed by k/v); with a
+        window keep just the prefix and the last window-1."""
         if self.window is None:
             return KVCache(cache.k_prefix, cache.v_prefix, k_recent, v_recent, seen)
         n_new_prefix = max(0, min(self.n_prefix, seen) - cache.k_prefix.shape[2])
@@ -311,4 +354,7 @@ class GatedCombine(nn.Module):
         self.out = ResidualProjection(dim, dim)
 
     def forward(self, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        return self.out(self.norm_y(y) * torch.sigmoid(self.norm_m(m)))
+        gated = self.norm_y(y) * torch.sigmoid(self.norm_m(m))
+        if gated.dim() == 2 and not torch.is_grad_enabled():
+            return decode_linear(gated, self.out)  # decoding rows [B, dim]
+        return self.out(gated)

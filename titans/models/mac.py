@@ -29,6 +29,7 @@ from torch import nn
 from titans.config import ModelConfig
 from titans.memory import MemoryState, NeuralMemory, NeuralMemoryState
 from titans.memory.module import CausalDepthwiseConv
+from titans.memory.step import decode_linear, read_flat, rms_norm_rows
 from titans.models.backbone import TitansLM
 from titans.models.layers import GatedCombine, RMSNorm, SwiGLU, apply_rope, rope_cache, swiglu_hidden
 
@@ -73,6 +74,9 @@ class MACBlock(nn.Module):
         self.combine = GatedCombine(d)
         self.mlp_norm = RMSNorm(d)
         self.mlp = SwiGLU(d, swiglu_hidden(d, cfg.mlp_ratio))
+        # per-call work that depends only on constants or parameters, kept between calls (see _rope, _persistent_kv)
+        self._rope_tables: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._persistent_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def init_weights(self) -> None:
         if self.persistent is not None:
@@ -91,15 +95,49 @@ class MACBlock(nn.Module):
         B, n, d = h.shape
         heads, head_dim = self.memory.heads, self.memory.head_dim
         q, conv = self.retrieve_conv(self.retrieve_query(h), conv)
-        q = F.silu(q).view(B, n, heads, head_dim).transpose(1, 2)
-        q = F.normalize(q, dim=-1).to(committed.weights[0].dtype)
-        r = self.memory.network.forward_with(committed.weights, q)
-        r = F.rms_norm(r, (head_dim,), self.retrieve_norm.to(r.dtype), eps=1e-6)
-        return self.retrieve_out(r.to(h.dtype).transpose(1, 2).reshape(B, n, d)), conv
+        q = F.normalize(F.silu(q).view(B, n, heads, head_dim).transpose(1, 2), dim=-1)
+        inner = committed.weights[0].dtype
+        r = self.memory.network.forward_with(committed.weights, q if q.dtype == inner else q.to(inner))
+        norm_weight = self.retrieve_norm if self.retrieve_norm.dtype == r.dtype else self.retrieve_norm.to(r.dtype)
+        r = F.rms_norm(r, (head_dim,), norm_weight, eps=1e-6)
+        r = r.transpose(1, 2).reshape(B, n, d)
+        return self.retrieve_out(r if r.dtype == h.dtype else r.to(h.dtype)), conv
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """[B, n, D] -> [B, H, n, Dh]."""
         return t.view(t.shape[0], t.shape[1], self.heads, self.head_dim).transpose(1, 2)
+
+    def _rope(self, start: int, n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [n, Dh/2] of local positions start .. start+n-1, sliced from one table per dtype and device.
+
+        Local positions never exceed n_persistent + segment_len - 1, so the table (rope_cache over all of them,
+        elementwise, hence the same values) is built once instead of per call.
+        """
+        key = (dtype, device)
+        table = self._rope_tables.get(key)
+        if table is None:
+            positions = torch.arange(self.n_persistent + self.segment_len, device=device)
+            table = self._rope_tables[key] = rope_cache(positions, self.head_dim, self.rope_base, dtype, device)
+        return table[0][start : start + n], table[1][start : start + n]
+
+    def _persistent_kv(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and values of the persistent tokens, [1, H, Np, Dh] each (Eq. 22's p_1 .. p_Np).
+
+        They depend on parameters only, so with gradients off they are computed once and reused until a parameter
+        changes (version counters and storage identify it); with gradients on they are recomputed (autograd needs
+        the graph).
+        """
+        p, w = self.persistent, self.qkv.weight
+        key = (dtype, p.data_ptr(), p._version, w.data_ptr(), w._version)
+        if not torch.is_grad_enabled() and self._persistent_cache is not None and self._persistent_cache[0] == key:
+            return self._persistent_cache[1]
+        d = w.shape[1]
+        _, k_p, v_p = (self._heads(t) for t in self.qkv(p.to(dtype).unsqueeze(0)).split(d, dim=-1))
+        cos_p, sin_p = self._rope(0, self.n_persistent, dtype, p.device)
+        kv = (apply_rope(k_p, cos_p, sin_p), v_p)
+        if not torch.is_grad_enabled():
+            self._persistent_cache = (key, kv)
+        return kv
 
     def _attend(self, h: torch.Tensor, retrieved: torch.Tensor, state: MACState) -> tuple[torch.Tensor, MACState]:
         """Eqs. 22-23 for n tokens of the current segment. h, retrieved [B, n, D] -> y [B, n, D]."""
@@ -108,37 +146,93 @@ class MACBlock(nn.Module):
         q, k_x, v_x = (self._heads(t) for t in self.qkv(h).split(d, dim=-1))
         _, k_h, v_h = (self._heads(t) for t in self.qkv(retrieved).split(d, dim=-1))
         # positions: persistent tokens 0..Np-1, then the j-th retrieved token and the j-th segment token both at Np + j
-        local = torch.arange(offset, offset + n, device=h.device) + self.n_persistent
-        cos, sin = rope_cache(local, self.head_dim, self.rope_base, h.dtype, h.device)
-        q, k_x, k_h = apply_rope(q, cos, sin), apply_rope(k_x, cos, sin), apply_rope(k_h, cos, sin)
+        cos, sin = self._rope(offset + self.n_persistent, n, h.dtype, h.device)
+        q, k_x, k_h = apply_rope(torch.stack([q, k_x, k_h]), cos, sin).unbind(0)  # one rotation for all three
         h_keys, h_values = torch.cat([state.h_keys, k_h], 2), torch.cat([state.h_values, v_h], 2)
         x_keys, x_values = torch.cat([state.x_keys, k_x], 2), torch.cat([state.x_values, v_x], 2)
         keys, values = [h_keys, x_keys], [h_values, x_values]
-        # token i (segment position offset + i) sees h_j and S_j for j <= offset + i
-        causal = (
-            torch.arange(offset + n, device=h.device)[None, :] <= (offset + torch.arange(n, device=h.device))[:, None]
-        )
-        masks = [causal, causal]
         if self.persistent is not None:
-            p = self.persistent.to(h.dtype).unsqueeze(0)
-            _, k_p, v_p = (self._heads(t) for t in self.qkv(p).split(d, dim=-1))
-            cos_p, sin_p = rope_cache(
-                torch.arange(self.n_persistent, device=h.device), self.head_dim, self.rope_base, h.dtype, h.device
-            )
-            keys.insert(0, apply_rope(k_p, cos_p, sin_p).expand(B, -1, -1, -1))
+            k_p, v_p = self._persistent_kv(h.dtype)
+            keys.insert(0, k_p.expand(B, -1, -1, -1))
             values.insert(0, v_p.expand(B, -1, -1, -1))
-            masks.insert(0, torch.ones(n, self.n_persistent, dtype=torch.bool, device=h.device))
-        y = F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2), attn_mask=torch.cat(masks, 1))
+        mask = None  # one query (decoding) sees every cached key: no mask to build
+        if n > 1:
+            # token i (segment position offset + i) sees h_j and S_j for j <= offset + i, and every persistent token
+            causal = torch.arange(offset + n, device=h.device)[None, :] <= (
+                offset + torch.arange(n, device=h.device)[:, None]
+            )
+            masks = [causal, causal]
+            if self.persistent is not None:
+                masks.insert(0, torch.ones(n, self.n_persistent, dtype=torch.bool, device=h.device))
+            mask = torch.cat(masks, 1)
+        y = F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2), attn_mask=mask)
         y = self.attn_out(y.transpose(1, 2).reshape(B, n, d))
         cache = MACState(
             state.memory, state.committed, state.retrieve_conv, h_keys, h_values, x_keys, x_values, state.position
         )
         return y, cache
 
+    def _decode(self, x: torch.Tensor, state: MACState) -> tuple[torch.Tensor, MACState]:
+        """One token, forward only (generate's step): x [B, 1, D] -> (x [B, 1, D], state); equals `forward` (tested).
+
+        The same Eqs. 21-25 as `forward` on [B, D] rows: fused, cached-transpose projections (`decode_linear`), the
+        retrieval read with `bmm` on the flattened committed weights, one RoPE rotation, no attention mask (a single
+        query sees every cached key) and the memory's one-token step.
+        """
+        B, _, d = x.shape
+        heads, head_dim, n = self.heads, self.head_dim, x.shape[0] * self.heads
+        offset = state.position % self.segment_len
+        row = x[:, 0]
+        h = self.norm(row)
+        # Eq. 21's query and the segment token's q, k, v: two projections of h in one matmul
+        r_q, q, k_x, v_x = decode_linear(h, self.retrieve_query, self.qkv).split(d, dim=1)
+        r_q, conv = self.retrieve_conv.step(r_q, state.retrieve_conv)
+        memory = self.memory
+        r_q = F.normalize(F.silu(r_q).view(n, 1, memory.head_dim), dim=-1)
+        committed = [w.reshape(n, *w.shape[2:]) for w in state.committed.weights]
+        r = read_flat(memory.network, committed, r_q if r_q.dtype == committed[0].dtype else r_q.to(committed[0].dtype))
+        r = rms_norm_rows(r, self.retrieve_norm.to(r.dtype), 1e-6).view(B, d)
+        retrieved = decode_linear(r if r.dtype == h.dtype else r.to(h.dtype), self.retrieve_out)
+        _, k_h, v_h = decode_linear(retrieved, self.qkv).split(d, dim=1)
+        cos, sin = self._rope(offset + self.n_persistent, 1, h.dtype, h.device)
+        rotated = apply_rope(torch.stack([q, k_x, k_h]).view(3, B, heads, 1, head_dim), cos, sin)
+        q, k_x, k_h = rotated.unbind(0)  # each [B, H, 1, Dh]
+        v_x, v_h = v_x.view(B, heads, 1, head_dim), v_h.view(B, heads, 1, head_dim)
+        h_keys, h_values = torch.cat([state.h_keys, k_h], 2), torch.cat([state.h_values, v_h], 2)
+        x_keys, x_values = torch.cat([state.x_keys, k_x], 2), torch.cat([state.x_values, v_x], 2)
+        keys, values = [h_keys, x_keys], [h_values, x_values]
+        if self.persistent is not None:
+            k_p, v_p = self._persistent_kv(h.dtype)
+            keys.insert(0, k_p.expand(B, -1, -1, -1))
+            values.insert(0, v_p.expand(B, -1, -1, -1))
+        y = F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2))  # Eq. 23
+        y = decode_linear(y.view(B, d), self.attn_out)
+        m, memory_state = memory.decode_step(y.unsqueeze(1), state.memory)  # Eqs. 24-25
+        piece = row + self.combine(y, m[:, 0])
+        out = piece + self.mlp(self.mlp_norm(piece))
+        position = state.position + 1
+        if position % self.segment_len == 0:
+            empty = x.new_zeros(B, heads, 0, head_dim)
+            new_state = MACState(memory_state, memory_state.memory, conv, empty, empty, empty, empty, position)
+        else:
+            new_state = MACState(memory_state, state.committed, conv, h_keys, h_values, x_keys, x_values, position)
+        return out.unsqueeze(1), new_state
+
     def forward(self, x: torch.Tensor, state: MACState | None = None) -> tuple[torch.Tensor, MACState]:
-        """x [B, T, D] -> x [B, T, D], segment by segment (segments depend on each other through the memory)."""
+        """x [B, T, D] -> x [B, T, D], segment by segment (segments depend on each other through the memory).
+
+        One token with gradients off, outside autocast and with memory writes on (decoding) takes `_decode`.
+        """
         if state is None:
             state = self._fresh_state(x)
+        if (
+            x.shape[1] == 1
+            and not torch.is_grad_enabled()
+            and self.memory.update_memory
+            and self.memory.stats_sink is None
+            and not torch.is_autocast_enabled(x.device.type)
+        ):
+            return self._decode(x, state)
         outputs, start, T = [], 0, x.shape[1]
         while start < T:
             n = min(T - start, self.segment_len - state.position % self.segment_len)
