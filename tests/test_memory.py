@@ -164,6 +164,27 @@ def test_streaming_pieces_equal_one_call(impl, split) -> None:
             torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float32: where 1e-30 ** 2 underflows to 0
+@pytest.mark.parametrize("impl", [naive_memory, chunked_memory])
+def test_clipping_keeps_gradients_finite_when_a_token_needs_no_update(impl, dtype) -> None:
+    """A token the memory already fits (v = W0 k) has inner gradient 0; its clip factor must back-propagate 0, not
+    0 * inf = NaN (the bug seen in training: clip / max(norm, 1e-30) has an infinite derivative at norm = 0)."""
+    B, H, T, D = 1, 1, 5, 3
+    gen = torch.Generator().manual_seed(7)
+    W0 = torch.randn(1, D, D, generator=gen, dtype=dtype)
+    q = torch.randn(B, H, T, D, generator=gen, dtype=dtype).requires_grad_()
+    k = torch.nn.functional.normalize(torch.randn(B, H, T, D, generator=gen, dtype=dtype), dim=-1)
+    v = torch.randn(B, H, T, D, generator=gen, dtype=dtype)
+    k[0, 0, 0] = torch.tensor([1.0, 0.0, 0.0], dtype=dtype)  # a one-hot key, so that W0 k is exact in any order
+    v[0, 0, 0] = W0[0, :, 0]  # exactly fitted: u_1 = 0
+    k, v = k.requires_grad_(), v.requires_grad_()
+    theta = torch.full((B, H, T), 0.3, dtype=dtype, requires_grad=True)
+    net = MemoryMLP.from_weights([W0]).to(dtype)
+    y, _ = impl(q, k, v, theta, None, None, net, chunk_size=T, grad_clip=0.5)
+    grads = torch.autograd.grad(y.square().sum(), [q, k, v, theta, *net.initial_weights])
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
 def test_reference_is_the_textbook_recurrence_for_a_linear_memory() -> None:
     """naive_memory(C=1) == Eqs. 13-15 written out with the closed-form gradient 2 (W k - v) k^T."""
     B, H, T, D = 2, 3, 13, 5

@@ -196,7 +196,7 @@ def _chunk(
     needs_norms = grad_clip is not None or stats is not None
     grad_norms = [g.norm(dim=-1) * a.norm(dim=-1) for g, a in zip(grads, inputs, strict=True)] if needs_norms else []
     if grad_clip is not None:
-        scales = [(grad_clip / n.clamp_min(1e-30)).clamp(max=1.0) for n in grad_norms]
+        scales = [grad_clip / n.clamp_min(grad_clip) for n in grad_norms]
         coefficients = [co.scaled(sc) for co, sc in zip(coefficients, scales, strict=True)]
         grad_norms = [n * sc for n, sc in zip(grad_norms, scales, strict=True)]
     h, new_weights, new_momentum = q, [], []

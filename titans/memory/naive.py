@@ -57,8 +57,8 @@ def naive_memory(
         for i, g in enumerate(gates):
             step = g.theta[:, :, t, None, None] * u[i]
             if grad_clip is not None:
-                norm = u[i].square().sum((-1, -2)).sqrt()
-                step = step * (grad_clip / norm.clamp_min(1e-30)).clamp(max=1.0)[..., None, None]
+                norm = torch.linalg.vector_norm(u[i], dim=(-2, -1))  # (its gradient at 0 is 0, not NaN)
+                step = step * grad_clip / norm.clamp_min(grad_clip)[..., None, None]
             norm_sq = norm_sq + step.square().sum((-1, -2))
             momentum[i] = -step if g.eta is None else g.eta[:, :, t, None, None] * momentum[i] - step
             if g.alpha is None:

@@ -149,7 +149,7 @@ def step_layers(
             # ||u_t||_F = ||g_t|| ||a_t|| for a rank-one gradient; clipping rescales it to at most grad_clip
             norm = g.norm(dim=-1, keepdim=True) * a.norm(dim=-1, keepdim=True)  # [N, 1, 1]
             if grad_clip is not None:
-                scale = (grad_clip / norm.clamp_min(1e-30)).clamp(max=1.0)
+                scale = grad_clip / norm.clamp_min(grad_clip)
                 th, norm = th * scale, norm * scale
             if stats is not None:
                 term = (theta[i] * norm).square()
