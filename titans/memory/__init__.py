@@ -5,5 +5,14 @@ from titans.memory.module import NeuralMemory, NeuralMemoryState
 from titans.memory.naive import naive_memory
 from titans.memory.network import MemoryMLP
 from titans.memory.state import MemoryState
+from titans.memory.step import step_memory
 
-__all__ = ["MemoryMLP", "MemoryState", "NeuralMemory", "NeuralMemoryState", "chunked_memory", "naive_memory"]
+__all__ = [
+    "MemoryMLP",
+    "MemoryState",
+    "NeuralMemory",
+    "NeuralMemoryState",
+    "chunked_memory",
+    "naive_memory",
+    "step_memory",
+]
