@@ -185,6 +185,22 @@ def test_clipping_keeps_gradients_finite_when_a_token_needs_no_update(impl, dtyp
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+def test_saturated_forgetting_gate_keeps_gradients_finite() -> None:
+    """alpha == 1 exactly (a sigmoid saturated in float32) erases the memory; the log-space coefficients must not turn
+    log(0) into NaN gradients (seen in training at lr 5e-3), and the result still equals the reference."""
+    inputs = make_inputs(9, 2, seed=11)
+    with torch.no_grad():
+        inputs["alpha"][:, :, 4] = 1.0  # forget everything at token 5
+    for name in ("q", "k", "v", "theta", "eta", "alpha"):
+        inputs[name] = inputs[name].detach().float().requires_grad_()
+    inputs["network"] = inputs["network"].float()
+    out, _ = chunked_memory(**inputs, chunk_size=4)
+    ref, _ = naive_memory(**inputs, chunk_size=4)
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.square().sum(), list(leaves(inputs).values()))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
 def test_reference_is_the_textbook_recurrence_for_a_linear_memory() -> None:
     """naive_memory(C=1) == Eqs. 13-15 written out with the closed-form gradient 2 (W k - v) k^T."""
     B, H, T, D = 2, 3, 13, 5

@@ -70,7 +70,9 @@ class ChunkCoefficients:
         if alpha is None:
             log_keep = torch.zeros_like(theta)
         else:
-            log_keep = torch.log1p(-alpha)
+            # a saturated gate (alpha == 1 exactly: sigmoid of a logit above ~17 in float32) would make log(0) = -inf,
+            # whose derivative times a zero upstream gradient is NaN; clamped, it keeps eps of the past instead of 0
+            log_keep = torch.log1p(-alpha.clamp(max=1.0 - torch.finfo(alpha.dtype).eps))
             if channelwise:
                 log_keep = log_keep.transpose(-1, -2)  # [..., c, b]: the time axis last for the scans
         decay_ratio = segment_sum(log_keep).exp()  # A_t / A_s, [..., b, b]
@@ -79,7 +81,7 @@ class ChunkCoefficients:
             mix, carry, mom_decay = decay_ratio, None, None
             mom_mix = theta * torch.nn.functional.one_hot(torch.tensor(b - 1), b).to(theta)
         else:
-            log_eta = torch.log(eta)
+            log_eta = torch.log(eta.clamp_min(torch.finfo(eta.dtype).tiny))  # eta == 0 (underflow): same reason
             mom_ratio = segment_sum(log_eta).exp()  # E_s / E_i, [..., b, b]
             mom_cum = log_eta.cumsum(-1).exp()  # E_s
             mom_decay, mom_mix = mom_cum[..., -1], mom_ratio[..., -1, :] * theta
