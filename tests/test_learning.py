@@ -58,7 +58,7 @@ def copy_recall(variant: str, steps: int) -> tuple[float, float, int]:
 @pytest.mark.parametrize("variant, steps, threshold", CASES, ids=[c[0] for c in CASES])
 def test_memory_variants_recall_beyond_the_window(variant: str, steps: int, threshold: float) -> None:
     accuracy, chance, distance = copy_recall(variant, steps)
-    assert distance > 8
+    assert distance > 2 * (8 - 1)  # beyond the 14 tokens that two stacked 8-token windows reach, not just one window
     assert accuracy > threshold, f"{variant}: copy accuracy {accuracy:.3f} (chance {chance:.3f})"
 
 
