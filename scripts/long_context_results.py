@@ -115,7 +115,8 @@ def run_row(task: str, model: str, steps: int, out: Path) -> dict[str, Any]:
     for command in commands:
         print("$", " ".join(command[1:]), flush=True)
         proc = subprocess.run(command, capture_output=True, text=True)
-        (out / f"{name}.log").open("a").write(proc.stdout + proc.stderr)
+        with (out / f"{name}.log").open("a") as log:
+            log.write(proc.stdout + proc.stderr)
         if proc.returncode != 0:
             return {"model": model, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
         outputs.append(json.loads(proc.stdout.strip().splitlines()[-1]))

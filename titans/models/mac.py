@@ -139,6 +139,27 @@ class MACBlock(nn.Module):
             self._persistent_cache = (key, kv)
         return kv
 
+    def _extend_cache(
+        self, state: MACState, k_h: torch.Tensor, v_h: torch.Tensor, k_x: torch.Tensor, v_x: torch.Tensor
+    ) -> tuple[MACState, torch.Tensor, torch.Tensor]:
+        """Append the new retrieved (h) and segment (x) keys/values [B, H, n, Dh] to the segment's cache.
+
+        Returns (the state with the longer cache, keys, values): keys/values [B, H, Np + 2 * seen, Dh] laid out as
+        [persistent | retrieved | segment], the order of Eq. 22 and of `_attend`'s mask.
+        """
+        h_keys, h_values = torch.cat([state.h_keys, k_h], 2), torch.cat([state.h_values, v_h], 2)
+        x_keys, x_values = torch.cat([state.x_keys, k_x], 2), torch.cat([state.x_values, v_x], 2)
+        keys, values = [h_keys, x_keys], [h_values, x_values]
+        if self.persistent is not None:
+            k_p, v_p = self._persistent_kv(k_x.dtype)
+            batch = k_x.shape[0]
+            keys.insert(0, k_p.expand(batch, -1, -1, -1))
+            values.insert(0, v_p.expand(batch, -1, -1, -1))
+        cache = MACState(
+            state.memory, state.committed, state.retrieve_conv, h_keys, h_values, x_keys, x_values, state.position
+        )
+        return cache, torch.cat(keys, 2), torch.cat(values, 2)
+
     def _attend(self, h: torch.Tensor, retrieved: torch.Tensor, state: MACState) -> tuple[torch.Tensor, MACState]:
         """Eqs. 22-23 for n tokens of the current segment. h, retrieved [B, n, D] -> y [B, n, D]."""
         B, n, d = h.shape
@@ -148,13 +169,7 @@ class MACBlock(nn.Module):
         # positions: persistent tokens 0..Np-1, then the j-th retrieved token and the j-th segment token both at Np + j
         cos, sin = self._rope(offset + self.n_persistent, n, h.dtype, h.device)
         q, k_x, k_h = apply_rope(torch.stack([q, k_x, k_h]), cos, sin).unbind(0)  # one rotation for all three
-        h_keys, h_values = torch.cat([state.h_keys, k_h], 2), torch.cat([state.h_values, v_h], 2)
-        x_keys, x_values = torch.cat([state.x_keys, k_x], 2), torch.cat([state.x_values, v_x], 2)
-        keys, values = [h_keys, x_keys], [h_values, x_values]
-        if self.persistent is not None:
-            k_p, v_p = self._persistent_kv(h.dtype)
-            keys.insert(0, k_p.expand(B, -1, -1, -1))
-            values.insert(0, v_p.expand(B, -1, -1, -1))
+        cache, keys, values = self._extend_cache(state, k_h, v_h, k_x, v_x)
         mask = None  # one query (decoding) sees every cached key: no mask to build
         if n > 1:
             # token i (segment position offset + i) sees h_j and S_j for j <= offset + i, and every persistent token
@@ -165,11 +180,8 @@ class MACBlock(nn.Module):
             if self.persistent is not None:
                 masks.insert(0, torch.ones(n, self.n_persistent, dtype=torch.bool, device=h.device))
             mask = torch.cat(masks, 1)
-        y = F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2), attn_mask=mask)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         y = self.attn_out(y.transpose(1, 2).reshape(B, n, d))
-        cache = MACState(
-            state.memory, state.committed, state.retrieve_conv, h_keys, h_values, x_keys, x_values, state.position
-        )
         return y, cache
 
     def _decode(self, x: torch.Tensor, state: MACState) -> tuple[torch.Tensor, MACState]:
@@ -198,14 +210,8 @@ class MACBlock(nn.Module):
         rotated = apply_rope(torch.stack([q, k_x, k_h]).view(3, B, heads, 1, head_dim), cos, sin)
         q, k_x, k_h = rotated.unbind(0)  # each [B, H, 1, Dh]
         v_x, v_h = v_x.view(B, heads, 1, head_dim), v_h.view(B, heads, 1, head_dim)
-        h_keys, h_values = torch.cat([state.h_keys, k_h], 2), torch.cat([state.h_values, v_h], 2)
-        x_keys, x_values = torch.cat([state.x_keys, k_x], 2), torch.cat([state.x_values, v_x], 2)
-        keys, values = [h_keys, x_keys], [h_values, x_values]
-        if self.persistent is not None:
-            k_p, v_p = self._persistent_kv(h.dtype)
-            keys.insert(0, k_p.expand(B, -1, -1, -1))
-            values.insert(0, v_p.expand(B, -1, -1, -1))
-        y = F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2))  # Eq. 23
+        cache, keys, values = self._extend_cache(state, k_h, v_h, k_x, v_x)
+        y = F.scaled_dot_product_attention(q, keys, values)  # Eq. 23
         y = decode_linear(y.view(B, d), self.attn_out)
         m, memory_state = memory.decode_step(y.unsqueeze(1), state.memory)  # Eqs. 24-25
         piece = row + self.combine(y, m[:, 0])
@@ -215,7 +221,8 @@ class MACBlock(nn.Module):
             empty = x.new_zeros(B, heads, 0, head_dim)
             new_state = MACState(memory_state, memory_state.memory, conv, empty, empty, empty, empty, position)
         else:
-            new_state = MACState(memory_state, state.committed, conv, h_keys, h_values, x_keys, x_values, position)
+            kv = (cache.h_keys, cache.h_values, cache.x_keys, cache.x_values)
+            new_state = MACState(memory_state, state.committed, conv, *kv, position)
         return out.unsqueeze(1), new_state
 
     def forward(self, x: torch.Tensor, state: MACState | None = None) -> tuple[torch.Tensor, MACState]:
