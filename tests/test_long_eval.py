@@ -103,6 +103,12 @@ def test_streamed_bits_per_byte_equals_one_pass_over_each_row(variant):
             for b in corpus.iter_segments("valid", 13, rows)
         )
     assert not math.isclose(fresh.item(), nats.item(), rel_tol=1e-6)
+    # ... which is what carry_state=False scores: every segment from an empty state (full attention's training).
+    alone = stream_bits_per_byte(model, corpus, "valid", 13, rows, progress=False, carry_state=False)
+    assert not alone["carried_state"] and alone["bytes"] == streamed["bytes"]
+    torch.testing.assert_close(
+        torch.tensor(alone["bits_per_byte"], dtype=torch.float64), fresh / (alone["bytes"] * math.log(2))
+    )
 
 
 @pytest.mark.parametrize("variant", ["baseline", "MAC"])
@@ -267,6 +273,8 @@ def test_registry_builds_mqar_niah_and_text_from_data_config(tmp_path):
         (["data.text_valid_fraction=0.6", "data.text_test_fraction=0.5"], "leaves no training text"),
         (["data.text_test_fraction=1.5"], "data.text_test_fraction must lie in [0, 1)"),
         (["data.text_source=wiki"], "data.text_source must be one of"),
+        # full attention carried across steps: a KV cache growing every step, refused before training starts
+        (["data.text_source=sample", "model.variant=baseline"], "data.text_carry_state=false data.fresh_samples=true"),
     ],
 )
 def test_text_config_errors_name_the_key_and_the_fix(overrides, expected):

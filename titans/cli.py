@@ -312,6 +312,8 @@ def cmd_long_eval(args: argparse.Namespace) -> int:
         args.max_new_tokens,
         progress=cfg.training.progress,
         max_bytes=args.max_bytes,
+        # text: score as the model was trained, with the state carried across segments or each segment alone
+        carry_state=cfg.data.text_carry_state,
     )
     print(f"{path}: {cfg.model.variant} on {task.name}")
     print(format_long_eval(result))

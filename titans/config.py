@@ -432,6 +432,20 @@ class RunConfig:
             f"model.vocab_size = {self.model.vocab_size} is smaller than the {self.data.dataset} vocabulary "
             f"({task_vocab} ids: data.vocab_size content symbols plus special tokens); set model.vocab_size to null",
         )
+        # Full attention has no bounded state: carried across training steps, its KV cache would grow by
+        # batch x seq_len positions every step for a whole epoch (each step slower than the last).
+        _require(
+            not (
+                self.data.dataset == "text"
+                and self.data.text_carry_state
+                and self.model.variant == "baseline"
+                and self.model.baseline_attention == "full"
+            ),
+            "data.text_carry_state=true carries each model's state across training steps, and a full-attention "
+            "baseline's state is a KV cache that would grow every step; train it on independent windows "
+            "(data.text_carry_state=false data.fresh_samples=true) or give it a bounded cache "
+            "(model.baseline_attention=sliding model.window=N)",
+        )
         if not self.data.fresh_samples:
             train, test = self.data.split_sizes()
             _require(

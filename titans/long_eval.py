@@ -102,13 +102,16 @@ def stream_bits_per_byte(
     batch_size: int,
     progress: bool = True,
     max_bytes: int | None = None,
+    carry_state: bool = True,
 ) -> dict[str, Any]:
     """Bits per byte of a whole split, streamed as `batch_size` rows of `seq_len`-byte segments with carried state.
 
     corpus: a ByteCorpus or a TextTask (its corpus). Row r of the split (see `ByteCorpus.iter_segments`) is read
     from its first byte to its last with one unbroken state, so the result equals one forward pass over each row.
     max_bytes: evaluate only the split's first max_bytes bytes (a cheaper estimate; None = the whole split).
-    Returns {"split", "bits_per_byte", "bytes" (scored predictions), "segments", "wall_s"}.
+    carry_state: False scores every segment from an empty state (the same bytes, each seq_len-byte segment its own
+    context): how a model trained with data.text_carry_state=false, e.g. full attention, was trained.
+    Returns {"split", "bits_per_byte", "bytes" (scored predictions), "segments", "carried_state", "wall_s"}.
     """
     _check_positive("seq_len", seq_len)
     _check_positive("batch_size", batch_size)
@@ -131,7 +134,7 @@ def stream_bits_per_byte(
     try:
         for batch in corpus.iter_segments(split, seq_len, batch_size):
             batch = batch.to(device)
-            logits, _, state = model(batch.inputs, state=state)
+            logits, _, state = model(batch.inputs, state=state if carry_state else None)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             # Summed in float64: a 400 KB split is ~4e5 terms, beyond float32's exact accumulation.
             nats += (
@@ -151,6 +154,7 @@ def stream_bits_per_byte(
         "bits_per_byte": nats.item() / (scored * math.log(2)),
         "bytes": scored,
         "segments": n_segments,
+        "carried_state": carry_state,
         "wall_s": round(time.time() - start_time, 2),
     }
 
@@ -349,13 +353,14 @@ def long_eval(
     max_new_tokens: int = 16,
     progress: bool = True,
     max_bytes: int | None = None,
+    carry_state: bool = True,
 ) -> dict[str, Any]:
     """The long-context evaluation of one trained model, dispatched on its task.
 
     MQAR / S-NIAH: a length sweep (default lengths T, 2T, 4T, 8T with T = task.seq_len, the trained length);
     samples default 256 (MQAR) / 50 (S-NIAH). Text: bits per byte of the whole valid and test splits, streamed in
     task.seq_len-byte segments over `batch_size` rows (default 16), or their first `max_bytes` bytes; lengths and
-    samples do not apply.
+    samples do not apply; carry_state False scores each segment from an empty state (`stream_bits_per_byte`).
     Returns {"task", "metric", "trained_length", "results": [...], "wall_s"}.
     """
     start = time.time()
@@ -365,7 +370,8 @@ def long_eval(
             raise ValueError("text evaluation streams whole splits: lengths and samples do not apply; omit them")
         rows = batch_size or 16
         results = [
-            stream_bits_per_byte(model, task, split, trained, rows, progress, max_bytes) for split in ("valid", "test")
+            stream_bits_per_byte(model, task, split, trained, rows, progress, max_bytes, carry_state)
+            for split in ("valid", "test")
         ]
     elif isinstance(task, MQAR | SNIAH):
         lengths = list(lengths) if lengths is not None else [trained, 2 * trained, 4 * trained, 8 * trained]

@@ -418,6 +418,7 @@ def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: D
     # Only rank 0 writes metrics.jsonl; the other ranks keep the same records in memory.
     with _StopFlag() as stop, open(metrics_path if is_main else os.devnull, "a") as metrics_file:
         while step < total_steps and not stop_requested:
+            step_start = time.perf_counter()
             epoch, index_in_epoch = divmod(step, steps_per_epoch)
             # The step's global batch is rows [first, first + step_rows) of the epoch order (or fresh rows); this
             # rank trains on its contiguous 1/world_size of every micro-batch of it.
@@ -506,6 +507,8 @@ def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: D
                 "loss": step_loss,
                 "lr": lr,
                 "grad_norm": grad_norm,
+                # wall seconds of this step (data, forward, backward, optimizer): throughput without a benchmark
+                "step_s": round(time.perf_counter() - step_start, 4),
             }
             if not finite:
                 record["skipped"] = True
