@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from titans.long_eval import plot_length_sweep
+
 # The model block every row shares; the budget is a step count so that a loaded machine changes times, not results.
 COMMON = [
     "model.d_model=64",
@@ -232,6 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         task_rows = [r for (t, _, _), r in zip(rows_to_run, rows, strict=True) if t == task]
         print(f"\n{task}\n" + markdown(task, task_rows))
         results[task] = task_rows
+        done = [r for r in task_rows if "error" not in r]
+        if task != "ptb" and done:
+            # every model's accuracy against evaluation length in one figure (S-NIAH: exact match and digits)
+            sweeps = {r["model"]: r["results"] for r in done}
+            metrics = [done[0]["metric"]] + (["niah_digit_accuracy"] if task == "niah" else [])
+            for metric in metrics:
+                path = args.out / f"{task}-{metric}.png"
+                print(f"plot: {plot_length_sweep(sweeps, metric, path, task, done[0]['trained_length'])}")
     print(json.dumps({"tasks": tasks, "wall_s": round(time.time() - start, 1), "rows": results}))
     return 1 if any("error" in r for r in rows) else 0
 
