@@ -118,7 +118,7 @@ class ChunkCoefficients:
                 return None if t is None else t.reshape(*t.shape[:2], n, chunk_size, *t.shape[3:])
 
             batch = cls.build(chunks(g.theta), chunks(g.eta), chunks(g.alpha))
-            out.extend(batch.select(c) for c in range(n))
+            out.extend(batch.unbind())
             i = j
         return out
 
@@ -129,20 +129,16 @@ class ChunkCoefficients:
             self.decay, self.carry, self.mix * cols, self.mom_decay, self.mom_mix * scale, self.channelwise
         )
 
-    def select(self, index: int) -> ChunkCoefficients:
-        """Chunk `index` of coefficients built with a chunk axis at dim 2."""
+    def unbind(self) -> list[ChunkCoefficients]:
+        """One ChunkCoefficients per chunk of coefficients built with a chunk axis at dim 2.
 
-        def pick(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t[:, :, index]
-
-        return ChunkCoefficients(
-            pick(self.decay),
-            pick(self.carry),
-            pick(self.mix),
-            pick(self.mom_decay),
-            pick(self.mom_mix),
-            self.channelwise,
-        )
+        `unbind`, not one index per chunk: an index's backward writes its gradient into a zero tensor of all n chunks
+        (n^2 work over the n chunks), an unbind's backward stacks the n gradients once.
+        """
+        fields = [self.decay, self.carry, self.mix, self.mom_decay, self.mom_mix]
+        n = self.decay.shape[2]
+        parts = [[None] * n if t is None else t.unbind(2) for t in fields]
+        return [ChunkCoefficients(*(p[c] for p in parts), self.channelwise) for c in range(n)]
 
 
 def _layer_output(h: Tensor, w0: Tensor, s0: Tensor, a: Tensor, g: Tensor, co: ChunkCoefficients) -> Tensor:
@@ -250,29 +246,38 @@ def chunked_memory(
     collected: dict[str, list[Tensor]] | None = {"surprise": [], "update_norm": []} if stats is not None else None
     depth = network.depth
 
-    def run_spans(span_list: list[tuple[int, int]], *flat_state: Tensor) -> tuple[Tensor, ...]:
+    use_checkpoint = checkpoint_every > 0 and torch.is_grad_enabled() and len(bounds) > checkpoint_every
+    group = checkpoint_every if use_checkpoint else max(len(bounds), 1)
+    groups = [bounds[first : first + group] for first in range(0, len(bounds), group)]
+    # Inputs are cut into spans by one split each (gates: into groups), never sliced per chunk: a slice's backward
+    # fills a zero tensor as long as the whole input, which made training cost per token grow with T.
+    q_spans, k_spans, v_spans = (t.split([hi - lo for lo, hi in bounds], dim=2) for t in (q, k, v))
+    group_gates = [g.split([span[-1][1] - span[0][0] for span in groups]) for g in gates]
+
+    def run_spans(index: int, *flat_state: Tensor) -> tuple[Tensor, ...]:
         ws, ss, an = list(flat_state[:depth]), list(flat_state[depth : 2 * depth]), list(flat_state[2 * depth :])
         outs = []
-        per_layer = [ChunkCoefficients.for_spans(g, span_list, chunk_size) for g in gates]
-        for n, (lo, hi) in enumerate(span_list):
+        span_list, first = groups[index], index * group
+        offset = span_list[0][0]
+        local = [(lo - offset, hi - offset) for lo, hi in span_list]  # spans within this group's gates
+        layer_gates = [per_group[index] for per_group in group_gates]
+        per_layer = [ChunkCoefficients.for_spans(g, local, chunk_size) for g in layer_gates]
+        for n, (lo, _) in enumerate(span_list):
             if (state.position + lo) % chunk_size == 0:
                 an = ws
-            span_gates = [g.span(lo, hi) for g in gates]
-            piece = (q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi])
+            span_gates = [g.span(*local[n]) for g in layer_gates] if collected is not None else []
+            piece = (q_spans[first + n], k_spans[first + n], v_spans[first + n])
             coefficients = [layer[n] for layer in per_layer]
             y, ws, ss = _chunk(network, *piece, span_gates, coefficients, ws, ss, an, collected, grad_clip)
             outs.append(y)
         return (torch.cat(outs, dim=2), *ws, *ss, *an)
 
-    use_checkpoint = checkpoint_every > 0 and torch.is_grad_enabled() and len(bounds) > checkpoint_every
-    group = checkpoint_every if use_checkpoint else max(len(bounds), 1)
     outputs = []
-    for first in range(0, len(bounds), group):
-        span_list = bounds[first : first + group]
+    for index in range(len(groups)):
         if use_checkpoint:
-            result = checkpoint(run_spans, span_list, *weights, *momentum, *anchor, use_reentrant=False)
+            result = checkpoint(run_spans, index, *weights, *momentum, *anchor, use_reentrant=False)
         else:
-            result = run_spans(span_list, *weights, *momentum, *anchor)
+            result = run_spans(index, *weights, *momentum, *anchor)
         outputs.append(result[0])
         weights = list(result[1 : 1 + depth])
         momentum = list(result[1 + depth : 1 + 2 * depth])

@@ -32,6 +32,18 @@ class LayerGates:
             None if self.alpha is None else self.alpha[:, :, start:stop],
         )
 
+    def split(self, sizes: list[int]) -> list[LayerGates]:
+        """Consecutive spans of `sizes` tokens, cut by one `torch.split` per gate.
+
+        Unlike one `span` per piece, whose backward writes each slice's gradient into a zero tensor of the whole
+        length, a split's backward concatenates the pieces' gradients once: linear in T, not quadratic.
+        """
+
+        def cut(t: Tensor | None) -> list[Tensor | None]:
+            return [None] * len(sizes) if t is None else list(t.split(sizes, dim=2))
+
+        return [LayerGates(*parts) for parts in zip(cut(self.theta), cut(self.eta), cut(self.alpha), strict=True)]
+
 
 def _per_layer(name: str, gate: GateArg, depth: int, shape: tuple[int, int, int], channels: list[int] | None):
     """Split one gate argument into `depth` per-layer tensors, checking shapes on the way."""

@@ -240,10 +240,15 @@ class MACBlock(nn.Module):
             and not torch.is_autocast_enabled(x.device.type)
         ):
             return self._decode(x, state)
-        outputs, start, T = [], 0, x.shape[1]
+        # Segment pieces from one split: slicing x per segment would make each slice's backward fill a zero tensor
+        # as long as x (quadratic in T).
+        sizes, start, T = [], 0, x.shape[1]
         while start < T:
-            n = min(T - start, self.segment_len - state.position % self.segment_len)
-            piece = x[:, start : start + n]
+            sizes.append(min(T - start, self.segment_len - (state.position + start) % self.segment_len))
+            start += sizes[-1]
+        outputs = []
+        for piece in x.split(sizes, dim=1):
+            n = piece.shape[1]
             h = self.norm(piece)
             retrieved, conv = self._retrieve(h, state.committed, state.retrieve_conv)
             y, state = self._attend(h, retrieved, state)
@@ -258,8 +263,7 @@ class MACBlock(nn.Module):
             else:
                 kv = (state.h_keys, state.h_values, state.x_keys, state.x_values)
                 state = MACState(memory, state.committed, conv, *kv, position)
-            start += n
-        return torch.cat(outputs, dim=1), state
+        return torch.cat(outputs, dim=1) if outputs else x, state
 
 
 def build_mac(cfg: ModelConfig) -> TitansLM:
