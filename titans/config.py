@@ -308,7 +308,7 @@ class DataConfig:
     text_source: Literal["file", "ptb", "shakespeare", "sample"] | None = None  # null = file if path is set, else ptb
     text_valid_fraction: float = 0.05  # text from a file: byte share of the valid split
     text_test_fraction: float = 0.05  # text from a file: byte share of the test split
-    text_carry_state: bool = True  # text: train on consecutive segments, carrying the detached state (TBPTT)
+    text_carry_state: bool = True  # text: consecutive segments, detached state carried (TBPTT); full attention: false
 
     def __post_init__(self) -> None:
         _coerce_fields(self)
