@@ -70,7 +70,7 @@ TASKS: dict[str, dict[str, Any]] = {
         "models": list(MODELS),
     },
     "niah": {
-        "steps": 400,
+        "steps": 300,
         "train": [
             "data.dataset=niah",
             "data.seq_len=512",
