@@ -17,7 +17,9 @@ length T is evaluated at 8T or 16K bytes on a CPU.
   `niah_digit_accuracy` (ours) is the fraction of the 7 digits generated in place, a graded view of partial recall.
 * Text: `stream_bits_per_byte` streams a split as `batch_size` contiguous rows (`ByteCorpus.iter_segments`) with the
   memory state carried from one segment to the next, so every byte is predicted from everything before it in its
-  row: bits per byte = summed cross-entropy / (scored bytes * ln 2).
+  row: bits per byte = summed cross-entropy / (scored bytes * ln 2). A model trained without carried state
+  (`data.text_carry_state=false`, e.g. full attention, whose KV cache would grow without bound) is scored the same
+  way, each segment from an empty state.
 
 Evaluation is forward-only: the neural memory still learns at test time (its inner update is part of the forward
 pass, paper §3.1), while the outer parameters never change.
