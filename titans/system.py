@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+import shutil
 import sys
 
 # glibc's mallopt parameter number for the mmap threshold (malloc.h: M_MMAP_THRESHOLD = -3)
@@ -31,3 +33,16 @@ def pin_malloc_mmap_threshold(threshold_bytes: int = 4 << 20) -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
     except (OSError, AttributeError):
         return False
+
+
+def cpu_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend (inductor) would use, or None when there is none.
+
+    Inductor builds its CPU kernels with $CXX, else the first of g++, c++, clang++ on PATH.
+    """
+    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    for name in candidates:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None

@@ -76,6 +76,7 @@ from titans.evaluate import evaluate
 from titans.long_eval import detach_state
 from titans.models import build_model, num_parameters
 from titans.plots import plot_run
+from titans.system import cpu_compiler
 from titans.tasks import make_task
 from titans.tasks.base import IGNORE_INDEX, Batch, Task
 
@@ -260,6 +261,12 @@ def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: D
                 "or set training.tensorboard=false"
             ) from error
 
+    if t.compile and device.type == "cpu" and cpu_compiler() is None:
+        raise ConfigError(
+            "training.compile=true needs a C++ compiler for torch.compile's CPU kernels (g++ or clang++ on PATH, or "
+            "$CXX); install one (e.g. apt install g++) or set training.compile=false"
+        )
+
     resume_path = None
     if resume is True:
         resume_path = resolve_resume_path(find_resume_dir(cfg))
@@ -293,6 +300,9 @@ def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: D
     torch.manual_seed(cfg.seed)
     module = build_model(cfg.model).to(device)
     n_params = num_parameters(module)
+    if t.compile:
+        # before wrapping: the compiled steps live inside the single-device model
+        module.compile_blocks()
     # DDP or FSDP2 when launched with several processes; `module` stays the single-device model inside.
     model = wrap_model(module, t.parallel, dist_info)
     if is_main:

@@ -83,9 +83,16 @@ class CausalDepthwiseConv(nn.Module):
         if x.shape[1] == 1 and not torch.is_autocast_enabled(x.device.type):  # autocast would cast conv1d
             out, history = self.step(x[:, 0], history)
             return out.unsqueeze(1), history
-        padded = torch.cat([history.to(x.dtype), x.transpose(1, 2)], dim=2)
-        out = F.conv1d(padded, self.weight.to(x.dtype), groups=padded.shape[1])
-        return out.transpose(1, 2), padded[:, :, padded.shape[2] - (self.kernel - 1) :]
+        # time-major [B, K-1+T, C]: y_t = sum_j w_j x_{t-K+1+j}, K shifted multiply-adds. For the kernel of 4
+        # these few elementwise ops cost less than conv1d's depthwise kernel, forward and (especially) backward,
+        # and torch.compile fuses them into one loop.
+        padded = torch.cat([history.to(x.dtype).transpose(1, 2), x], dim=1)
+        weight = self.weight[:, 0].to(x.dtype)  # [C, K]
+        length = x.shape[1]
+        out = padded[:, :length] * weight[:, 0]
+        for j in range(1, self.kernel):
+            out = out + padded[:, j : j + length] * weight[:, j]
+        return out, padded[:, padded.shape[1] - (self.kernel - 1) :].transpose(1, 2)
 
     def step(self, x: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
         """One token: x [B, C] -> (y [B, C], new history [B, C, K-1]).

@@ -123,6 +123,20 @@ class TitansLM(nn.Module):
             if module is not self and callable(getattr(module, "init_weights", None)):
                 module.init_weights()
 
+    def compile_blocks(self, enabled: bool = True, backend: str = "inductor") -> bool:
+        """Compile each block's sequential training step with torch.compile where a block has one; False if none.
+
+        MAC blocks compile their per-segment step (`MACBlock.compile_segments`); the other variants have no such
+        loop at block level and stay eager. Compiled and eager results are equal (tests); inductor on CPU needs a
+        C++ compiler.
+        """
+        found = False
+        for block in self.blocks:
+            if callable(getattr(block, "compile_segments", None)):
+                block.compile_segments(enabled, backend)
+                found = True
+        return found
+
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, state: LMState | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, LMState]:

@@ -77,6 +77,7 @@ class MACBlock(nn.Module):
         # per-call work that depends only on constants or parameters, kept between calls (see _rope, _persistent_kv)
         self._rope_tables: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._persistent_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._compiled_segment = None  # compile_segments()
 
     def init_weights(self) -> None:
         if self.persistent is not None:
@@ -248,22 +249,74 @@ class MACBlock(nn.Module):
             start += sizes[-1]
         outputs = []
         for piece in x.split(sizes, dim=1):
-            n = piece.shape[1]
-            h = self.norm(piece)
-            retrieved, conv = self._retrieve(h, state.committed, state.retrieve_conv)
-            y, state = self._attend(h, retrieved, state)
-            m, memory = self.memory(y, state.memory)  # Eqs. 24-25: write y token by token, read after each write
-            piece = piece + self.combine(y, m)
-            outputs.append(piece + self.mlp(self.mlp_norm(piece)))
-            position = state.position + n
-            if position % self.segment_len == 0:
-                # segment finished: commit its memory for the next segment's retrieval and drop its keys and values
-                empty = x.new_zeros(x.shape[0], self.heads, 0, self.head_dim)
-                state = MACState(memory, memory.memory, conv, empty, empty, empty, empty, position)
-            else:
-                kv = (state.h_keys, state.h_values, state.x_keys, state.x_values)
-                state = MACState(memory, state.committed, conv, *kv, position)
+            out, state = self._segment(piece, state)
+            outputs.append(out)
         return torch.cat(outputs, dim=1) if outputs else x, state
+
+    def compile_segments(self, enabled: bool = True, backend: str = "inductor") -> None:
+        """Run every whole training segment through `torch.compile` (inductor) instead of op by op.
+
+        A MAC training step is a chain of segments, each a few hundred small ops (retrieval, attention, two memory
+        chunks, the MLP) whose per-op dispatch costs more than their arithmetic at small widths; compiled, a
+        segment's forward and backward are each one generated program. Only segments that are whole, start on a
+        segment boundary and with gradients on take the compiled function (training); streams, decoding and eval
+        keep the eager code, which is the reference (tests hold the two equal). The function sees every segment at
+        stream position 0 (positions enter only modulo the segment and chunk lengths, which then agree), so one
+        compilation serves the whole sequence. The first calls pay the compilation: about 3 minutes on 2 CPU cores
+        with an empty inductor cache (one C++ build per fused kernel, forward and backward, for a fresh stream's
+        first segment and for the rest), seconds once cached. backend: torch.compile's ("aot_eager" traces without
+        generating code, for tests).
+        """
+        self._compiled_segment = (
+            torch.compile(self._segment_at_start, dynamic=False, backend=backend) if enabled else None
+        )
+
+    def _segment(self, piece: torch.Tensor, state: MACState) -> tuple[torch.Tensor, MACState]:
+        """One segment, or the part of one a stream holds: piece [B, n, D] -> (out [B, n, D], state after it)."""
+        n, chunk = piece.shape[1], self.memory.chunk_size
+        if (
+            self._compiled_segment is not None
+            and torch.is_grad_enabled()
+            and n == self.segment_len
+            and state.position % self.segment_len == 0
+            and state.memory.memory.position % chunk == 0
+            and self.segment_len % chunk == 0
+            and self.memory.stats_sink is None
+            and self.memory.impl == "chunked"
+        ):
+            self._rope(0, 1, piece.dtype, piece.device)  # build the RoPE table outside the traced function
+            out, after = self._compiled_segment(piece, _at_position(state, 0, 0))
+            return out, _at_position(after, state.position + n, state.memory.memory.position + n, commit=True)
+        return self._segment_at_start(piece, state)
+
+    def _segment_at_start(self, piece: torch.Tensor, state: MACState) -> tuple[torch.Tensor, MACState]:
+        """Eqs. 21-25 for the n tokens of `piece` [B, n, D] given the state before them (the eager reference)."""
+        n = piece.shape[1]
+        h = self.norm(piece)
+        retrieved, conv = self._retrieve(h, state.committed, state.retrieve_conv)
+        y, state = self._attend(h, retrieved, state)
+        m, memory = self.memory(y, state.memory)  # Eqs. 24-25: write y token by token, read after each write
+        piece = piece + self.combine(y, m)
+        out = piece + self.mlp(self.mlp_norm(piece))
+        position = state.position + n
+        if position % self.segment_len == 0:
+            # segment finished: commit its memory for the next segment's retrieval and drop its keys and values
+            empty = piece.new_zeros(piece.shape[0], self.heads, 0, self.head_dim)
+            return out, MACState(memory, memory.memory, conv, empty, empty, empty, empty, position)
+        kv = (state.h_keys, state.h_values, state.x_keys, state.x_values)
+        return out, MACState(memory, state.committed, conv, *kv, position)
+
+
+def _at_position(state: MACState, position: int, memory_position: int, commit: bool = False) -> MACState:
+    """The same state at other stream positions (the block's and its memory's); tensors untouched.
+
+    commit: the segment just ended, so the committed memory is the memory itself (as `_segment_at_start` returns it).
+    """
+    memory = state.memory.memory
+    moved = MemoryState(memory.weights, memory.momentum, memory.anchor, memory_position)
+    kv = (state.h_keys, state.h_values, state.x_keys, state.x_values)
+    committed = moved if commit else state.committed
+    return MACState(NeuralMemoryState(moved, state.memory.conv), committed, state.retrieve_conv, *kv, position)
 
 
 def build_mac(cfg: ModelConfig) -> TitansLM:
