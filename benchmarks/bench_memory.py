@@ -29,7 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +184,7 @@ class MemoryCase:
     depth: int = 2
     expansion: int = 4
     malloc: str = "glibc"
+    compile: bool = False  # whole chunks through torch.compile (NeuralMemory.compile_chunks)
 
     def __post_init__(self) -> None:
         if self.mode not in ("fwd", "fwd+bwd"):
@@ -201,7 +202,7 @@ class MemoryCase:
     def label(self) -> str:
         return (
             f"{self.mode} dim {self.dim} heads {self.heads} batch {self.batch} T {self.seq_len} C {self.chunk_size} "
-            f"ckpt {self.checkpoint_every} malloc {self.malloc}"
+            f"ckpt {self.checkpoint_every} malloc {self.malloc}" + (" compiled" if self.compile else "")
         )
 
     @property
@@ -272,6 +273,8 @@ def measure_memory(case: MemoryCase, threads: int, warmup: int, repeats: int, bu
     """Run inside a fresh worker process: seconds per call, tokens/s and the peak-RSS delta of one case."""
     torch.set_num_threads(threads)
     module = build_memory(case)
+    if case.compile:
+        module.compile_chunks()  # the warm-up call pays the compilation
     x = torch.randn(case.batch, case.seq_len, case.dim, generator=torch.Generator().manual_seed(1))
     if case.mode == "fwd+bwd":
         x.requires_grad_(True)
@@ -380,11 +383,18 @@ def quick_sweep() -> list[MemoryCase]:
     return [MemoryCase(32, 2, 2, 256, 16, "fwd"), MemoryCase(32, 2, 2, 256, 16, "fwd+bwd", 4, malloc="mmap")]
 
 
+# the shape of issue 2's speed target against titans-pytorch (dim 256, 1 head, batch 4, T 1024, C 16, forward)
+PEER_CASE = MemoryCase(256, 1, 4, 1024, 16, "fwd")
+
+
 def sweep_from_args(args: argparse.Namespace) -> list[MemoryCase]:
     if not any(v is not None for v in (args.dims, args.heads, args.batches, args.seq_lens, args.chunk_sizes)):
-        return quick_sweep() if args.quick else full_sweep()
+        cases = quick_sweep() if args.quick else full_sweep()
+        if args.compile:
+            cases.append(replace(cases[0] if args.quick else PEER_CASE, compile=True))
+        return cases
     return [
-        MemoryCase(dim, heads, batch, length, chunk, mode, ckpt)
+        MemoryCase(dim, heads, batch, length, chunk, mode, ckpt, malloc=malloc, compile=compiled)
         for dim in args.dims or [64]
         for heads in args.heads or [1]
         for batch in args.batches or [4]
@@ -393,6 +403,7 @@ def sweep_from_args(args: argparse.Namespace) -> list[MemoryCase]:
         for mode in args.modes
         for ckpt in args.checkpoint_every
         for malloc in args.malloc
+        for compiled in ([False, True] if args.compile else [False])
     ]
 
 
@@ -437,7 +448,7 @@ def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]
     return "\n".join(text)
 
 
-CASE_KEY = ("dim", "heads", "batch", "seq_len", "chunk_size", "mode", "checkpoint_every", "malloc")
+CASE_KEY = ("dim", "heads", "batch", "seq_len", "chunk_size", "mode", "checkpoint_every", "malloc", "compile")
 
 
 def check_targets(rows: list[dict[str, Any]], peer: dict[str, Any], peer_case: MemoryCase) -> list[dict[str, Any]]:
@@ -464,14 +475,16 @@ def check_targets(rows: list[dict[str, Any]], peer: dict[str, Any], peer_case: M
                 value,
                 peak is not None and peak < 2048,
             )
-    ours = by_key.get(tuple(getattr(peer_case, k) for k in CASE_KEY))
-    if ours and "tokens_per_s" in ours:
-        ratio = ours["tokens_per_s"] / peer["tokens_per_s"]
-        add(
-            f"speed-up >= 10x over titans-pytorch 0.5.5 ({peer['source']}) at {peer_case.label()}",
-            round(ratio, 2),
-            ratio >= 10,
-        )
+    for compiled in (False, True):
+        ours = by_key.get(tuple(getattr(replace(peer_case, compile=compiled), k) for k in CASE_KEY))
+        if ours and "tokens_per_s" in ours:
+            ratio = ours["tokens_per_s"] / peer["tokens_per_s"]
+            add(
+                f"speed-up >= 10x over titans-pytorch 0.5.5 ({peer['source']}) at "
+                f"{replace(peer_case, compile=compiled).label()}",
+                round(ratio, 2),
+                ratio >= 10,
+            )
     return targets
 
 
@@ -509,6 +522,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int_list, default=[16], help="scan checkpoint groups (0 = none)")
     p.add_argument(
         "--malloc", type=lambda s: s.split(","), default=["glibc"], help="glibc and/or mmap (see MALLOC_ENV)"
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time each case of a custom grid (the full sweep: the peer's case) with the memory's chunks "
+        "through torch.compile (needs a C++ compiler; the warm-up call pays the compilation)",
     )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -574,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         status = result.get("error") or f"{result['tokens_per_s']:.0f} tok/s, +{result['peak_delta_mb']:.0f} MB"
         print(f"  {case.label()}: {status} (load {row['load']})", flush=True)
 
-    peer_case = MemoryCase(256, 1, 4, 1024, 16, "fwd")
+    peer_case = PEER_CASE
     if args.quick:
         peer_case = cases[0]
     peer = run_peer(args, peer_case)
@@ -589,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         ("C", "chunk_size", "d"),
         ("ckpt", "checkpoint_every", "d"),
         ("malloc", "malloc", ""),
+        ("compiled", "compile", ""),
         ("tok/s", "tokens_per_s", ",.0f"),
         ("s/call", "seconds", ".3f"),
         ("reps", "repeats", "d"),

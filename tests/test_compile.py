@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from titans.config import ConfigError, MemoryConfig, ModelConfig, RunConfig, TrainingConfig
+from titans.memory import NeuralMemoryState
 from titans.models import build_model
 from titans.system import cpu_compiler
 
@@ -63,7 +64,7 @@ def count_compiled_calls(model) -> list[int]:
 )
 def test_compiled_segments_equal_eager_outputs_gradients_and_state(backend: str) -> None:
     eager, compiled = tiny_mac(), tiny_mac()
-    assert compiled.compile_blocks(backend=backend)
+    compiled.compile_blocks(backend=backend)
     counts = count_compiled_calls(compiled)
     idx = torch.randint(0, VOCAB, (2, 8 * 3 + 5), generator=torch.Generator().manual_seed(1))
     targets = torch.roll(idx, -1, dims=1)
@@ -104,10 +105,61 @@ def test_compiled_segments_equal_eager_outputs_gradients_and_state(backend: str)
     assert all(block._compiled_segment is None for block in compiled.blocks)
 
 
-def test_compile_option_is_validated() -> None:
-    with pytest.raises(ConfigError, match="training.compile=true compiles MAC"):
-        RunConfig(model=ModelConfig(variant="LMM"), training=TrainingConfig(compile=True))
-    RunConfig(model=ModelConfig(variant="mac"), training=TrainingConfig(compile=True))  # any spelling of MAC
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=[pytest.mark.slow, needs_compiler])])
+@pytest.mark.parametrize("variant", ["LMM", "MAG", "MAL"])
+def test_compiled_memory_chunks_equal_eager(variant: str, backend: str, monkeypatch) -> None:
+    """LMM, MAG and MAL compile the memory's per-chunk step: same logits, loss, gradients and state, with the
+    scan's gradient checkpoints on (5 chunks, groups of 2) and a partial last chunk (eager)."""
+    import titans.memory.chunked as chunked
+
+    calls = [0]
+    real = chunked.compiled_chunk
+
+    def counting(backend: str = "inductor"):
+        compiled = real(backend)
+
+        def counted(*args):
+            calls[0] += 1
+            return compiled(*args)
+
+        return counted
+
+    monkeypatch.setattr(chunked, "compiled_chunk", counting)
+    cfg = ModelConfig(
+        variant=variant,
+        d_model=16,
+        n_heads=2,
+        n_layers=2,
+        vocab_size=VOCAB,
+        window=5,
+        persistent_memory_size=2,
+        memory=MemoryConfig(chunk_size=4, expansion=2, checkpoint_every=2),
+    )
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(build_model(cfg).to(DT))
+    eager, compiled = models
+    compiled.compile_blocks(backend=backend)
+    idx = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(1))
+    results = []
+    for model in (eager, compiled):
+        logits, loss, state = model(idx, torch.roll(idx, -1, dims=1))
+        loss.backward()
+        results.append((logits, loss, state, {n: p.grad for n, p in model.named_parameters()}))
+    (l0, loss0, s0, g0), (l1, loss1, s1, g1) = results
+    # (19 + 2 persistent tokens) // 4 = 5 whole chunks per layer, forward and checkpoint recomputation
+    # (LMM's and MAL's memory runs first; MAG's beside the attention: every variant has 2 memory layers)
+    assert calls[0] >= 2 * 5
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-12, atol=1e-12)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-10, atol=1e-12, msg=name)
+    for b0, b1 in zip(s0.block_states, s1.block_states, strict=True):
+        m0 = b0 if isinstance(b0, NeuralMemoryState) else b0.memory
+        m1 = b1 if isinstance(b1, NeuralMemoryState) else b1.memory
+        for w0, w1 in zip(m0.memory.weights, m1.memory.weights, strict=True):
+            torch.testing.assert_close(w1, w0, rtol=1e-12, atol=1e-12)
 
 
 def test_compile_without_a_compiler_is_a_config_error(monkeypatch, tmp_path) -> None:

@@ -387,7 +387,7 @@ class TrainingConfig:
     tensorboard: bool = False  # also write TensorBoard event files
     progress: bool = True  # show a progress bar
     threads: int | None = None  # torch CPU threads; null = torch's default
-    compile: bool = False  # torch.compile MAC's per-segment training step (needs a C++ compiler on CPU)
+    compile: bool = False  # torch.compile the memory variants' inner loops (MAC: per segment); needs a C++ compiler
 
     def __post_init__(self) -> None:
         _coerce_fields(self)
@@ -446,11 +446,6 @@ class RunConfig:
             "baseline's state is a KV cache that would grow every step; train it on independent windows "
             "(data.text_carry_state=false data.fresh_samples=true) or give it a bounded cache "
             "(model.baseline_attention=sliding model.window=N)",
-        )
-        _require(
-            not self.training.compile or self.model.variant == "MAC",
-            f"training.compile=true compiles MAC's per-segment step; model.variant={self.model.variant} has no "
-            "compiled path, so set training.compile=false",
         )
         if not self.data.fresh_samples:
             train, test = self.data.split_sizes()

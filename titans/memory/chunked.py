@@ -20,6 +20,7 @@ the chunks in between, so training memory does not grow with one weight copy per
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -214,6 +215,20 @@ def _chunk(
     return y, new_weights, new_momentum
 
 
+_COMPILED_CHUNKS: dict[str, Callable] = {}
+
+
+def compiled_chunk(backend: str = "inductor") -> Callable:
+    """`_chunk` through torch.compile with `backend` (one per backend, shared by every caller; static shapes).
+
+    The chunk body is a few dozen ops, many of them elementwise over weight-sized tensors (the decays and carries
+    of Eq. 18's end state); compiled, those fuse into single passes over memory. Same function, same results.
+    """
+    if backend not in _COMPILED_CHUNKS:
+        _COMPILED_CHUNKS[backend] = torch.compile(_chunk, dynamic=False, backend=backend)
+    return _COMPILED_CHUNKS[backend]
+
+
 def chunked_memory(
     q: Tensor,
     k: Tensor,
@@ -227,11 +242,14 @@ def chunked_memory(
     stats: dict[str, Tensor] | None = None,
     grad_clip: float | None = None,
     checkpoint_every: int = 16,
+    compile_backend: str | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Same contract and results as `naive_memory`; see its docstring. q, k, v [B, H, T, D] -> y [B, H, T, D].
 
     checkpoint_every: when gradients are being recorded, keep the state only every this many chunks and recompute
     the chunks in between during backward (0 keeps every chunk; results and gradients are identical either way).
+    compile_backend: run every whole chunk through `compiled_chunk(compile_backend)` (e.g. "inductor"; None = eager).
+    Partial chunks and calls that collect stats stay eager, so one compilation serves a whole stream.
     """
     gates, state = prepare(q, k, v, theta, eta, alpha, network, state, chunk_size)
     length = q.shape[2]
@@ -254,6 +272,8 @@ def chunked_memory(
     q_spans, k_spans, v_spans = (t.split([hi - lo for lo, hi in bounds], dim=2) for t in (q, k, v))
     group_gates = [g.split([span[-1][1] - span[0][0] for span in groups]) for g in gates]
 
+    compiled = compiled_chunk(compile_backend) if compile_backend is not None and collected is None else None
+
     def run_spans(index: int, *flat_state: Tensor) -> tuple[Tensor, ...]:
         ws, ss, an = list(flat_state[:depth]), list(flat_state[depth : 2 * depth]), list(flat_state[2 * depth :])
         outs = []
@@ -268,7 +288,8 @@ def chunked_memory(
             span_gates = [g.span(*local[n]) for g in layer_gates] if collected is not None else []
             piece = (q_spans[first + n], k_spans[first + n], v_spans[first + n])
             coefficients = [layer[n] for layer in per_layer]
-            y, ws, ss = _chunk(network, *piece, span_gates, coefficients, ws, ss, an, collected, grad_clip)
+            step = compiled if compiled is not None and local[n][1] - local[n][0] == chunk_size else _chunk
+            y, ws, ss = step(network, *piece, span_gates, coefficients, ws, ss, an, collected, grad_clip)
             outs.append(y)
         return (torch.cat(outs, dim=2), *ws, *ss, *an)
 

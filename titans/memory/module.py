@@ -152,6 +152,7 @@ class NeuralMemory(nn.Module):
         self.chunk_size, self.impl, self.max_lr = chunk_size, impl, max_lr
         self.momentum, self.forgetting, self.channelwise_forget = momentum, forgetting, channelwise_forget
         self.checkpoint_every = checkpoint_every
+        self.compile_backend: str | None = None  # compile_chunks()
         if grad_clip is not None and grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0 or None (no clipping), got {grad_clip}")
         self.grad_clip = grad_clip  # max Frobenius norm of each token's inner gradient, per layer (None = off)
@@ -219,6 +220,14 @@ class NeuralMemory(nn.Module):
             theta_init=getattr(mem, "theta_init", None),
         )
 
+    def compile_chunks(self, enabled: bool = True, backend: str = "inductor") -> None:
+        """Run the chunked scan's whole chunks through torch.compile (`chunked.compiled_chunk`); eager when off.
+
+        Results equal the eager chunk's (tests). The first call pays the compilation (seconds to minutes on CPU,
+        per grad mode and shape); decoding (one token) keeps its own step. backend: torch.compile's.
+        """
+        self.compile_backend = backend if enabled else None
+
     def initial_state(self, batch_size: int, device=None, dtype=None) -> NeuralMemoryState:
         """A fresh stream: M_0 for every sequence, zero momentum, an empty conv history."""
         conv = self.conv.empty_history(batch_size, device, dtype)
@@ -275,7 +284,9 @@ class NeuralMemory(nn.Module):
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
             theta, eta, alpha = self._gates(x.to(inner_dtype))
             memory_fn = chunked_memory if self.impl == "chunked" else naive_memory
-            extra = {"checkpoint_every": self.checkpoint_every} if self.impl == "chunked" else {}
+            extra = {}
+            if self.impl == "chunked":
+                extra = {"checkpoint_every": self.checkpoint_every, "compile_backend": self.compile_backend}
             y, memory_state = memory_fn(
                 q, k, v, theta, eta, alpha, self.network, state.memory, self.chunk_size, stats, self.grad_clip, **extra
             )

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from titans.config import ModelConfig
+from titans.memory.module import NeuralMemory
 from titans.memory.step import decode_linear
 from titans.models.layers import ResidualProjection, RMSNorm
 from titans.tasks.base import IGNORE_INDEX
@@ -123,19 +124,21 @@ class TitansLM(nn.Module):
             if module is not self and callable(getattr(module, "init_weights", None)):
                 module.init_weights()
 
-    def compile_blocks(self, enabled: bool = True, backend: str = "inductor") -> bool:
-        """Compile each block's sequential training step with torch.compile where a block has one; False if none.
+    def compile_blocks(self, enabled: bool = True, backend: str = "inductor") -> None:
+        """Run each block's sequential inner loop through torch.compile (eager when enabled is False).
 
-        MAC blocks compile their per-segment step (`MACBlock.compile_segments`); the other variants have no such
-        loop at block level and stay eager. Compiled and eager results are equal (tests); inductor on CPU needs a
-        C++ compiler.
+        MAC blocks compile their whole per-segment step (`MACBlock.compile_segments`, which includes the memory);
+        in LMM, MAG and MAL the memory compiles its per-chunk step (`NeuralMemory.compile_chunks`); the baseline has
+        no such loop and is left as it is. Compiled and eager results are equal (tests/test_compile.py); inductor on
+        CPU needs a C++ compiler.
         """
-        found = False
         for block in self.blocks:
             if callable(getattr(block, "compile_segments", None)):
                 block.compile_segments(enabled, backend)
-                found = True
-        return found
+                continue
+            for module in block.modules():
+                if isinstance(module, NeuralMemory):
+                    module.compile_chunks(enabled, backend)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, state: LMState | None = None
