@@ -48,7 +48,13 @@ PEER_QUOTED_MEMORY = {"tokens_per_s": 640.0, "peak_mb": 4.5 * 1024}
 # freed multi-MB tensors onto the heap, where fragmentation can inflate peak RSS several-fold. "mmap": every
 # allocation above 64 KiB is its own mapping, returned to the OS on free, so peak RSS tracks the live tensors
 # (the algorithm's own footprint) at the cost of page faults (about 2x slower; not used for timing).
-MALLOC_ENV = {"glibc": {}, "mmap": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+# glibc: the default allocator; mmap: every block above 64 KiB its own mapping (peak RSS = live tensors, slow, memory
+# rows only); cli: the 4 MiB threshold the titans CLI pins at start-up (titans.system.pin_malloc_mmap_threshold)
+MALLOC_ENV = {
+    "glibc": {},
+    "mmap": {"MALLOC_MMAP_THRESHOLD_": "65536"},
+    "cli": {"MALLOC_MMAP_THRESHOLD_": str(4 << 20)},
+}
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Isolated measurement: one configuration per fresh process (also used by bench_models.py).
@@ -521,7 +527,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", type=lambda s: s.split(","), default=["fwd", "fwd+bwd"], help="fwd,fwd+bwd")
     p.add_argument("--checkpoint-every", type=int_list, default=[16], help="scan checkpoint groups (0 = none)")
     p.add_argument(
-        "--malloc", type=lambda s: s.split(","), default=["glibc"], help="glibc and/or mmap (see MALLOC_ENV)"
+        "--malloc", type=lambda s: s.split(","), default=["glibc"], help="glibc, mmap and/or cli (see MALLOC_ENV)"
     )
     p.add_argument(
         "--compile",
