@@ -228,8 +228,9 @@ def memory_flops(case: MemoryCase, conv_kernel: int = 4) -> dict[str, float]:
       coefficients   [b, b] x [b, b] and [b, b] x [b]   2 b^2 + 2 b    (per chunk, spread over its b tokens)
       state update   decays and sums of M_0, S_0        6 d_in d_out / b   (elementwise, memory-bound)
     and, per token for the whole layer, the projections q,k,v / output gate / W_O (10 dim^2), the causal depthwise
-    conv (6 dim K) and the theta/eta/alpha gates (6 dim heads L). Every term but "state_update" is a matmul or
-    conv that torch.utils.flop_counter counts too (tests/test_benchmarks.py checks the two agree exactly).
+    conv (6 dim K, K shifted multiply-adds) and the theta/eta/alpha gates (6 dim heads L). Every term but
+    "state_update" and "conv" (elementwise) is a matmul that torch.utils.flop_counter counts too
+    (tests/test_benchmarks.py checks the two agree exactly).
     Backward costs about twice the forward; with the scan checkpointed the forward runs once more.
     """
     head_dim = case.dim // case.heads
@@ -243,7 +244,7 @@ def memory_flops(case: MemoryCase, conv_kernel: int = 4) -> dict[str, float]:
         end += 4 * d_in * d_out
         state_update += 6 * d_in * d_out / b
         coefficients += 2 * b * b + 2 * b
-    dense = 10.0 * case.dim * case.dim + 6.0 * case.dim * conv_kernel + 6.0 * case.dim * case.heads * case.depth
+    dense = 10.0 * case.dim * case.dim + 6.0 * case.dim * case.heads * case.depth
     parts = {
         "key_path": case.heads * key,
         "dual_output": case.heads * dual,
@@ -251,6 +252,7 @@ def memory_flops(case: MemoryCase, conv_kernel: int = 4) -> dict[str, float]:
         "coefficients": case.heads * coefficients,
         "state_update": case.heads * state_update,
         "dense": dense,
+        "conv": 6.0 * case.dim * conv_kernel,
     }
     forward = sum(parts.values())
     recompute = case.mode == "fwd+bwd" and case.checkpoint_every > 0 and case.seq_len > b * case.checkpoint_every
