@@ -23,20 +23,24 @@ VOCAB = 11
 needs_compiler = pytest.mark.skipif(cpu_compiler() is None, reason="torch.compile on CPU needs a C++ compiler")
 
 
-def tiny_mac(seed: int = 0):
-    # segment 8 = two memory chunks of 4; both layers share one compilation
-    cfg = ModelConfig(
-        variant="MAC",
+def tiny_config(variant: str, **memory) -> ModelConfig:
+    # MAC segment 8 = two memory chunks of 4; both layers share one compilation
+    return ModelConfig(
+        variant=variant,
         d_model=16,
         n_heads=2,
         n_layers=2,
         vocab_size=VOCAB,
+        window=5,
         segment_len=8,
         persistent_memory_size=2,
-        memory=MemoryConfig(chunk_size=4, expansion=2),
+        memory=MemoryConfig(chunk_size=4, expansion=2, **memory),
     )
+
+
+def tiny_mac(seed: int = 0):
     torch.manual_seed(seed)
-    return build_model(cfg).to(DT)
+    return build_model(tiny_config("MAC")).to(DT)
 
 
 def count_compiled_calls(model) -> list[int]:
@@ -125,16 +129,7 @@ def test_compiled_memory_chunks_equal_eager(variant: str, backend: str, monkeypa
         return counted
 
     monkeypatch.setattr(chunked, "compiled_chunk", counting)
-    cfg = ModelConfig(
-        variant=variant,
-        d_model=16,
-        n_heads=2,
-        n_layers=2,
-        vocab_size=VOCAB,
-        window=5,
-        persistent_memory_size=2,
-        memory=MemoryConfig(chunk_size=4, expansion=2, checkpoint_every=2),
-    )
+    cfg = tiny_config(variant, checkpoint_every=2)
     models = []
     for _ in range(2):
         torch.manual_seed(0)
