@@ -138,7 +138,8 @@ def test_bench_memory_quick_runs_gated_and_ends_with_json():
 
 
 def test_bench_models_quick_runs_gated_and_ends_with_json():
-    command = [sys.executable, str(BENCH / "bench_models.py"), "--quick", "--no-peer", "--repeats", "1"]
+    # --no-compile: the compiled rows' code is tested in test_compile.py; here it would only add a C++ build
+    command = [sys.executable, str(BENCH / "bench_models.py"), "--quick", "--no-peer", "--repeats", "1", "--no-compile"]
     out = _last_json([*command, "--variants", "MAC", "--seq-lens", "32"])
     assert out["gate"] == "passed" and out["gate_max_abs_diff"]["MAC"] < 1e-10
     assert [(r["variant"], r["seq_len"]) for r in out["results"]] == [("MAC", 32)]

@@ -14,6 +14,7 @@ import pytest
 
 from titans import cli
 from titans.checkpoint import load_checkpoint
+from titans.models import TitansLM
 from titans.train import TrainingDivergedError, read_metrics, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,6 +108,24 @@ def test_generate_greedy_continues_the_prompt(trained, capsys, monkeypatch):
 
     assert cli.main(["generate", "runs/seed", "--prompt", "3 99"]) == 2
     assert "[0, 14)" in capsys.readouterr().err
+
+    # --compile decodes with the compiled step (traced with aot_eager here: inductor's build takes a minute) and
+    # generates the same tokens; without a C++ compiler it is a one-line error
+    original = TitansLM.compile_decode
+    used = []
+
+    def compile_for_tests(self, enabled=True, backend="inductor"):
+        used.append(backend)
+        original(self, enabled, "aot_eager")
+
+    monkeypatch.setattr(TitansLM, "compile_decode", compile_for_tests)
+    assert cli.main([*args, "--compile"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == first
+    assert used == ["inductor"]
+    monkeypatch.setattr(cli, "cpu_compiler", lambda: None)
+    assert cli.main([*args, "--compile"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "C++ compiler" in err
 
 
 def test_config_error_exits_2_with_one_line_and_no_traceback(trained):

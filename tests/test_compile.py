@@ -1,4 +1,5 @@
-"""torch.compile'd MAC segments (training.compile) compute exactly what the eager reference computes.
+"""torch.compile'd code computes exactly what the eager reference computes: MAC segments and memory chunks
+(training.compile) and generate's fixed-shape decode step (compile_decode).
 
 The compiled function is the eager `_segment_at_start` traced by torch.compile, fed every segment at stream position
 0; these tests hold its logits, loss, every gradient and the carried state equal to eager in float64, and check that
@@ -155,6 +156,47 @@ def test_compiled_memory_chunks_equal_eager(variant: str, backend: str, monkeypa
         m1 = b1 if isinstance(b1, NeuralMemoryState) else b1.memory
         for w0, w1 in zip(m0.memory.weights, m1.memory.weights, strict=True):
             torch.testing.assert_close(w1, w0, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=[pytest.mark.slow, needs_compiler])])
+@pytest.mark.parametrize("variant", ["baseline", "LMM", "MAC", "MAG", "MAL"])
+def test_compiled_decode_step_equals_eager(variant: str, backend: str) -> None:
+    """compile_decode: generate's fixed-shape step traced once serves every position (segment, chunk and window
+    boundaries; one compilation, no recompiles) and gives the eager step's logits, greedy and sampled tokens."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(variant)).to(DT).eval()
+    prompt = torch.randint(0, VOCAB, (2, 3), generator=torch.Generator().manual_seed(1))
+    eager_greedy = model.generate(prompt, 21, temperature=0)
+    eager_sampled = model.generate(prompt, 21, temperature=0.8, generator=torch.Generator().manual_seed(5))
+
+    model.compile_decode(backend=backend)
+    compiled = model._compiled_step
+    calls = [0]
+
+    def counted(*args):
+        calls[0] += 1
+        return compiled(*args)
+
+    model._compiled_step = counted
+    assert torch.equal(model.generate(prompt, 21, temperature=0), eager_greedy)  # the first step compiles...
+    assert calls[0] == 20
+    with torch.compiler.set_stance("fail_on_recompile"):  # ...and every later step, of any generation, reuses it
+        sampled = model.generate(prompt, 21, temperature=0.8, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(sampled, eager_sampled)
+
+    # logits step by step against the eager step, from one prefill
+    with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):
+        _, _, state = model(prompt)
+        eager_states = model._fixed_states(state, capacity=24)
+        compiled_states = model._fixed_states(state, capacity=24)
+        for t in range(21):
+            token = torch.full((2, 1), t % VOCAB)
+            want, eager_states = model._fixed_step(token, eager_states)
+            got, compiled_states = compiled(token, compiled_states)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+    model.compile_decode(enabled=False)
+    assert model._compiled_step is None
 
 
 def test_compile_without_a_compiler_is_a_config_error(monkeypatch, tmp_path) -> None:

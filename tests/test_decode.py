@@ -237,3 +237,88 @@ def test_decode_linear_equals_the_layers_side_by_side() -> None:
         torch.testing.assert_close(decode_linear(x, *layers), torch.cat([layer(x) for layer in layers], dim=1))
         layers[1].bias.add_(1.0)
         torch.testing.assert_close(decode_linear(x, *layers), torch.cat([layer(x) for layer in layers], dim=1))
+
+
+@pytest.mark.parametrize(("depth", "chunk", "option"), list(itertools.product([1, 2], [1, 3, 16], OPTIONS)))
+def test_neural_memory_fixed_step_equals_one_call(depth: int, chunk: int, option: str) -> None:
+    """decode_fixed (generate's compiled step: position as a tensor, chunk anchors chosen by selects) equals forward."""
+    mem = _memory(depth, chunk, **OPTIONS[option])
+    x = torch.randn(2, 29, 16, dtype=DT)
+    with torch.no_grad():
+        full, full_state = mem(x)
+        y, state = mem(x[:, :5])
+        fixed, outs = mem.fixed_state(state), [y]
+        for t in range(5, 29):
+            y, fixed = mem.decode_fixed(x[:, t], fixed)
+            outs.append(y.unsqueeze(1))
+    torch.testing.assert_close(torch.cat(outs, dim=1), full)
+    state = mem.state_from_fixed(fixed)
+    torch.testing.assert_close(state.conv, full_state.conv)
+    for field in ("weights", "momentum", "anchor"):
+        for got, want in zip(getattr(state.memory, field), getattr(full_state.memory, field), strict=True):
+            torch.testing.assert_close(got, want)
+    assert state.memory.position == full_state.memory.position == 29
+
+
+@pytest.mark.parametrize(("window", "n_prefix"), [(None, 0), (4, 0), (4, 3), (6, 2), (3, 5)])
+@pytest.mark.parametrize("prefill", [1, 4, 8])
+def test_attention_fixed_cache_equals_the_dense_reference(window: int | None, n_prefix: int, prefill: int) -> None:
+    """decode_fixed's slot layout (prefix slots, a ring of window or capacity slots, masks) equals dense attention,
+    including prefills shorter than the prefix and windows the prefix outlasts."""
+    torch.manual_seed(0)
+    attn = Attention(16, 2, 10000.0, window=window, n_prefix=n_prefix).to(DT)
+    x = torch.randn(2, 17, 16, dtype=DT)
+    reference = attn.reference_forward(x)
+    with torch.no_grad():
+        y, cache = attn(x[:, :prefill])
+        fixed, outs = attn.fixed_cache(cache, capacity=17), [y]
+        for t in range(prefill, 17):
+            y, fixed = attn.decode_fixed(x[:, t], fixed)
+            outs.append(y.unsqueeze(1))
+    torch.testing.assert_close(torch.cat(outs, dim=1), reference)
+    assert int(fixed.position) == 17
+
+
+@pytest.mark.parametrize("variant", ["baseline", "baseline-full", "LMM", "MAC", "MAG", "MAL"])
+@pytest.mark.parametrize("prefill", [1, 5, 9])
+def test_fixed_decode_step_equals_one_forward(variant: str, prefill: int) -> None:
+    """generate's step on fixed-shape states (what compile_decode compiles) gives the logits of one forward."""
+    cfg = _model_config(variant.split("-")[0])
+    if variant == "baseline-full":
+        cfg.baseline_attention = "full"
+    torch.manual_seed(0)
+    model = build_model(cfg).to(DT)
+    idx = torch.randint(0, 11, (2, 26), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full, _, full_state = model(idx)
+        logits, _, state = model(idx[:, :prefill])
+        fixed, pieces = model._fixed_states(state, capacity=26), [logits]
+        for t in range(prefill, 26):  # crosses segment (6), chunk (4) and window (5) boundaries
+            logits, fixed = model._fixed_step(idx[:, t : t + 1], fixed)
+            pieces.append(logits.unsqueeze(1))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full)
+    if variant == "MAC":  # the fixed state converts back to the stream state of one forward
+        for block, fixed_block, want in zip(model.blocks, fixed, full_state.block_states, strict=True):
+            got = block.state_from_fixed(fixed_block)
+            assert got.position == want.position == 26
+            for a, b in zip(got.committed.weights, want.committed.weights, strict=True):
+                torch.testing.assert_close(a, b)
+            for name in ("h_keys", "h_values", "x_keys", "x_values", "retrieve_conv"):
+                torch.testing.assert_close(getattr(got, name), getattr(want, name))
+            for a, b in zip(got.memory.memory.weights, want.memory.memory.weights, strict=True):
+                torch.testing.assert_close(a, b)
+
+
+def test_generate_falls_back_to_the_stream_step_when_the_memory_is_probed() -> None:
+    """A stats probe or the read-only ablation is not implemented by the fixed step: generate takes forward."""
+    torch.manual_seed(0)
+    model = build_model(_model_config("LMM")).to(DT)
+    prompt = torch.randint(0, 11, (1, 4), generator=torch.Generator().manual_seed(3))
+    expected = model.generate(prompt, 6, temperature=0, use_cache=False)
+    for block in model.blocks:
+        block.memory.stats_sink = []
+    calls = [0]
+    model._fixed_step = lambda *a: calls.__setitem__(0, calls[0] + 1)  # must not be reached
+    assert torch.equal(model.generate(prompt, 6, temperature=0), expected)
+    assert calls[0] == 0
+    assert all(len(block.memory.stats_sink) > 0 for block in model.blocks)

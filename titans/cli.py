@@ -38,7 +38,7 @@ from titans.config import VARIANTS, ConfigError, RunConfig, load_config
 from titans.evaluate import evaluate
 from titans.models import TitansLM, build_model, num_parameters
 from titans.plots import plot_comparison
-from titans.system import pin_malloc_mmap_threshold
+from titans.system import cpu_compiler, pin_malloc_mmap_threshold
 from titans.tasks import Task, make_task
 from titans.train import TrainingDivergedError, make_datasets, read_metrics, resolve_device, train
 
@@ -275,6 +275,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
         return 2
     device = next(model.parameters()).device
+    if args.compile:
+        if device.type == "cpu" and cpu_compiler() is None:
+            print(
+                "titans generate: --compile on CPU needs a C++ compiler (torch.compile's inductor builds C++); "
+                "install g++ (apt install g++) or drop --compile",
+                file=sys.stderr,
+            )
+            return 2
+        model.compile_decode()
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(
         prompt[None].to(device), args.max_new_tokens, args.temperature, args.top_k, generator=generator
@@ -406,6 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode with a torch.compile'd step (model.compile_decode): ~3.5x the eager tokens/s, after a "
+        "compilation of about a minute on CPU",
+    )
     p.add_argument("overrides", **overrides)
     p.set_defaults(func=cmd_generate)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from titans.memory.chunked import chunked_memory
 from titans.memory.naive import naive_memory
 from titans.memory.network import Activation, MemoryMLP
 from titans.memory.state import MemoryState
-from titans.memory.step import decode_linear, rms_norm_rows, step_layers
+from titans.memory.step import decode_linear, rms_norm_rows, step_layers, step_layers_fixed
 
 
 @dataclass
@@ -46,6 +46,18 @@ class NeuralMemoryState:
 
     def detach(self) -> NeuralMemoryState:
         return NeuralMemoryState(self.memory.detach(), self.conv.detach())
+
+
+class FixedMemoryState(NamedTuple):
+    """NeuralMemoryState for fixed-shape decoding (`NeuralMemory.decode_fixed`): tensors only, so that one compiled
+    step serves every position. weights, momentum, anchor: per layer [B * H, d_l, d_{l-1}]; conv as in
+    NeuralMemoryState; position: 0-d long tensor, the memory's stream position."""
+
+    weights: tuple[Tensor, ...]
+    momentum: tuple[Tensor, ...]
+    anchor: tuple[Tensor, ...]
+    conv: Tensor
+    position: Tensor
 
 
 class CausalDepthwiseConv(nn.Module):
@@ -304,11 +316,59 @@ class NeuralMemory(nn.Module):
         equals the general path's (tested). Unchecked: `forward` validated x and the state's batch size.
         Everything runs on [B, dim] rows (a 2-D linear is one matmul) and on N = B * H flattened memories.
         """
-        batch = x.shape[0]
-        heads, head_dim, n_gate, n = self.heads, self.head_dim, self.gate_groups, x.shape[0] * self.heads
+        q, k, v, theta, eta, keep, out_gate, conv_state = self._decode_inputs(x[:, 0], state.conv)
+        y, memory_state = step_layers(
+            q, k, v, theta, eta, keep, self.network, state.memory, self.chunk_size, self.grad_clip, stats
+        )
+        return self._decode_output(y, out_gate, x.dtype).unsqueeze(1), NeuralMemoryState(memory_state, conv_state)
+
+    def fixed_state(self, state: NeuralMemoryState) -> FixedMemoryState:
+        """The state as `decode_fixed` carries it: contiguous [N, d_l, d_{l-1}] tensors, the position as a tensor."""
+        n = state.memory.batch_size * self.heads
+
+        def flat(ts: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            return tuple(t.reshape(n, *t.shape[2:]).clone(memory_format=torch.contiguous_format) for t in ts)
+
+        memory = state.memory
+        position = torch.tensor(memory.position, device=state.conv.device)
+        return FixedMemoryState(
+            flat(memory.weights), flat(memory.momentum), flat(memory.anchor), state.conv.contiguous(), position
+        )
+
+    def state_from_fixed(self, fixed: FixedMemoryState) -> NeuralMemoryState:
+        """The NeuralMemoryState that `fixed` stands for (the inverse of `fixed_state`)."""
+        batch = fixed.conv.shape[0]
+
+        def shaped(ts: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            return tuple(t.view(batch, self.heads, *t.shape[1:]) for t in ts)
+
+        position = int(fixed.position)
+        memory = MemoryState(shaped(fixed.weights), shaped(fixed.momentum), shaped(fixed.anchor), position)
+        return NeuralMemoryState(memory, fixed.conv)
+
+    def decode_fixed(self, row: Tensor, fixed: FixedMemoryState) -> tuple[Tensor, FixedMemoryState]:
+        """One token on fixed-shape state: row [B, dim] -> (y [B, dim], state after it). Forward only.
+
+        The same function as `decode_step` (tested), written so that torch.compile traces it once for every position:
+        no Python branch on the position and no shape that grows (`step_layers_fixed`).
+        """
+        q, k, v, theta, eta, keep, out_gate, conv_state = self._decode_inputs(row, fixed.conv)
+        y, weights, momentum, anchor = step_layers_fixed(
+            q, k, v, theta, eta, keep, self.network, fixed.weights, fixed.momentum, fixed.anchor,
+            fixed.position, self.chunk_size, self.grad_clip,
+        )  # fmt: skip
+        out = self._decode_output(y, out_gate, row.dtype)
+        # a contiguous conv history keeps every step's input strides equal to the first's (no recompilation)
+        conv_state = conv_state.contiguous()
+        return out, FixedMemoryState(tuple(weights), tuple(momentum), tuple(anchor), conv_state, fixed.position + 1)
+
+    def _decode_inputs(self, row: Tensor, conv: Tensor) -> tuple:
+        """A token's memory inputs: row [B, dim] -> (q, k, v [N, 1, head_dim], theta, eta, keep per layer as
+        `rank_one_step` takes them, the output gate's pre-activation [B, inner], the conv history)."""
+        batch = row.shape[0]
+        heads, head_dim, n_gate, n = self.heads, self.head_dim, self.gate_groups, row.shape[0] * self.heads
         inner, depth = self.heads * self.head_dim, self.network.depth
-        inner_dtype = torch.promote_types(x.dtype, torch.float32)
-        row = x[:, 0]  # [B, dim]
+        inner_dtype = torch.promote_types(row.dtype, torch.float32)
         gate_layers = [m for m in (self.to_theta, self.to_eta, self.to_alpha) if m is not None]
         if row.dtype == inner_dtype:
             # every projection of x in one matmul: q/k/v, the gates and the output gate
@@ -317,7 +377,7 @@ class NeuralMemory(nn.Module):
         else:  # a low-precision input without autocast: the gates run in float32, as in the general path
             pre_qkv, out_gate = self.to_qkv(row), self.to_gate(row)
             gate_logits = torch.cat([m(row.to(inner_dtype)) for m in gate_layers], dim=1)
-        qkv, conv_state = self.conv.step(pre_qkv, state.conv)  # [B, 3 * H * head_dim]
+        qkv, conv_state = self.conv.step(pre_qkv, conv)  # [B, 3 * H * head_dim]
         qkv = F.silu(qkv if qkv.dtype == inner_dtype else qkv.to(inner_dtype))
         qkv = qkv.view(batch, 3, heads, head_dim).transpose(0, 1).reshape(3, n, 1, head_dim)
         qk = F.normalize(qkv[:2], dim=-1)  # q and k l2-normalised per head in one call
@@ -340,14 +400,15 @@ class NeuralMemory(nn.Module):
                 keep = list(retain.reshape(n, -1, 1).split([d_out for d_out, _ in self.network.shapes], dim=1))
             else:
                 keep = per_layer(retain)
-        y, memory_state = step_layers(
-            q, k, v, theta, eta, keep, self.network, state.memory, self.chunk_size, self.grad_clip, stats
-        )
+        return q, k, v, theta, eta, keep, out_gate, conv_state
+
+    def _decode_output(self, y: Tensor, out_gate: Tensor, dtype: torch.dtype) -> Tensor:
+        """y [N, 1, head_dim] (the memory's read) -> the layer's output [B, dim]: RMSNorm, output gate, W_O."""
+        batch = out_gate.shape[0]
         norm_weight = self.out_norm_weight
-        if norm_weight.dtype != inner_dtype:
-            norm_weight = norm_weight.to(inner_dtype)
+        if norm_weight.dtype != y.dtype:
+            norm_weight = norm_weight.to(y.dtype)
         y = rms_norm_rows(y, norm_weight, 1e-6)  # = F.rms_norm(y, (head_dim,), norm_weight, eps=1e-6)
         # [N, 1, head_dim] is the token's heads in order: a view gives [B, H * head_dim]
-        y = (y if y.dtype == x.dtype else y.to(x.dtype)).view(batch, heads * head_dim) * F.silu(out_gate)
-        out = decode_linear(y, self.to_out) if y.dtype == self.to_out.weight.dtype else self.to_out(y)
-        return out.unsqueeze(1), NeuralMemoryState(memory_state, conv_state)
+        y = (y if y.dtype == dtype else y.to(dtype)).view(batch, self.heads * self.head_dim) * F.silu(out_gate)
+        return decode_linear(y, self.to_out) if y.dtype == self.to_out.weight.dtype else self.to_out(y)

@@ -23,6 +23,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from titans.memory.inputs import GateArg, prepare
@@ -41,6 +42,10 @@ def decode_linear(x: Tensor, *layers: nn.Linear) -> Tensor:
     optimizer steps, load_state_dict and .to() all change one), so it never serves stale weights. Same values as the
     separate layers, up to the matmul's summation order.
     """
+    if torch.compiler.is_compiling():
+        # traced (a compiled decode step): the cache below is Python state the trace cannot keep; the compiler
+        # plans the matmuls itself
+        return torch.cat([F.linear(x, layer.weight, layer.bias) for layer in layers], dim=1)
     params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
     key = (tuple(id(layer) for layer in layers), tuple((p.data_ptr(), p._version) for p in params))
     cache: dict = layers[0].__dict__.setdefault("_decode_weights", {})
@@ -87,7 +92,7 @@ def read_flat(network: MemoryMLP, weights: Sequence[Tensor], q: Tensor) -> Tenso
     return q + layer_norm(h) if network.residual_norm else h
 
 
-def step_layers(
+def rank_one_step(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -95,31 +100,20 @@ def step_layers(
     eta: Sequence[Tensor] | None,
     keep: Sequence[Tensor] | None,
     network: MemoryMLP,
-    state: MemoryState,
-    chunk_size: int,
+    weights: Sequence[Tensor],
+    momentum: Sequence[Tensor],
+    anchor: Sequence[Tensor],
     grad_clip: float | None = None,
     stats: dict[str, Tensor] | None = None,
-) -> tuple[Tensor, MemoryState]:
-    """The core of one token, on sequences and heads flattened to N = B * H (no argument checks: callers validate).
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """The write and read of one token given the anchor it takes its gradient at, on N = B * H flattened memories.
 
-    q, k, v [N, 1, D]. Per layer l, gates broadcast against the rank-one factor g^l [N, 1, d_l] and the weights
-    [N, d_l, d_{l-1}]: theta[l] and eta[l] [N, 1, 1]; keep[l] = 1 - alpha_l, [N, 1, 1] or channel-wise [N, d_l, 1].
-    eta None = no momentum, keep None = no forgetting. The state holds [B, H, d_l, d_{l-1}] tensors as usual.
-    Returns (y [N, 1, D], state after the token); `stats` (if a dict) gets "surprise" and "update_norm" [B, H, 1].
+    q, k, v [N, 1, D]; weights, momentum, anchor: per layer [N, d_l, d_{l-1}]. Per layer l, gates broadcast against
+    the rank-one factor g^l [N, 1, d_l] and the weights: theta[l] and eta[l] [N, 1, 1]; keep[l] = 1 - alpha_l,
+    [N, 1, 1] or channel-wise [N, d_l, 1]. eta None = no momentum, keep None = no forgetting.
+    Returns (y [N, 1, D], weights M_t, momentum S_t); `stats` (if a dict) gets "surprise" and "update_norm" [N].
     """
-    batch, heads = state.weights[0].shape[:2]
-    n = batch * heads
     depth = network.depth
-
-    def flat(ts: tuple[Tensor, ...]) -> list[Tensor]:  # [B, H, d_l, d_{l-1}] -> [N, d_l, d_{l-1}] (bmm's layout)
-        return [t.reshape(n, *t.shape[2:]) for t in ts]
-
-    weights, momentum = flat(state.weights), flat(state.momentum)
-    if state.position % chunk_size == 0 or state.anchor is state.weights:
-        anchor = weights  # Eq. 16: the token starts a chunk, its gradient is taken at the current weights
-    else:
-        anchor = flat(state.anchor)
-
     # forward of k_t through the anchor network, keeping each layer's input a^l and sigma'(z^l)
     inputs, derivs, h = [], [], k
     for i, w in enumerate(anchor):
@@ -165,10 +159,47 @@ def step_layers(
         new_momentum.append(s)
 
     y = read_flat(network, new_weights, q)  # Eq. 15: read with the weights that include this token's write
-
     if stats is not None:
-        stats["surprise"] = err.square().sum(-1).view(batch, heads, 1)
-        stats["update_norm"] = norm_sq.sqrt().view(batch, heads, 1)
+        stats["surprise"] = err.square().sum(-1).view(-1)
+        stats["update_norm"] = norm_sq.sqrt().view(-1)
+    return y, new_weights, new_momentum
+
+
+def step_layers(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Sequence[Tensor],
+    eta: Sequence[Tensor] | None,
+    keep: Sequence[Tensor] | None,
+    network: MemoryMLP,
+    state: MemoryState,
+    chunk_size: int,
+    grad_clip: float | None = None,
+    stats: dict[str, Tensor] | None = None,
+) -> tuple[Tensor, MemoryState]:
+    """One token at the state's (Python int) position: `rank_one_step` with the chunk anchor of Eq. 16.
+
+    q, k, v [N, 1, D] and the gates as in `rank_one_step`; the state holds [B, H, d_l, d_{l-1}] tensors as usual.
+    Returns (y [N, 1, D], state after the token); `stats` (if a dict) gets "surprise" and "update_norm" [B, H, 1].
+    """
+    batch, heads = state.weights[0].shape[:2]
+    n = batch * heads
+
+    def flat(ts: tuple[Tensor, ...]) -> list[Tensor]:  # [B, H, d_l, d_{l-1}] -> [N, d_l, d_{l-1}] (bmm's layout)
+        return [t.reshape(n, *t.shape[2:]) for t in ts]
+
+    weights = flat(state.weights)
+    if state.position % chunk_size == 0 or state.anchor is state.weights:
+        anchor = weights  # Eq. 16: the token starts a chunk, its gradient is taken at the current weights
+    else:
+        anchor = flat(state.anchor)
+    y, new_weights, new_momentum = rank_one_step(
+        q, k, v, theta, eta, keep, network, weights, flat(state.momentum), anchor, grad_clip, stats
+    )
+    if stats is not None:
+        stats["surprise"] = stats["surprise"].view(batch, heads, 1)
+        stats["update_norm"] = stats["update_norm"].view(batch, heads, 1)
     position = state.position + 1
     shaped_weights = tuple(w.view(batch, heads, *w.shape[1:]) for w in new_weights)
     shaped_momentum = tuple(s.view(batch, heads, *s.shape[1:]) for s in new_momentum)
@@ -177,6 +208,36 @@ def step_layers(
     else:
         new_anchor = state.weights if state.position % chunk_size == 0 else state.anchor
     return y, MemoryState(shaped_weights, shaped_momentum, new_anchor, position)
+
+
+def step_layers_fixed(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Sequence[Tensor],
+    eta: Sequence[Tensor] | None,
+    keep: Sequence[Tensor] | None,
+    network: MemoryMLP,
+    weights: Sequence[Tensor],
+    momentum: Sequence[Tensor],
+    anchor: Sequence[Tensor],
+    position: Tensor,
+    chunk_size: int,
+    grad_clip: float | None = None,
+) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    """`step_layers` with the position a 0-d long tensor and flat [N, d_l, d_{l-1}] tensors, for fixed-shape decoding.
+
+    The chunk-boundary choices of Eq. 16 become elementwise selects instead of Python branches, so one traced
+    (torch.compile) function serves every position. Returns (y [N, 1, D], weights, momentum, anchor after the token).
+    """
+    starts_chunk = position % chunk_size == 0
+    anchor = [torch.where(starts_chunk, w, a) for w, a in zip(weights, anchor, strict=True)]
+    y, new_weights, new_momentum = rank_one_step(
+        q, k, v, theta, eta, keep, network, weights, momentum, anchor, grad_clip
+    )
+    ends_chunk = (position + 1) % chunk_size == 0  # the next token starts a chunk at the new weights
+    new_anchor = [torch.where(ends_chunk, w, a) for w, a in zip(new_weights, anchor, strict=True)]
+    return y, new_weights, new_momentum, new_anchor
 
 
 def step_memory(

@@ -104,6 +104,7 @@ class TitansLM(nn.Module):
         self.blocks = nn.ModuleList(make_block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self._compiled_step = None  # compile_decode()
         self._init_parameters()
 
     def _init_parameters(self) -> None:
@@ -285,18 +286,66 @@ class TitansLM(nn.Module):
 
         new_tokens: list[torch.Tensor] = []
         logits, _, state = self(idx)
+        logits = logits[:, -1]
+        fixed = self._fixed_states(state, idx.shape[1] + max_new_tokens) if use_cache else None
         for step in range(max_new_tokens):
-            next_token = self._sample(logits[:, -1], temperature, top_k, generator)
+            next_token = self._sample(logits, temperature, top_k, generator)
             new_tokens.append(next_token)
             if step == max_new_tokens - 1:
                 break
-            if use_cache:
+            if fixed is not None:
+                logits, fixed = (self._compiled_step or self._fixed_step)(next_token, fixed)
+            elif use_cache:
                 # the prompt and the state were checked by the first call; sampled ids are in the vocabulary by
                 # construction, so each step skips forward's validation (a host sync per token)
                 logits, _, state = self._forward(next_token, None, state)
+                logits = logits[:, -1]
             else:
-                logits, _, _ = self(torch.cat([idx, *new_tokens], dim=1))
+                logits = self(torch.cat([idx, *new_tokens], dim=1))[0][:, -1]
         return torch.cat([idx, *new_tokens], dim=1)
+
+    def compile_decode(self, enabled: bool = True, backend: str = "inductor") -> None:
+        """Run `generate`'s cached one-token step through torch.compile (eager when enabled is False).
+
+        The step (`_fixed_step`: embedding, every block's `decode_fixed`, norm, head) has fixed shapes and carries the
+        position as a tensor, so one compilation serves a whole generation and every later one with the same batch
+        size and dtype. Its results equal the eager step's (tests/test_compile.py). It applies when every block has a
+        fixed-shape decode (all five variants do) and the memory writes normally (no stats probe, writes on).
+        The first generation pays the compilation (about a minute on 2 CPU cores with an empty inductor cache);
+        inductor on CPU needs a C++ compiler. backend: torch.compile's ("aot_eager" for tests).
+        """
+        # cpp_wrapper: the generated program's glue is C++ as well, not Python (a decode step is a few hundred small
+        # kernel and matmul calls, so the glue costs as much as the arithmetic: 390 -> 456 tokens/s measured)
+        on_cpu = self.head.weight.device.type == "cpu"
+        options = {"cpp_wrapper": True} if backend == "inductor" and on_cpu else None
+        self._compiled_step = (
+            torch.compile(self._fixed_step, dynamic=False, fullgraph=True, backend=backend, options=options)
+            if enabled
+            else None
+        )
+
+    def _fixed_states(self, state: LMState, capacity: int) -> list[Any] | None:
+        """Every block's state in fixed-shape form (`block.fixed_state`), or None when some block has none or a memory
+        is probed (stats_sink) or read-only (update_memory False), which the fixed step does not implement.
+        capacity: stream positions the decode may reach (full attention preallocates its cache to it)."""
+        for module in self.modules():
+            if isinstance(module, NeuralMemory) and (module.stats_sink is not None or not module.update_memory):
+                return None
+        if torch.is_autocast_enabled(self.head.weight.device.type):
+            return None
+        if not all(callable(getattr(block, "decode_fixed", None)) for block in self.blocks):
+            return None
+        capacity += self.n_prefix
+        return [block.fixed_state(s, capacity) for block, s in zip(self.blocks, state.block_states, strict=True)]
+
+    def _fixed_step(self, token: torch.Tensor, states: list[Any]) -> tuple[torch.Tensor, list[Any]]:
+        """One decoded token on fixed-shape block states: token [B, 1] -> (logits [B, V], states after it)."""
+        x = self.embed(token[:, 0])  # [B, D]
+        new_states = []
+        for block, state in zip(self.blocks, states, strict=True):
+            x, state = block.decode_fixed(x, state)
+            new_states.append(state)
+        return decode_linear(self.norm(x), self.head), new_states
 
     @staticmethod
     def _sample(

@@ -13,7 +13,7 @@ from torch import nn
 
 from titans.config import ModelConfig
 from titans.models.backbone import TitansLM
-from titans.models.layers import Attention, KVCache, RMSNorm, SwiGLU, swiglu_hidden
+from titans.models.layers import Attention, FixedKVCache, KVCache, RMSNorm, SwiGLU, swiglu_hidden
 
 
 class BaselineBlock(nn.Module):
@@ -39,6 +39,15 @@ class BaselineBlock(nn.Module):
         x = x + h
         x = x + self.mlp(self.mlp_norm(x))
         return x, cache
+
+    def fixed_state(self, state: KVCache, capacity: int) -> FixedKVCache:
+        return self.attn.fixed_cache(state, capacity)
+
+    def decode_fixed(self, row: torch.Tensor, fixed: FixedKVCache) -> tuple[torch.Tensor, FixedKVCache]:
+        """`forward` for one token on a fixed-shape cache (generate's compiled step): row [B, D] -> row [B, D]."""
+        h, fixed = self.attn.decode_fixed(self.attn_norm(row), fixed)
+        x = row + h
+        return x + self.mlp(self.mlp_norm(x)), fixed
 
 
 def build_baseline(cfg: ModelConfig) -> TitansLM:

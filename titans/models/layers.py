@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -173,6 +174,20 @@ class KVCache:
         return self.k_prefix.shape[-2] + self.k_recent.shape[-2]
 
 
+class FixedKVCache(NamedTuple):
+    """A KVCache for fixed-shape decoding (`Attention.decode_fixed`): tensors only, so that one compiled step serves
+    every position.
+
+    keys, values [B, H, P + R, Dh]: P = n_prefix prefix slots (windowed attention; slot i holds position i), then a
+    ring of R slots where position s lives in slot s mod R: R = window (the last `window` positions), or for full
+    attention the capacity (every position the stream will reach). position: 0-d long tensor, the next token's.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    position: torch.Tensor
+
+
 def _blocked_window_attention(
     q: torch.Tensor,
     k_prefix: torch.Tensor,
@@ -332,6 +347,51 @@ class Attention(nn.Module):
         keep = min(seen, self.window - 1)
         start = k_recent.shape[2] - keep
         return KVCache(k_prefix, v_prefix, k_recent[:, :, start:], v_recent[:, :, start:], seen)
+
+    def fixed_cache(self, cache: KVCache, capacity: int) -> FixedKVCache:
+        """`cache` laid out in fixed slots for `decode_fixed`; capacity: stream positions the decode may reach (full
+        attention holds them all; a window holds `window`)."""
+        seen = cache.seen
+        batch, heads, _, head_dim = cache.k_recent.shape
+        prefix = self.n_prefix if self.window is not None else 0
+        ring = self.window if self.window is not None else max(capacity, seen + 1)
+        slots = []
+        for stored, recent in ((cache.k_prefix, cache.k_recent), (cache.v_prefix, cache.v_recent)):
+            buffer = recent.new_zeros(batch, heads, prefix + ring, head_dim)
+            buffer[:, :, : stored.shape[2]] = stored
+            # the recent keys are positions seen-R' .. seen-1, in order: each goes to slot prefix + (s mod ring)
+            recent_positions = torch.arange(seen - recent.shape[2], seen, device=recent.device)
+            buffer[:, :, prefix + recent_positions % ring] = recent
+            slots.append(buffer)
+        return FixedKVCache(slots[0], slots[1], torch.tensor(seen, device=cache.k_recent.device))
+
+    def decode_fixed(self, row: torch.Tensor, fixed: FixedKVCache) -> tuple[torch.Tensor, FixedKVCache]:
+        """One token on a fixed-shape cache, forward only: row [B, D] -> (y [B, D], cache after it).
+
+        The same attention as `forward` (tested), with masks in place of growing shapes: the token writes its key and
+        value to its ring slot (and, among the first n_prefix positions, to its prefix slot) and attends to the ring
+        slots that hold a position (all of them in the window) and to the prefix slots that slid out of the window.
+        """
+        B, d = row.shape
+        H, Dh = self.n_heads, self.head_dim
+        p = fixed.position
+        prefix = self.n_prefix if self.window is not None else 0
+        ring = fixed.keys.shape[2] - prefix
+        q, k, v = decode_linear(row, self.qkv).view(B, 3, H, 1, Dh).unbind(1)  # each [B, H, 1, Dh]
+        cos, sin = rope_cache(p.view(1), Dh, self.rope_base, row.dtype, row.device)
+        q, k = apply_rope(torch.stack([q, k]), cos, sin).unbind(0)
+        slots = torch.arange(prefix + ring, device=row.device)
+        in_ring = slots - prefix  # ring index of each slot (negative for prefix slots)
+        write = torch.where(slots < prefix, slots == p, in_ring == p % ring)[:, None]  # [S, 1]
+        keys = torch.where(write, k, fixed.keys)
+        values = torch.where(write, v, fixed.values)
+        held = p - (p - in_ring) % ring  # the position a ring slot holds after this write (< 0: none yet)
+        if self.window is None:
+            visible = held >= 0
+        else:
+            visible = torch.where(slots < prefix, slots <= p - self.window, held >= 0)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[None, :])
+        return decode_linear(y.reshape(B, d), self.out), FixedKVCache(keys, values, p + 1)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same layer computed with the dense reference_attention, for a whole stream from position 0. [B, T, D]."""

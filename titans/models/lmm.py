@@ -13,6 +13,7 @@ from torch import nn
 
 from titans.config import ModelConfig
 from titans.memory import NeuralMemory, NeuralMemoryState
+from titans.memory.module import FixedMemoryState
 from titans.models.backbone import TitansLM
 from titans.models.layers import RMSNorm, SwiGLU, swiglu_hidden
 
@@ -33,6 +34,15 @@ class LMMBlock(nn.Module):
         h, state = self.memory(self.memory_norm(x), state)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), state
+
+    def fixed_state(self, state: NeuralMemoryState, capacity: int) -> FixedMemoryState:
+        return self.memory.fixed_state(state)
+
+    def decode_fixed(self, row: torch.Tensor, fixed: FixedMemoryState) -> tuple[torch.Tensor, FixedMemoryState]:
+        """`forward` for one token on fixed-shape state (generate's compiled step): row [B, D] -> row [B, D]."""
+        h, fixed = self.memory.decode_fixed(self.memory_norm(row), fixed)
+        x = row + h
+        return x + self.mlp(self.mlp_norm(x)), fixed
 
 
 def build_lmm(cfg: ModelConfig) -> TitansLM:

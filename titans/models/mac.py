@@ -21,6 +21,7 @@ values of the current segment's retrieved and input tokens — at most 2C positi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from torch import nn
 
 from titans.config import ModelConfig
 from titans.memory import MemoryState, NeuralMemory, NeuralMemoryState
-from titans.memory.module import CausalDepthwiseConv
+from titans.memory.module import CausalDepthwiseConv, FixedMemoryState
 from titans.memory.step import decode_linear, read_flat, rms_norm_rows
 from titans.models.backbone import TitansLM
 from titans.models.layers import GatedCombine, RMSNorm, SwiGLU, apply_rope, rope_cache, swiglu_hidden
@@ -49,6 +50,20 @@ class MACState:
     x_keys: torch.Tensor
     x_values: torch.Tensor
     position: int
+
+
+class FixedMACState(NamedTuple):
+    """MACState for fixed-shape decoding (`MACBlock.decode_fixed`), tensors only: the memory's FixedMemoryState;
+    committed: M*_{s-1} per layer [B * H, d_l, d_{l-1}]; retrieve_conv as in MACState; keys/values
+    [B, H, Np + 2C, Dh]: persistent, then retrieved-token slots 0..C-1, then segment-token slots 0..C-1 (slots past the
+    segment's current token are stale and masked); position: 0-d long tensor."""
+
+    memory: FixedMemoryState
+    committed: tuple[torch.Tensor, ...]
+    retrieve_conv: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    position: torch.Tensor
 
 
 class MACBlock(nn.Module):
@@ -186,45 +201,95 @@ class MACBlock(nn.Module):
         return y, cache
 
     def _decode(self, x: torch.Tensor, state: MACState) -> tuple[torch.Tensor, MACState]:
-        """One token, forward only (generate's step): x [B, 1, D] -> (x [B, 1, D], state); equals `forward` (tested).
+        """One token, forward only, for `forward`: x [B, 1, D] -> (x [B, 1, D], state), through `decode_fixed`."""
+        out, fixed = self.decode_fixed(x[:, 0], self.fixed_state(state))
+        return out.unsqueeze(1), self.state_from_fixed(fixed)
 
-        The same Eqs. 21-25 as `forward` on [B, D] rows: fused, cached-transpose projections (`decode_linear`), the
-        retrieval read with `bmm` on the flattened committed weights, one RoPE rotation, no attention mask (a single
-        query sees every cached key) and the memory's one-token step.
+    def fixed_state(self, state: MACState, capacity: int = 0) -> FixedMACState:
+        """The state as `decode_fixed` carries it: the segment's keys and values in fixed slots, the position as a
+        tensor. capacity (positions a decode may reach) is not needed: MAC's cache is bounded by the segment."""
+        C = self.segment_len
+        batch, seen = state.x_keys.shape[0], state.x_keys.shape[2]
+        dtype = state.retrieve_conv.dtype
+        free = state.x_keys.new_zeros(batch, self.heads, C - seen, self.head_dim)
+        keys, values = [state.h_keys, free, state.x_keys, free], [state.h_values, free, state.x_values, free]
+        if self.persistent is not None:
+            k_p, v_p = self._persistent_kv(dtype)
+            keys.insert(0, k_p.expand(batch, -1, -1, -1))
+            values.insert(0, v_p.expand(batch, -1, -1, -1))
+        self._rope(0, 1, dtype, state.retrieve_conv.device)  # build the RoPE table outside any traced function
+        n = batch * self.memory.heads
+        committed = tuple(w.reshape(n, *w.shape[2:]).clone() for w in state.committed.weights)
+        return FixedMACState(
+            self.memory.fixed_state(state.memory),
+            committed,
+            state.retrieve_conv.contiguous(),
+            torch.cat(keys, 2),
+            torch.cat(values, 2),
+            torch.tensor(state.position, device=state.retrieve_conv.device),
+        )
+
+    def state_from_fixed(self, fixed: FixedMACState) -> MACState:
+        """The MACState that `fixed` stands for (the inverse of `fixed_state`)."""
+        C, Np = self.segment_len, self.n_persistent
+        position = int(fixed.position)
+        seen = position % C
+        memory = self.memory.state_from_fixed(fixed.memory)
+        batch = fixed.keys.shape[0]
+        committed = tuple(w.view(batch, self.memory.heads, *w.shape[1:]) for w in fixed.committed)
+        # Eq. 21 reads only the committed weights: the fixed state carries no momentum or anchor for them
+        committed_state = MemoryState(committed, committed, committed, position - seen)
+        cached = [t[:, :, start : start + seen] for t in (fixed.keys, fixed.values) for start in (Np, Np + C)]
+        h_keys, x_keys, h_values, x_values = cached
+        return MACState(memory, committed_state, fixed.retrieve_conv, h_keys, h_values, x_keys, x_values, position)
+
+    def decode_fixed(self, row: torch.Tensor, fixed: FixedMACState) -> tuple[torch.Tensor, FixedMACState]:
+        """Eqs. 21-25 for one token on fixed-shape state, forward only: row [B, D] -> (row [B, D], state after it).
+
+        Equals `forward` (tested). Written for torch.compile: no Python branch on the position and no growing
+        shape, so one traced step serves every position. The segment's keys and values sit in fixed slots
+        [persistent | retrieved 0..C-1 | segment 0..C-1]; token i of the segment writes slot i of both halves and
+        attends with a mask to the persistent slots and slots <= i. Projections sharing an input run as one matmul
+        (`decode_linear`); the retrieval reads the committed weights with `bmm`.
         """
-        B, _, d = x.shape
-        heads, head_dim, n = self.heads, self.head_dim, x.shape[0] * self.heads
-        offset = state.position % self.segment_len
-        row = x[:, 0]
+        B, d = row.shape
+        heads, head_dim, C, Np = self.heads, self.head_dim, self.segment_len, self.n_persistent
+        offset = fixed.position % C  # the token's place in its segment
         h = self.norm(row)
         # Eq. 21's query and the segment token's q, k, v: two projections of h in one matmul
         r_q, q, k_x, v_x = decode_linear(h, self.retrieve_query, self.qkv).split(d, dim=1)
-        r_q, conv = self.retrieve_conv.step(r_q, state.retrieve_conv)
+        r_q, conv = self.retrieve_conv.step(r_q, fixed.retrieve_conv)
         memory = self.memory
-        r_q = F.normalize(F.silu(r_q).view(n, 1, memory.head_dim), dim=-1)
-        committed = [w.reshape(n, *w.shape[2:]) for w in state.committed.weights]
-        r = read_flat(memory.network, committed, r_q if r_q.dtype == committed[0].dtype else r_q.to(committed[0].dtype))
+        inner = fixed.committed[0].dtype
+        r_q = F.normalize(F.silu(r_q).view(-1, 1, memory.head_dim), dim=-1)
+        r = read_flat(memory.network, fixed.committed, r_q if r_q.dtype == inner else r_q.to(inner))  # Eq. 21
         r = rms_norm_rows(r, self.retrieve_norm.to(r.dtype), 1e-6).view(B, d)
         retrieved = decode_linear(r if r.dtype == h.dtype else r.to(h.dtype), self.retrieve_out)
         _, k_h, v_h = decode_linear(retrieved, self.qkv).split(d, dim=1)
-        cos, sin = self._rope(offset + self.n_persistent, 1, h.dtype, h.device)
+        cos_table, sin_table = self._rope_tables[(h.dtype, h.device)]
+        at = (offset + Np).view(1)  # the retrieved and the segment token share position Np + offset
+        cos, sin = cos_table.index_select(0, at), sin_table.index_select(0, at)
         rotated = apply_rope(torch.stack([q, k_x, k_h]).view(3, B, heads, 1, head_dim), cos, sin)
         q, k_x, k_h = rotated.unbind(0)  # each [B, H, 1, Dh]
         v_x, v_h = v_x.view(B, heads, 1, head_dim), v_h.view(B, heads, 1, head_dim)
-        cache, keys, values = self._extend_cache(state, k_h, v_h, k_x, v_x)
-        y = F.scaled_dot_product_attention(q, keys, values)  # Eq. 23
+        slots = torch.arange(Np + 2 * C, device=row.device)
+        in_segment = slots - Np - torch.where(slots >= Np + C, C, 0)  # segment position of each slot
+        write_h = (slots == Np + offset)[:, None]
+        write_x = (slots == Np + C + offset)[:, None]
+        keys = torch.where(write_h, k_h, torch.where(write_x, k_x, fixed.keys))
+        values = torch.where(write_h, v_h, torch.where(write_x, v_x, fixed.values))
+        visible = ((slots < Np) | (in_segment <= offset))[None, :]  # Eq. 22's causal mask for this token, [1, S]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)  # Eq. 23
         y = decode_linear(y.view(B, d), self.attn_out)
-        m, memory_state = memory.decode_step(y.unsqueeze(1), state.memory)  # Eqs. 24-25
-        piece = row + self.combine(y, m[:, 0])
+        m, memory_state = memory.decode_fixed(y, fixed.memory)  # Eqs. 24-25
+        piece = row + self.combine(y, m)
         out = piece + self.mlp(self.mlp_norm(piece))
-        position = state.position + 1
-        if position % self.segment_len == 0:
-            empty = x.new_zeros(B, heads, 0, head_dim)
-            new_state = MACState(memory_state, memory_state.memory, conv, empty, empty, empty, empty, position)
-        else:
-            kv = (cache.h_keys, cache.h_values, cache.x_keys, cache.x_values)
-            new_state = MACState(memory_state, state.committed, conv, *kv, position)
-        return out.unsqueeze(1), new_state
+        # the segment's last token commits the memory for the next segment's retrieval; stale slots stay masked
+        ends_segment = offset == C - 1
+        committed = tuple(
+            torch.where(ends_segment, w, c) for w, c in zip(memory_state.weights, fixed.committed, strict=True)
+        )
+        return out, FixedMACState(memory_state, committed, conv.contiguous(), keys, values, fixed.position + 1)
 
     def forward(self, x: torch.Tensor, state: MACState | None = None) -> tuple[torch.Tensor, MACState]:
         """x [B, T, D] -> x [B, T, D], segment by segment (segments depend on each other through the memory).

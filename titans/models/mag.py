@@ -12,20 +12,29 @@ one. Decoding cost per token is bounded: a KV cache of N_p + window - 1 position
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from titans.config import ModelConfig
 from titans.memory import NeuralMemory, NeuralMemoryState
+from titans.memory.module import FixedMemoryState
 from titans.models.backbone import TitansLM
-from titans.models.layers import Attention, GatedCombine, KVCache, RMSNorm, SwiGLU, swiglu_hidden
+from titans.models.layers import Attention, FixedKVCache, GatedCombine, KVCache, RMSNorm, SwiGLU, swiglu_hidden
 
 
 @dataclass
 class MAGState:
     attention: KVCache
     memory: NeuralMemoryState
+
+
+class FixedMAGState(NamedTuple):
+    """MAGState for fixed-shape decoding (`MAGBlock.decode_fixed`)."""
+
+    attention: FixedKVCache
+    memory: FixedMemoryState
 
 
 class MAGBlock(nn.Module):
@@ -47,6 +56,17 @@ class MAGBlock(nn.Module):
         m, memory = self.memory(h, None if state is None else state.memory)
         x = x + self.combine(y, m)
         return x + self.mlp(self.mlp_norm(x)), MAGState(cache, memory)
+
+    def fixed_state(self, state: MAGState, capacity: int) -> FixedMAGState:
+        return FixedMAGState(self.attn.fixed_cache(state.attention, capacity), self.memory.fixed_state(state.memory))
+
+    def decode_fixed(self, row: torch.Tensor, fixed: FixedMAGState) -> tuple[torch.Tensor, FixedMAGState]:
+        """`forward` for one token on fixed-shape state (generate's compiled step): row [B, D] -> row [B, D]."""
+        h = self.norm(row)
+        y, cache = self.attn.decode_fixed(h, fixed.attention)
+        m, memory = self.memory.decode_fixed(h, fixed.memory)
+        x = row + self.combine(y, m)
+        return x + self.mlp(self.mlp_norm(x)), FixedMAGState(cache, memory)
 
 
 def build_mag(cfg: ModelConfig) -> TitansLM:

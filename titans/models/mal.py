@@ -10,20 +10,29 @@ is x + LMM(RMSNorm(x)), then x + SWA(RMSNorm(x)) with the prefix kept visible, t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from titans.config import ModelConfig
 from titans.memory import NeuralMemory, NeuralMemoryState
+from titans.memory.module import FixedMemoryState
 from titans.models.backbone import TitansLM
-from titans.models.layers import Attention, KVCache, RMSNorm, SwiGLU, swiglu_hidden
+from titans.models.layers import Attention, FixedKVCache, KVCache, RMSNorm, SwiGLU, swiglu_hidden
 
 
 @dataclass
 class MALState:
     memory: NeuralMemoryState
     attention: KVCache
+
+
+class FixedMALState(NamedTuple):
+    """MALState for fixed-shape decoding (`MALBlock.decode_fixed`)."""
+
+    memory: FixedMemoryState
+    attention: FixedKVCache
 
 
 class MALBlock(nn.Module):
@@ -45,6 +54,17 @@ class MALBlock(nn.Module):
         y, cache = self.attn(self.attn_norm(x), None if state is None else state.attention)
         x = x + y
         return x + self.mlp(self.mlp_norm(x)), MALState(memory, cache)
+
+    def fixed_state(self, state: MALState, capacity: int) -> FixedMALState:
+        return FixedMALState(self.memory.fixed_state(state.memory), self.attn.fixed_cache(state.attention, capacity))
+
+    def decode_fixed(self, row: torch.Tensor, fixed: FixedMALState) -> tuple[torch.Tensor, FixedMALState]:
+        """`forward` for one token on fixed-shape state (generate's compiled step): row [B, D] -> row [B, D]."""
+        m, memory = self.memory.decode_fixed(self.memory_norm(row), fixed.memory)
+        x = row + m
+        y, cache = self.attn.decode_fixed(self.attn_norm(x), fixed.attention)
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), FixedMALState(memory, cache)
 
 
 def build_mal(cfg: ModelConfig) -> TitansLM:
