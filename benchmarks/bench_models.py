@@ -297,7 +297,8 @@ def measure_isolated(args: argparse.Namespace, case: ModelCase) -> dict[str, Any
 def peer_comparison(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Ours vs titans-pytorch 0.5.5: MAC training at its shape, and cached generation of a ~1.3M-parameter MAC."""
     rows, targets = [], []
-    lengths = [] if args.quick else [512, 1024, 2048]  # --quick: generation only (same code path, one worker less)
+    # --quick: generation only (same code path, one worker less)
+    lengths = [] if args.quick or "train" not in args.peer_parts else [512, 1024, 2048]
     compiled = [False, True] if args.compile else [False]
     for length in lengths:
         ours = {c: measure_isolated(args, ModelCase("MAC", length, batch=4, compile=c)) for c in compiled}
@@ -325,6 +326,8 @@ def peer_comparison(args: argparse.Namespace) -> tuple[list[dict[str, Any]], lis
                     "met": ratio >= 5,
                 }
             )
+    if "generate" not in args.peer_parts:
+        return rows, targets
     new_tokens = 4 if args.quick else 64
     ours = {
         c: measure_isolated(args, ModelCase("MAC", new_tokens, kind="generate", compile=c, **GEN_OURS))
@@ -369,6 +372,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "generation)",
     )
     p.add_argument("--peer-only", action="store_true", help="skip the per-variant sweep: MAC's gate, then the peer")
+    p.add_argument(
+        "--peer-parts",
+        type=lambda s: s.split(","),
+        default=["train", "generate"],
+        help="which comparisons with the peer to run: train,generate (default both)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads < 1 or args.repeats < 1 or args.warmup < 0:
@@ -380,6 +389,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown --variants {unknown}; choose from {','.join(VARIANTS)}")
     if args.peer_only:
         args.variants = ["MAC"]
+    if not args.peer_parts or set(args.peer_parts) - {"train", "generate"}:
+        p.error(f"--peer-parts takes train, generate or both (comma-separated), got {','.join(args.peer_parts)}")
     return args
 
 
