@@ -120,8 +120,8 @@ def test_compiled_memory_chunks_equal_eager(variant: str, backend: str, monkeypa
     calls = [0]
     real = chunked.compiled_chunk
 
-    def counting(backend: str = "inductor"):
-        compiled = real(backend)
+    def counting(backend: str = "inductor", device_type: str = "cpu"):
+        compiled = real(backend, device_type)
 
         def counted(*args):
             calls[0] += 1

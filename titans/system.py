@@ -46,3 +46,14 @@ def cpu_compiler() -> str | None:
         if found:
             return found
     return None
+
+
+def compile_options(backend: str, device_type: str) -> dict | None:
+    """torch.compile options for this project's compiled paths (training segments and chunks, the decode step).
+
+    On CPU, inductor's C++ wrapper: the glue between the generated kernels (a few hundred kernel and small-matmul
+    calls per compiled segment or decode step) becomes C++ instead of Python. Measured on 2 CPU cores: MAC training
+    5.8k -> 6.9k tokens/s (d_model 64, batch 4, T 1024), decoding 390 -> 456 tokens/s. A cold compilation takes
+    longer (about 2 minutes for a MAC training segment, forward and backward); a warm cache loads in seconds.
+    """
+    return {"cpp_wrapper": True} if backend == "inductor" and device_type == "cpu" else None

@@ -27,9 +27,11 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from titans.matmul import matmul
 from titans.memory.inputs import GateArg, LayerGates, prepare
 from titans.memory.network import MemoryMLP, activation, layer_norm
 from titans.memory.state import MemoryState
+from titans.system import compile_options
 
 
 def segment_sum(x: Tensor) -> Tensor:
@@ -88,8 +90,8 @@ class ChunkCoefficients:
             mom_decay, mom_mix = mom_cum[..., -1], mom_ratio[..., -1, :] * theta
             if channelwise:
                 mom_ratio, mom_cum = mom_ratio.unsqueeze(-3), mom_cum.unsqueeze(-2)
-            mix = decay_ratio @ mom_ratio
-            carry = (decay_ratio @ mom_cum.unsqueeze(-1)).squeeze(-1)
+            mix = matmul(decay_ratio, mom_ratio)
+            carry = matmul(decay_ratio, mom_cum.unsqueeze(-1)).squeeze(-1)
         theta_cols = theta[..., None, None, :] if channelwise else theta[..., None, :]
         mix = mix * theta_cols
         if channelwise:
@@ -147,30 +149,30 @@ def _layer_output(h: Tensor, w0: Tensor, s0: Tensor, a: Tensor, g: Tensor, co: C
 
     h [B, H, b, d_in]; w0, s0 [B, H, d_out, d_in]; a [B, H, b, d_in]; g [B, H, b, d_out] -> [B, H, b, d_out].
     """
-    scores = h @ a.transpose(-1, -2)  # (a_i . h_t): [B, H, b, b]
+    scores = matmul(h, a.transpose(-1, -2))  # (a_i . h_t): [B, H, b, b]
     if co.channelwise:
-        out = co.decay * (h @ w0.transpose(-1, -2))
+        out = co.decay * matmul(h, w0.transpose(-1, -2))
         if co.carry is not None:
-            out = out + co.carry * (h @ s0.transpose(-1, -2))
+            out = out + co.carry * matmul(h, s0.transpose(-1, -2))
         return out - torch.einsum("bhti,bhcti,bhic->bhtc", scores, co.mix, g)
-    out = co.decay.unsqueeze(-1) * (h @ w0.transpose(-1, -2))
+    out = co.decay.unsqueeze(-1) * matmul(h, w0.transpose(-1, -2))
     if co.carry is not None:
-        out = out + co.carry.unsqueeze(-1) * (h @ s0.transpose(-1, -2))
-    return out - (scores * co.mix) @ g
+        out = out + co.carry.unsqueeze(-1) * matmul(h, s0.transpose(-1, -2))
+    return out - matmul(scores * co.mix, g)
 
 
 def _layer_end_state(w0: Tensor, s0: Tensor, a: Tensor, g: Tensor, co: ChunkCoefficients) -> tuple[Tensor, Tensor]:
     """(M_b, S_b) of one layer at the chunk's last token (chunked-memory.md §5). All [B, H, d_out, d_in]."""
-    s_new = -(g * co.mom_mix.unsqueeze(-1)).transpose(-1, -2) @ a
+    s_new = -matmul((g * co.mom_mix.unsqueeze(-1)).transpose(-1, -2), a)
     if co.mom_decay is not None:
         s_new = s_new + co.mom_decay[..., None, None] * s0
     if co.channelwise:
         row = co.mix[..., -1, :].transpose(-1, -2)  # C_{b,i,c} theta_i as [B, H, b, c]
-        w_new = co.decay[:, :, -1, :, None] * w0 - (g * row).transpose(-1, -2) @ a
+        w_new = co.decay[:, :, -1, :, None] * w0 - matmul((g * row).transpose(-1, -2), a)
         if co.carry is not None:
             w_new = w_new + co.carry[:, :, -1, :, None] * s0
         return w_new, s_new
-    w_new = co.decay[..., -1, None, None] * w0 - (g * co.mix[..., -1, :].unsqueeze(-1)).transpose(-1, -2) @ a
+    w_new = co.decay[..., -1, None, None] * w0 - matmul((g * co.mix[..., -1, :].unsqueeze(-1)).transpose(-1, -2), a)
     if co.carry is not None:
         w_new = w_new + co.carry[..., -1, None, None] * s0
     return w_new, s_new
@@ -215,18 +217,21 @@ def _chunk(
     return y, new_weights, new_momentum
 
 
-_COMPILED_CHUNKS: dict[str, Callable] = {}
+_COMPILED_CHUNKS: dict[tuple[str, str], Callable] = {}
 
 
-def compiled_chunk(backend: str = "inductor") -> Callable:
-    """`_chunk` through torch.compile with `backend` (one per backend, shared by every caller; static shapes).
+def compiled_chunk(backend: str = "inductor", device_type: str = "cpu") -> Callable:
+    """`_chunk` through torch.compile with `backend` (one per backend and device type, shared by every caller;
+    static shapes).
 
     The chunk body is a few dozen ops, many of them elementwise over weight-sized tensors (the decays and carries
     of Eq. 18's end state); compiled, those fuse into single passes over memory. Same function, same results.
     """
-    if backend not in _COMPILED_CHUNKS:
-        _COMPILED_CHUNKS[backend] = torch.compile(_chunk, dynamic=False, backend=backend)
-    return _COMPILED_CHUNKS[backend]
+    key = (backend, device_type)
+    if key not in _COMPILED_CHUNKS:
+        options = compile_options(backend, device_type)
+        _COMPILED_CHUNKS[key] = torch.compile(_chunk, dynamic=False, backend=backend, options=options)
+    return _COMPILED_CHUNKS[key]
 
 
 def chunked_memory(
@@ -272,7 +277,9 @@ def chunked_memory(
     q_spans, k_spans, v_spans = (t.split([hi - lo for lo, hi in bounds], dim=2) for t in (q, k, v))
     group_gates = [g.split([span[-1][1] - span[0][0] for span in groups]) for g in gates]
 
-    compiled = compiled_chunk(compile_backend) if compile_backend is not None and collected is None else None
+    compiled = None
+    if compile_backend is not None and collected is None:
+        compiled = compiled_chunk(compile_backend, q.device.type)
 
     def run_spans(index: int, *flat_state: Tensor) -> tuple[Tensor, ...]:
         ws, ss, an = list(flat_state[:depth]), list(flat_state[depth : 2 * depth]), list(flat_state[2 * depth :])

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from titans.matmul import Linear
 from titans.memory.chunked import chunked_memory
 from titans.memory.naive import naive_memory
 from titans.memory.network import Activation, MemoryMLP
@@ -174,17 +175,17 @@ class NeuralMemory(nn.Module):
         self.network = MemoryMLP(self.head_dim, depth, heads, expansion, activation, residual_norm)
 
         inner = heads * self.head_dim
-        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.to_qkv = Linear(dim, 3 * inner, bias=False)
         self.conv = CausalDepthwiseConv(3 * inner, conv_kernel)
         n_gate = depth if per_layer_gates else 1
         self.gate_groups = n_gate
-        self.to_theta = nn.Linear(dim, heads * n_gate)
-        self.to_eta = nn.Linear(dim, heads * n_gate) if momentum else None
+        self.to_theta = Linear(dim, heads * n_gate)
+        self.to_eta = Linear(dim, heads * n_gate) if momentum else None
         alpha_width = sum(d_out for d_out, _ in self.network.shapes) if channelwise_forget else n_gate
-        self.to_alpha = nn.Linear(dim, heads * alpha_width) if forgetting else None
+        self.to_alpha = Linear(dim, heads * alpha_width) if forgetting else None
         self.out_norm_weight = nn.Parameter(torch.ones(self.head_dim))
-        self.to_gate = nn.Linear(dim, inner, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.to_gate = Linear(dim, inner, bias=False)
+        self.to_out = Linear(inner, dim, bias=False)
         self.init_weights()
 
     def init_weights(self) -> None:

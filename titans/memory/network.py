@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from titans.matmul import matmul
+
 Activation = Literal["gelu", "silu"]
 LN_EPS = 1e-5
 
@@ -111,7 +113,7 @@ class MemoryMLP(nn.Module):
         """f(x; W) for per-sequence weights W^l [B, H, d_l, d_{l-1}] and inputs x [B, H, N, dim] -> [B, H, N, dim]."""
         h = x
         for i, w in enumerate(weights):
-            h = h @ w.transpose(-1, -2)
+            h = matmul(h, w.transpose(-1, -2))
             if i < len(weights) - 1:
                 h = activation(h, self.activation)
         return x + layer_norm(h) if self.residual_norm else h
@@ -127,7 +129,7 @@ class MemoryMLP(nn.Module):
         h = k
         for i, w in enumerate(weights):
             inputs.append(h)
-            z = h @ w.transpose(-1, -2)
+            z = matmul(h, w.transpose(-1, -2))
             pre.append(z)
             if i < len(weights) - 1:
                 h, d = activation_and_derivative(z, self.activation)
@@ -142,7 +144,7 @@ class MemoryMLP(nn.Module):
             g = 2.0 * err
         grads = [g]
         for i in range(len(weights) - 1, 0, -1):
-            g = (g @ weights[i]) * derivs[i - 1]
+            g = matmul(g, weights[i]) * derivs[i - 1]
             grads.append(g)
         grads.reverse()
         return inputs, grads, err.square().sum(-1)

@@ -31,6 +31,7 @@ from titans.config import ModelConfig
 from titans.memory.module import NeuralMemory
 from titans.memory.step import decode_linear
 from titans.models.layers import ResidualProjection, RMSNorm
+from titans.system import compile_options
 from titans.tasks.base import IGNORE_INDEX
 
 INIT_STD = 0.02
@@ -314,10 +315,7 @@ class TitansLM(nn.Module):
         The first generation pays the compilation (about a minute on 2 CPU cores with an empty inductor cache);
         inductor on CPU needs a C++ compiler. backend: torch.compile's ("aot_eager" for tests).
         """
-        # cpp_wrapper: the generated program's glue is C++ as well, not Python (a decode step is a few hundred small
-        # kernel and matmul calls, so the glue costs as much as the arithmetic: 390 -> 456 tokens/s measured)
-        on_cpu = self.head.weight.device.type == "cpu"
-        options = {"cpp_wrapper": True} if backend == "inductor" and on_cpu else None
+        options = compile_options(backend, self.head.weight.device.type)
         self._compiled_step = (
             torch.compile(self._fixed_step, dynamic=False, fullgraph=True, backend=backend, options=options)
             if enabled

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from titans.matmul import Linear
 from titans.memory.step import decode_linear, rms_norm_rows
 
 _FULL_PRECISION = (torch.float32, torch.float64)  # dtypes RMSNorm computes in directly
@@ -43,10 +44,10 @@ class RMSNorm(nn.Module):
         return (y if y.dtype == x.dtype else y.to(x.dtype)) * self.weight
 
 
-class ResidualProjection(nn.Linear):
+class ResidualProjection(Linear):
     """A bias-free linear layer that writes into the residual stream.
 
-    It is a plain nn.Linear; the type only tells TitansLM's init to scale its std by 1/sqrt(2 * n_layers) (GPT-2), so
+    It is a plain Linear; the type only tells TitansLM's init to scale its std by 1/sqrt(2 * n_layers) (GPT-2), so
     the residual stream's variance does not grow with depth.
     """
 
@@ -68,8 +69,8 @@ class SwiGLU(nn.Module):
         super().__init__()
         if dim < 1 or hidden < 1:
             raise ValueError(f"SwiGLU needs dim >= 1 and hidden >= 1, got dim={dim}, hidden={hidden}")
-        self.gate = nn.Linear(dim, hidden, bias=False)
-        self.up = nn.Linear(dim, hidden, bias=False)
+        self.gate = Linear(dim, hidden, bias=False)
+        self.up = Linear(dim, hidden, bias=False)
         self.down = ResidualProjection(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -267,7 +268,7 @@ class Attention(nn.Module):
         self.rope_base = rope_base
         self.window = window
         self.n_prefix = n_prefix
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.qkv = Linear(d_model, 3 * d_model, bias=False)
         self.out = ResidualProjection(d_model, d_model)
 
     def _project(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -28,11 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from titans.config import ModelConfig
+from titans.matmul import Linear
 from titans.memory import MemoryState, NeuralMemory, NeuralMemoryState
 from titans.memory.module import CausalDepthwiseConv, FixedMemoryState
 from titans.memory.step import decode_linear, read_flat, rms_norm_rows
 from titans.models.backbone import TitansLM
 from titans.models.layers import GatedCombine, RMSNorm, SwiGLU, apply_rope, rope_cache, swiglu_hidden
+from titans.system import compile_options
 
 
 @dataclass
@@ -79,13 +81,13 @@ class MACBlock(nn.Module):
         self.memory = NeuralMemory.from_config(cfg)
         # Eq. 21's W_Q: the read of M*_{s-1} has its own query projection (the memory's own q path runs over y),
         # followed like every q/k/v projection by the short causal conv of v1 §4.4
-        self.retrieve_query = nn.Linear(d, d, bias=False)
+        self.retrieve_query = Linear(d, d, bias=False)
         self.retrieve_conv = CausalDepthwiseConv(d, cfg.memory.conv_kernel)
         self.retrieve_norm = nn.Parameter(torch.ones(self.memory.head_dim))
-        self.retrieve_out = nn.Linear(d, d, bias=False)
+        self.retrieve_out = Linear(d, d, bias=False)
         self.persistent = nn.Parameter(torch.zeros(self.n_persistent, d)) if self.n_persistent > 0 else None
-        self.qkv = nn.Linear(d, 3 * d, bias=False)
-        self.attn_out = nn.Linear(d, d, bias=False)
+        self.qkv = Linear(d, 3 * d, bias=False)
+        self.attn_out = Linear(d, d, bias=False)
         self.combine = GatedCombine(d)
         self.mlp_norm = RMSNorm(d)
         self.mlp = SwiGLU(d, swiglu_hidden(d, cfg.mlp_ratio))
@@ -332,8 +334,9 @@ class MACBlock(nn.Module):
         first segment and for the rest), seconds once cached. backend: torch.compile's ("aot_eager" traces without
         generating code, for tests).
         """
+        options = compile_options(backend, self.qkv.weight.device.type)
         self._compiled_segment = (
-            torch.compile(self._segment_at_start, dynamic=False, backend=backend) if enabled else None
+            torch.compile(self._segment_at_start, dynamic=False, backend=backend, options=options) if enabled else None
         )
 
     def _segment(self, piece: torch.Tensor, state: MACState) -> tuple[torch.Tensor, MACState]:
