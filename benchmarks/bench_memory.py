@@ -124,13 +124,18 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def worker_env(omp_wait_policy: str, malloc: str = "glibc") -> dict[str, str]:
-    """The environment of a worker: ours, with OpenMP's wait policy and the allocator set before torch loads.
+def worker_env(omp_wait_policy: str, malloc: str = "glibc", huge_pages: bool = False) -> dict[str, str]:
+    """The environment of a worker (ours or the peer's), with OpenMP's wait policy and the allocator set before
+    torch loads.
 
     ACTIVE (libgomp's default) spins between parallel regions; on a shared, oversubscribed machine a spinning
     thread holds a core another thread needs, and small ops slow down by 10-30x. PASSIVE sleeps instead.
+    huge_pages: glibc's malloc asks for transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1), fewer TLB
+    misses over a training step's hundreds of MB of activations; a process setting, like the allocator's.
     """
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
+    if huge_pages:
+        env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
     return {**env, "OMP_WAIT_POLICY": omp_wait_policy.upper(), **MALLOC_ENV[malloc]}
 
 
@@ -435,7 +440,8 @@ def run_peer(args: argparse.Namespace, case: MemoryCase) -> dict[str, Any]:
         "budget_s": args.budget,
     }
     command = [str(peer), str(PEER_SCRIPT), json.dumps(payload)]
-    result = run_isolated(command, args.timeout, args.mem_cap_gb, worker_env(args.omp_wait_policy))
+    env = worker_env(args.omp_wait_policy, huge_pages=args.huge_pages)
+    result = run_isolated(command, args.timeout, args.mem_cap_gb, env)
     if "error" in result:
         return {**PEER_QUOTED_MEMORY, "source": f"quoted (measurement failed: {result['error']})"}
     return {**result, "source": "measured", "load": load_average()}
@@ -514,6 +520,11 @@ def shared_parser(doc: str | None, unit: str, budget: float) -> argparse.Argumen
         default="passive",
         help="OMP_WAIT_POLICY of the workers (default passive: no spinning on a shared machine)",
     )
+    p.add_argument(
+        "--huge-pages",
+        action="store_true",
+        help="every worker, ours and the peer's, with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages)",
+    )
     p.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON, help="python of the titans-pytorch 0.5.5 venv")
     p.add_argument("--no-peer", action="store_true", help="skip the peer; use its quoted numbers")
     return p
@@ -591,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
             "budget_s": args.budget,
         }
         command = [sys.executable, str(SCRIPT), "--worker", json.dumps(payload)]
-        result = run_isolated(command, args.timeout, args.mem_cap_gb, worker_env(args.omp_wait_policy, case.malloc))
+        env = worker_env(args.omp_wait_policy, case.malloc, args.huge_pages)
+        result = run_isolated(command, args.timeout, args.mem_cap_gb, env)
         flops = memory_flops(case)
         row = {**asdict(case), **result, "load": load_average(), "flops_per_token": flops["total"]}
         if "tokens_per_s" in result:
@@ -650,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
                 "gate_max_abs_diff": gate,
                 "torch": torch.__version__,
                 "threads": args.threads,
+                "huge_pages": args.huge_pages,
                 "matmul_gflops": round(gflops, 2),
                 "load_end": load_average(),
                 "results": rows,

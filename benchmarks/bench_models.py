@@ -277,7 +277,8 @@ def run_peer(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
         return {"tokens_per_s": PEER_QUOTED[spec["kind"]], "source": f"quoted ({why})"}
     payload = {**spec, "threads": args.threads, "warmup": args.warmup, "repeats": args.repeats, "budget_s": args.budget}
     command = [str(peer), str(PEER_SCRIPT), json.dumps(payload)]
-    result = run_isolated(command, args.timeout, args.mem_cap_gb, worker_env(args.omp_wait_policy))
+    env = worker_env(args.omp_wait_policy, huge_pages=args.huge_pages)
+    result = run_isolated(command, args.timeout, args.mem_cap_gb, env)
     if "error" in result:
         return {"tokens_per_s": PEER_QUOTED[spec["kind"]], "source": f"quoted (measurement failed: {result['error']})"}
     return {**result, "source": "measured", "load": load_average()}
@@ -287,7 +288,8 @@ def measure_isolated(args: argparse.Namespace, case: ModelCase) -> dict[str, Any
     payload = {"case": asdict(case), "threads": args.threads, "warmup": args.warmup, "repeats": args.repeats}
     payload["budget_s"] = args.budget
     command = [sys.executable, str(SCRIPT), "--worker", json.dumps(payload)]
-    result = run_isolated(command, args.timeout, args.mem_cap_gb, worker_env(args.omp_wait_policy, case.malloc))
+    env = worker_env(args.omp_wait_policy, case.malloc, args.huge_pages)
+    result = run_isolated(command, args.timeout, args.mem_cap_gb, env)
     row = {**asdict(case), **result, "load": load_average()}
     status = result.get("error") or f"{result['tokens_per_s']:.0f} tok/s, +{result['peak_delta_mb']:.0f} MB"
     print(f"  {case.label()}: {status} (load {row['load']})", flush=True)
@@ -490,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
                 "gate_max_abs_diff": gate,
                 "torch": torch.__version__,
                 "threads": args.threads,
+                "huge_pages": args.huge_pages,
                 "load_end": load_average(),
                 "results": rows,
                 "peer": peer_rows,
