@@ -139,13 +139,16 @@ def measure_model(case: ModelCase, threads: int, warmup: int, repeats: int, budg
         prompt = torch.randint(0, VOCAB, (case.batch, 16), generator=generator)
         model.generate(prompt, 4, temperature=0, use_cache=True)  # warm-up
         base = reset_peak_rss()
-        start = time.perf_counter()
-        model.generate(prompt, case.seq_len, temperature=0, use_cache=True)
-        seconds = time.perf_counter() - start
+        times = []
+        for _ in range(repeats):  # the median of several generations: one takes well under a second
+            start = time.perf_counter()
+            model.generate(prompt, case.seq_len, temperature=0, use_cache=True)
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
         return {
             "seconds": seconds,
             "tokens_per_s": case.batch * case.seq_len / seconds,
-            "repeats": 1,
+            "repeats": len(times),
             "parameters": num_parameters(model),
             "peak_delta_mb": peak_rss_mb() - base,
         }
