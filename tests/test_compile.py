@@ -180,6 +180,8 @@ def test_compiled_decode_step_equals_eager(variant: str, backend: str) -> None:
     model._compiled_step = counted
     assert torch.equal(model.generate(prompt, 21, temperature=0), eager_greedy)  # the first step compiles...
     assert calls[0] == 20
+    # generate skips per-step guard checks after its first compiled step, and restores the stance afterwards
+    assert not torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe
     with torch.compiler.set_stance("fail_on_recompile"):  # ...and every later step, of any generation, reuses it
         sampled = model.generate(prompt, 21, temperature=0.8, generator=torch.Generator().manual_seed(5))
     assert torch.equal(sampled, eager_sampled)
