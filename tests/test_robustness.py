@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -367,6 +368,14 @@ class Probe(torch.nn.Module):
         super().__init__()
         self.model, self.nan_grad_call, self.count_at = model, nan_grad_call, count_at
         self.calls, self.states, self.live_tensors = 0, [], {}
+        # Tensors that already existed (earlier tests' objects, some freed lazily, e.g. by torch.compile's caches)
+        # are left out of the counts, so that only what this run creates and keeps is compared.
+        gc.collect()
+        self.preexisting = {id(o): weakref.ref(o) for o in gc.get_objects() if isinstance(o, torch.Tensor)}
+
+    def _preexisting(self, tensor: torch.Tensor) -> bool:
+        ref = self.preexisting.get(id(tensor))
+        return ref is not None and ref() is tensor
 
     def forward(self, idx, targets=None, state=None):
         if self.model.training:
@@ -378,7 +387,9 @@ class Probe(torch.nn.Module):
                 self.states.append("attached" if graph else "detached")
             if self.calls in self.count_at:
                 gc.collect()
-                self.live_tensors[self.calls] = sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects())
+                self.live_tensors[self.calls] = sum(
+                    isinstance(o, torch.Tensor) and not self._preexisting(o) for o in gc.get_objects()
+                )
         logits, loss, state = self.model(idx, targets, state)
         if self.model.training and self.calls == self.nan_grad_call:
             loss.register_hook(lambda grad: grad * float("nan"))
