@@ -332,7 +332,7 @@ class TitansLM(nn.Module):
         position as a tensor, so one compilation serves a whole generation and every later one with the same batch
         size and dtype. Its results equal the eager step's (tests/test_compile.py). It applies when every block has a
         fixed-shape decode (all five variants do) and the memory writes normally (no stats probe, writes on).
-        The first generation pays the compilation (about a minute on 2 CPU cores with an empty inductor cache);
+        The first generation pays the compilation (under a minute on 2 CPU cores with an empty inductor cache);
         inductor on CPU needs a C++ compiler. backend: torch.compile's ("aot_eager" for tests).
         """
         options = compile_options(backend, self.head.weight.device.type)
