@@ -299,6 +299,31 @@ def measure_isolated(args: argparse.Namespace, case: ModelCase) -> dict[str, Any
     return row
 
 
+def _compare(
+    rows: list[dict[str, Any]], targets: list[dict[str, Any]], what: str, target: str, factor: float, ours, peer
+) -> None:
+    """Append one side-by-side row (ours vs the peer's measurement) and its target: ours >= factor x the peer."""
+    ratio = ours.get("tokens_per_s", 0.0) / peer["tokens_per_s"]
+    rows.append(
+        {
+            "what": what,
+            "ours": ours.get("tokens_per_s"),
+            "peer": peer["tokens_per_s"],
+            "ratio": ratio,
+            "peer_source": peer["source"],
+            "ours_mb": ours.get("peak_delta_mb"),
+            "peer_mb": peer.get("peak_delta_mb"),
+        }
+    )
+    targets.append(
+        {
+            "target": f"{target} >= {factor:g}x titans-pytorch ({peer['source']})",
+            "value": round(ratio, 2),
+            "met": ratio >= factor,
+        }
+    )
+
+
 def peer_comparison(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Ours vs titans-pytorch 0.5.5: MAC training at its shape, and cached generation of a ~1.3M-parameter MAC."""
     rows, targets = [], []
@@ -311,26 +336,9 @@ def peer_comparison(args: argparse.Namespace) -> tuple[list[dict[str, Any]], lis
             args, {"kind": "mac_train", "dim": 64, "depth": 2, "segment_len": 32, "batch": 4, "seq_len": length}
         )
         for c, row in ours.items():
-            ratio = row.get("tokens_per_s", 0.0) / peer["tokens_per_s"]
-            rows.append(
-                {
-                    "what": f"MAC train d64x2 seg32 B4 T{length}" + (" (compiled)" if c else ""),
-                    "ours": row.get("tokens_per_s"),
-                    "peer": peer["tokens_per_s"],
-                    "ratio": ratio,
-                    "peer_source": peer["source"],
-                    "ours_mb": row.get("peak_delta_mb"),
-                    "peer_mb": peer.get("peak_delta_mb"),
-                }
-            )
-            targets.append(
-                {
-                    "target": f"MAC training{' (compiled)' if c else ''} T {length} >= 5x titans-pytorch "
-                    f"({peer['source']})",
-                    "value": round(ratio, 2),
-                    "met": ratio >= 5,
-                }
-            )
+            tag = " (compiled)" if c else ""
+            what = f"MAC train d64x2 seg32 B4 T{length}{tag}"
+            _compare(rows, targets, what, f"MAC training{tag} T {length}", 5, row, peer)
     if "generate" not in args.peer_parts:
         return rows, targets
     new_tokens = 4 if args.quick else 64
@@ -341,26 +349,12 @@ def peer_comparison(args: argparse.Namespace) -> tuple[list[dict[str, Any]], lis
     peer = run_peer(args, {"kind": "mac_generate", **GEN_PEER, "prompt_len": 16, "new_tokens": new_tokens})
     peer_params = peer.get("parameters", 1.29e6) / 1e6
     for c, row in ours.items():
-        ratio = row.get("tokens_per_s", 0.0) / peer["tokens_per_s"]
-        rows.append(
-            {
-                "what": f"MAC cached generation{' (compiled)' if c else ''}, {new_tokens} tokens after 16, B 1 "
-                f"(params ours {row.get('parameters', 0) / 1e6:.2f}M, peer {peer_params:.2f}M)",
-                "ours": row.get("tokens_per_s"),
-                "peer": peer["tokens_per_s"],
-                "ratio": ratio,
-                "peer_source": peer["source"],
-                "ours_mb": row.get("peak_delta_mb"),
-                "peer_mb": peer.get("peak_delta_mb"),
-            }
+        tag = " (compiled)" if c else ""
+        what = (
+            f"MAC cached generation{tag}, {new_tokens} tokens after 16, B 1 "
+            f"(params ours {row.get('parameters', 0) / 1e6:.2f}M, peer {peer_params:.2f}M)"
         )
-        targets.append(
-            {
-                "target": f"MAC cached generation{' (compiled)' if c else ''} >= 10x titans-pytorch ({peer['source']})",
-                "value": round(ratio, 2),
-                "met": ratio >= 10,
-            }
-        )
+        _compare(rows, targets, what, f"MAC cached generation{tag}", 10, row, peer)
     return rows, targets
 
 
