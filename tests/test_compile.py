@@ -12,31 +12,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_configs import VOCAB, tiny_model_config
 
-from titans.config import ConfigError, MemoryConfig, ModelConfig, RunConfig, TrainingConfig
+from titans.config import ConfigError, ModelConfig, RunConfig, TrainingConfig
 from titans.memory import NeuralMemoryState
 from titans.models import build_model
 from titans.system import cpu_compiler
 
 DT = torch.float64
-VOCAB = 11
 
 needs_compiler = pytest.mark.skipif(cpu_compiler() is None, reason="torch.compile on CPU needs a C++ compiler")
 
 
 def tiny_config(variant: str, **memory) -> ModelConfig:
     # MAC segment 8 = two memory chunks of 4; both layers share one compilation
-    return ModelConfig(
-        variant=variant,
-        d_model=16,
-        n_heads=2,
-        n_layers=2,
-        vocab_size=VOCAB,
-        window=5,
-        segment_len=8,
-        persistent_memory_size=2,
-        memory=MemoryConfig(chunk_size=4, expansion=2, **memory),
-    )
+    return tiny_model_config(variant, segment_len=8, baseline_attention="full", **memory)
 
 
 def tiny_mac(seed: int = 0):

@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 import torch
+from model_configs import tiny_model_config
 
-from titans.config import MemoryConfig, ModelConfig
 from titans.memory import MemoryMLP, NeuralMemory, chunked_memory
 from titans.memory.step import decode_linear, step_memory
 from titans.models import build_model
@@ -171,25 +171,10 @@ def test_attention_one_token_at_a_time_equals_the_dense_reference(window: int | 
     torch.testing.assert_close(torch.cat(outs, dim=1), reference)
 
 
-def _model_config(variant: str) -> ModelConfig:
-    return ModelConfig(
-        variant=variant,
-        d_model=16,
-        n_heads=2,
-        n_layers=2,
-        vocab_size=11,
-        window=5,
-        segment_len=6,
-        persistent_memory_size=2,
-        baseline_attention="sliding",
-        memory=MemoryConfig(chunk_size=4, expansion=2),
-    )
-
-
 @pytest.mark.parametrize("variant", ["baseline", "LMM", "MAC", "MAG", "MAL"])
 def test_decoding_token_by_token_equals_one_forward(variant: str) -> None:
     torch.manual_seed(0)
-    model = build_model(_model_config(variant)).to(DT)
+    model = build_model(tiny_model_config(variant)).to(DT)
     idx = torch.randint(0, 11, (2, 23), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full, _, _ = model(idx)
@@ -203,7 +188,7 @@ def test_decoding_token_by_token_equals_one_forward(variant: str) -> None:
 
 def test_decode_caches_follow_parameter_changes() -> None:
     torch.manual_seed(0)
-    model = build_model(_model_config("MAC")).to(DT).eval()
+    model = build_model(tiny_model_config("MAC")).to(DT).eval()
     idx = torch.randint(0, 11, (1, 9), generator=torch.Generator().manual_seed(2))
 
     def decoded() -> torch.Tensor:
@@ -283,11 +268,9 @@ def test_attention_fixed_cache_equals_the_dense_reference(window: int | None, n_
 @pytest.mark.parametrize("prefill", [1, 5, 9])
 def test_fixed_decode_step_equals_one_forward(variant: str, prefill: int) -> None:
     """generate's step on fixed-shape states (what compile_decode compiles) gives the logits of one forward."""
-    cfg = _model_config(variant.split("-")[0])
-    if variant == "baseline-full":
-        cfg.baseline_attention = "full"
+    attention = "full" if variant == "baseline-full" else "sliding"
     torch.manual_seed(0)
-    model = build_model(cfg).to(DT)
+    model = build_model(tiny_model_config(variant.split("-")[0], baseline_attention=attention)).to(DT)
     idx = torch.randint(0, 11, (2, 26), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full, _, full_state = model(idx)
@@ -312,7 +295,7 @@ def test_fixed_decode_step_equals_one_forward(variant: str, prefill: int) -> Non
 def test_generate_falls_back_to_the_stream_step_when_the_memory_is_probed() -> None:
     """A stats probe or the read-only ablation is not implemented by the fixed step: generate takes forward."""
     torch.manual_seed(0)
-    model = build_model(_model_config("LMM")).to(DT)
+    model = build_model(tiny_model_config("LMM")).to(DT)
     prompt = torch.randint(0, 11, (1, 4), generator=torch.Generator().manual_seed(3))
     expected = model.generate(prompt, 6, temperature=0, use_cache=False)
     for block in model.blocks:

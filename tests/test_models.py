@@ -6,34 +6,17 @@ import copy
 
 import pytest
 import torch
+from model_configs import VOCAB, tiny_model_config
 
-from titans.config import MemoryConfig, ModelConfig
 from titans.models import build_model
 
 DT = torch.float64
 VARIANTS = ["baseline", "LMM", "MAC", "MAG", "MAL"]
-VOCAB = 11
-
-
-def small_config(variant: str, **memory) -> ModelConfig:
-    # segment 6 and memory chunk 4: boundaries at 4, 6, 8, 12, 16 exercise both grids
-    return ModelConfig(
-        variant=variant,
-        d_model=16,
-        n_heads=2,
-        n_layers=2,
-        vocab_size=VOCAB,
-        window=5,
-        segment_len=6,
-        persistent_memory_size=2,
-        baseline_attention="sliding",
-        memory=MemoryConfig(chunk_size=4, expansion=2, **memory),
-    )
 
 
 def small_model(variant: str, seed: int = 0, **memory):
     torch.manual_seed(seed)
-    return build_model(small_config(variant, **memory)).to(DT)
+    return build_model(tiny_model_config(variant, **memory)).to(DT)
 
 
 def tokens(B: int, T: int, seed: int = 1) -> torch.Tensor:
