@@ -7,7 +7,9 @@ from titans.config import MemoryConfig, ModelConfig
 VOCAB = 11
 
 
-def tiny_model_config(variant: str, segment_len: int = 6, baseline_attention: str = "sliding", **memory) -> ModelConfig:
+def tiny_model_config(
+    variant: str, segment_len: int = 6, baseline_attention: str = "sliding", attention_impl: str = "sdpa", **memory
+) -> ModelConfig:
     """d_model 16, 2 heads, 2 layers, window 5, 2 persistent tokens, memory chunk 4 (expansion 2).
 
     The default segment of 6 against chunks of 4 puts segment and chunk boundaries at 4, 6, 8, 12, 16: both grids get
@@ -23,5 +25,6 @@ def tiny_model_config(variant: str, segment_len: int = 6, baseline_attention: st
         segment_len=segment_len,
         persistent_memory_size=2,
         baseline_attention=baseline_attention,
+        attention_impl=attention_impl,
         memory=MemoryConfig(chunk_size=4, expansion=2, **memory),
     )

@@ -220,6 +220,8 @@ class ModelConfig:
     # back n_layers * (window - 1) tokens (30 by default), so task distances must exceed that, not just the window
     segment_len: int = 32  # MAC attention segment length C
     baseline_attention: Literal["full", "sliding"] = "full"  # the baseline's attention
+    attention_impl: Literal["sdpa", "flex"] = "sdpa"  # sequence attention of baseline/MAG/MAL: flex = FlexAttention,
+    # block-sparse on CUDA (its backward needs CUDA); MAC's segment attention is always SDPA
     mlp_ratio: float = 4.0  # SwiGLU hidden width = mlp_ratio * d_model * 2/3, rounded
     rope_base: float = 10000.0
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -260,6 +262,12 @@ class ModelConfig:
         _require(
             self.persistent_memory_size >= 0,
             f"{p}persistent_memory_size must be >= 0, got {self.persistent_memory_size}",
+        )
+        _require(
+            self.attention_impl == "sdpa" or self.variant in ("baseline", "MAG", "MAL"),
+            f"{p}attention_impl=flex applies to the sequence attention of baseline, MAG and MAL; {self.variant} has "
+            f"{'no attention' if self.variant == 'LMM' else 'only short per-segment attention, always SDPA'}, so set "
+            f"{p}attention_impl=sdpa",
         )
         _require(self.mlp_ratio > 0, f"{p}mlp_ratio must be > 0, got {self.mlp_ratio}")
         _require(self.rope_base > 0, f"{p}rope_base must be > 0, got {self.rope_base}")
@@ -411,6 +419,12 @@ class TrainingConfig:
         )
 
 
+FLEX_ON_CPU_ERROR = (
+    "model.attention_impl=flex cannot train on CPU (PyTorch's FlexAttention has no CPU backward); use "
+    "model.attention_impl=sdpa, the same attention, or training.device=cuda"
+)
+
+
 @dataclass
 class RunConfig:
     """A whole run: the seed's three sections plus the random seed."""
@@ -446,6 +460,10 @@ class RunConfig:
             "baseline's state is a KV cache that would grow every step; train it on independent windows "
             "(data.text_carry_state=false data.fresh_samples=true) or give it a bounded cache "
             "(model.baseline_attention=sliding model.window=N)",
+        )
+        _require(
+            not (self.model.attention_impl == "flex" and self.training.device == "cpu"),
+            FLEX_ON_CPU_ERROR,
         )
         if not self.data.fresh_samples:
             train, test = self.data.split_sizes()

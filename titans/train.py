@@ -54,7 +54,7 @@ from titans.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from titans.config import ConfigError, RunConfig, config_to_dict, save_config
+from titans.config import FLEX_ON_CPU_ERROR, ConfigError, RunConfig, config_to_dict, save_config
 from titans.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -266,6 +266,9 @@ def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: D
             "training.compile=true needs a C++ compiler for torch.compile's CPU kernels (g++ or clang++ on PATH, or "
             "$CXX); install one (e.g. apt install g++) or set training.compile=false"
         )
+
+    if cfg.model.attention_impl == "flex" and device.type == "cpu":
+        raise ConfigError(FLEX_ON_CPU_ERROR)
 
     resume_path = None
     if resume is True:

@@ -30,7 +30,9 @@ class BaselineBlock(nn.Module):
         window = cfg.window if cfg.baseline_attention == "sliding" else None
         self.layer_index = layer_index
         self.attn_norm = RMSNorm(cfg.d_model)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.rope_base, window=window, n_prefix=n_prefix)
+        self.attn = Attention(
+            cfg.d_model, cfg.n_heads, cfg.rope_base, window=window, n_prefix=n_prefix, impl=cfg.attention_impl
+        )
         self.mlp_norm = RMSNorm(cfg.d_model)
         self.mlp = SwiGLU(cfg.d_model, swiglu_hidden(cfg.d_model, cfg.mlp_ratio))
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from titans.matmul import Linear
 from titans.memory.step import decode_linear, rms_norm_rows
+from titans.models.flex import ATTENTION_IMPLS, flex_window_attention
 
 _FULL_PRECISION = (torch.float32, torch.float64)  # dtypes RMSNorm computes in directly
 
@@ -247,10 +248,19 @@ class Attention(nn.Module):
     window None = full causal attention; otherwise a query at position t sees keys t-window+1 .. t and the first
     n_prefix positions of the stream. forward(x [B, T, D], cache) -> (y [B, T, D], new cache); cache None starts a
     stream at position 0, and feeding a stream in pieces with the returned cache gives the same outputs as one call.
+    impl: "sdpa" (PyTorch's scaled_dot_product_attention, blocked by window on long inputs) or "flex" (FlexAttention
+    with a block-sparse mask, for CUDA; titans/models/flex.py) for calls of more than one token; one-token decoding
+    uses SDPA either way.
     """
 
     def __init__(
-        self, d_model: int, n_heads: int, rope_base: float, window: int | None = None, n_prefix: int = 0
+        self,
+        d_model: int,
+        n_heads: int,
+        rope_base: float,
+        window: int | None = None,
+        n_prefix: int = 0,
+        impl: str = "sdpa",
     ) -> None:
         super().__init__()
         if n_heads < 1 or d_model % n_heads:
@@ -263,11 +273,14 @@ class Attention(nn.Module):
             raise ValueError(f"window must be >= 1 or None (full attention), got {window}")
         if n_prefix < 0:
             raise ValueError(f"n_prefix must be >= 0, got {n_prefix}")
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(ATTENTION_IMPLS)}, got {impl!r}")
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.rope_base = rope_base
         self.window = window
         self.n_prefix = n_prefix
+        self.impl = impl
         self.qkv = Linear(d_model, 3 * d_model, bias=False)
         self.out = ResidualProjection(d_model, d_model)
 
@@ -314,6 +327,9 @@ class Attention(nn.Module):
                     k_keys = torch.cat([cache.k_prefix[:, :, :cut], k_tail], dim=2)
                     v_keys = torch.cat([cache.v_prefix[:, :, :cut], v_tail], dim=2)
             y = F.scaled_dot_product_attention(q, k_keys, v_keys)
+        elif self.impl == "flex":
+            k_prefix, v_prefix = self._prefix_with(cache, k, v, seen + T)
+            y = flex_window_attention(q, k_prefix, v_prefix, k_tail, v_tail, seen, self.window)
         elif self.window is None or seen + T <= self.window:
             # every visible key lies in the tail (for a window: nothing has slid out yet), so plain causal attention
             if seen == 0:
@@ -323,11 +339,21 @@ class Attention(nn.Module):
                 mask = attention_mask(positions[seen:], positions, None, 0)
                 y = F.scaled_dot_product_attention(q, k_tail, v_tail, attn_mask=mask)
         else:
-            n_new_prefix = max(0, min(self.n_prefix, seen + T) - cache.k_prefix.shape[2])
-            k_prefix = torch.cat([cache.k_prefix, k[:, :, :n_new_prefix]], dim=2)
-            v_prefix = torch.cat([cache.v_prefix, v[:, :, :n_new_prefix]], dim=2)
+            k_prefix, v_prefix = self._prefix_with(cache, k, v, seen + T)
             y = _blocked_window_attention(q, k_prefix, v_prefix, k_tail, v_tail, seen, self.window, self.n_prefix)
         return self._merge(y), self._next_cache(cache, k, v, seen + T, k_tail, v_tail)
+
+    def _prefix_with(
+        self, cache: KVCache, k: torch.Tensor, v: torch.Tensor, seen: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix keys and values [B, H, P, Dh] once the stream has seen `seen` positions: the cached ones plus
+        those among the new k/v [B, H, T, Dh] (windowed attention; empty for full attention)."""
+        if self.window is None:
+            return cache.k_prefix, cache.v_prefix
+        n_new_prefix = max(0, min(self.n_prefix, seen) - cache.k_prefix.shape[2])
+        k_prefix = torch.cat([cache.k_prefix, k[:, :, :n_new_prefix]], dim=2)
+        v_prefix = torch.cat([cache.v_prefix, v[:, :, :n_new_prefix]], dim=2)
+        return k_prefix, v_prefix
 
     def _next_cache(
         self,
@@ -342,9 +368,7 @@ class Attention(nn.Module):
         window keep just the prefix and the last window-1."""
         if self.window is None:
             return KVCache(cache.k_prefix, cache.v_prefix, k_recent, v_recent, seen)
-        n_new_prefix = max(0, min(self.n_prefix, seen) - cache.k_prefix.shape[2])
-        k_prefix = torch.cat([cache.k_prefix, k[:, :, :n_new_prefix]], dim=2)
-        v_prefix = torch.cat([cache.v_prefix, v[:, :, :n_new_prefix]], dim=2)
+        k_prefix, v_prefix = self._prefix_with(cache, k, v, seen)
         keep = min(seen, self.window - 1)
         start = k_recent.shape[2] - keep
         return KVCache(k_prefix, v_prefix, k_recent[:, :, start:], v_recent[:, :, start:], seen)

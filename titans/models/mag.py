@@ -42,7 +42,12 @@ class MAGBlock(nn.Module):
         super().__init__()
         self.norm = RMSNorm(cfg.d_model)
         self.attn = Attention(
-            cfg.d_model, cfg.n_heads, cfg.rope_base, window=cfg.window, n_prefix=cfg.persistent_memory_size
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.rope_base,
+            window=cfg.window,
+            n_prefix=cfg.persistent_memory_size,
+            impl=cfg.attention_impl,
         )
         self.memory = NeuralMemory.from_config(cfg)
         self.combine = GatedCombine(cfg.d_model)

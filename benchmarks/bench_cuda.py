@@ -1,0 +1,192 @@
+"""Every variant on one CUDA GPU: training tokens/s and peak memory against T, SDPA against FlexAttention for the
+sliding-window models, and cached generation.
+
+    python benchmarks/bench_cuda.py                      # the sweep below, a few minutes on an H100/H200
+    python benchmarks/bench_cuda.py --seq-lens 1024 --budget 60
+
+What it does, in order:
+1. Training steps (forward, backward, AdamW step; float32 weights, bf16 autocast unless --dtype float32) of every
+   variant at d_model 256, 4 heads, 2 layers, batch 4, window 256, MAC segment 128, memory chunk 64, for each T;
+   baseline-sliding, MAG and MAL with `model.attention_impl` sdpa and flex side by side. Each case gets a warm-up
+   (FlexAttention's kernel compiles there), then the median of up to --repeats synchronised steps; peak memory is
+   torch.cuda.max_memory_allocated over the timed steps.
+2. Cached generation: tokens/s of `generate` (the fixed-shape step, eager) after a 64-token prompt, batch 1.
+3. An aligned table, then ONE JSON line. Cases are skipped, not failed, once the --budget of seconds is spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_memory import format_table  # noqa: E402
+
+from titans.config import MemoryConfig, ModelConfig  # noqa: E402
+from titans.models import build_model  # noqa: E402
+
+VOCAB = 256
+# (label, variant, baseline attention, attention impl)
+CASES = [
+    ("baseline-full", "baseline", "full", "sdpa"),
+    ("baseline-sliding", "baseline", "sliding", "sdpa"),
+    ("baseline-sliding flex", "baseline", "sliding", "flex"),
+    ("LMM", "LMM", "full", "sdpa"),
+    ("MAC", "MAC", "full", "sdpa"),
+    ("MAG", "MAG", "full", "sdpa"),
+    ("MAG flex", "MAG", "full", "flex"),
+    ("MAL", "MAL", "full", "sdpa"),
+    ("MAL flex", "MAL", "full", "flex"),
+]
+
+
+def model_config(variant: str, baseline_attention: str, impl: str) -> ModelConfig:
+    return ModelConfig(
+        variant=variant,
+        d_model=256,
+        n_heads=4,
+        n_layers=2,
+        vocab_size=VOCAB,
+        window=256,
+        segment_len=128,
+        persistent_memory_size=4,
+        baseline_attention=baseline_attention,
+        attention_impl=impl,
+        memory=MemoryConfig(chunk_size=64),
+    )
+
+
+def timed(step, warmup: int, repeats: int, budget_s: float) -> list[float]:
+    """Seconds per synchronised call of step(): `warmup` untimed calls, then up to `repeats` (at least one)."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats and (not times or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def train_case(label: str, cfg: ModelConfig, T: int, batch: int, dtype: str, args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    model = build_model(cfg).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    idx = torch.randint(0, VOCAB, (batch, T), device="cuda")
+    targets = torch.roll(idx, -1, dims=1)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+    def step() -> None:
+        with autocast:
+            _, loss, _ = model(idx, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    row: dict[str, Any] = {"case": label, "T": T}
+    try:
+        for _ in range(args.warmup):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        times = timed(step, 0, args.repeats, args.case_budget)
+    except torch.OutOfMemoryError:
+        row["error"] = "out of memory"
+        return row
+    median = statistics.median(times)
+    row["step_ms"] = 1e3 * median
+    row["tokens_per_s"] = batch * T / median
+    row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+@torch.no_grad()
+def generation_case(label: str, cfg: ModelConfig, new_tokens: int, args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    model = build_model(cfg).cuda().eval()
+    prompt = torch.randint(0, VOCAB, (1, 64), device="cuda")
+    times = timed(lambda: model.generate(prompt, new_tokens, temperature=0.0), 1, args.repeats, args.case_budget)
+    return {"case": label, "new_tokens": new_tokens, "gen_tokens_per_s": new_tokens / statistics.median(times)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-lens", default="1024,4096,16384", help="comma-separated T (default 1024,4096,16384)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="autocast dtype")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--case-budget", type=float, default=10.0, help="stop repeating a case after this many s")
+    parser.add_argument("--budget", type=float, default=240.0, help="skip the remaining cases after this many s")
+    parser.add_argument("--new-tokens", type=int, default=256, help="generated tokens per generation case")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_cuda needs a CUDA GPU; none is visible to torch here", file=sys.stderr)
+        print(json.dumps({"benchmark": "cuda", "error": "no CUDA device"}))
+        return 1
+    seq_lens = [int(t) for t in args.seq_lens.split(",")]
+    start = time.perf_counter()
+    train_rows: list[dict] = []
+    skipped: list[str] = []
+    for T in seq_lens:
+        for label, variant, attention, impl in CASES:
+            if time.perf_counter() - start > args.budget:
+                skipped.append(f"{label} T={T}")
+                continue
+            row = train_case(label, model_config(variant, attention, impl), T, args.batch, args.dtype, args)
+            torch.cuda.empty_cache()  # the case's model and optimiser are gone; give their blocks back
+            train_rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    generation_rows: list[dict] = []
+    for label, variant, attention, impl in CASES:
+        if impl == "flex":  # one-token decoding runs SDPA whatever the setting
+            continue
+        if time.perf_counter() - start > args.budget:
+            skipped.append(f"{label} generation")
+            continue
+        generation_rows.append(generation_case(label, model_config(variant, attention, impl), args.new_tokens, args))
+
+    device = torch.cuda.get_device_name()
+    print(
+        f"\nTraining on {device}, torch {torch.__version__}: d_model 256, 4 heads, 2 layers, batch {args.batch}, "
+        f"window 256, MAC segment 128, memory chunk 64, autocast {args.dtype}; median of up to {args.repeats} steps"
+    )
+    columns = [
+        ("case", "case", "s"),
+        ("T", "T", "d"),
+        ("step ms", "step_ms", ".1f"),
+        ("tokens/s", "tokens_per_s", ",.0f"),
+        ("peak GiB", "peak_gib", ".2f"),
+        ("error", "error", "s"),
+    ]
+    print(format_table(train_rows, columns))
+    print(f"\nCached generation, batch 1, {args.new_tokens} tokens after 64 (eager fixed-shape step)")
+    print(format_table(generation_rows, [("case", "case", "s"), ("tokens/s", "gen_tokens_per_s", ",.0f")]))
+    if skipped:
+        print(f"\nskipped (budget {args.budget:.0f} s spent): {', '.join(skipped)}")
+    result = {
+        "benchmark": "cuda",
+        "device": device,
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "train": train_rows,
+        "generate": generation_rows,
+        "skipped": skipped,
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
