@@ -103,6 +103,9 @@ def train_case(label: str, cfg: ModelConfig, T: int, batch: int, dtype: str, arg
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
         return row
+    except RuntimeError as error:  # reported in the table and the JSON line; the sweep goes on
+        row["error"] = str(error).splitlines()[0][:100]
+        return row
     median = statistics.median(times)
     row["step_ms"] = 1e3 * median
     row["tokens_per_s"] = batch * T / median

@@ -89,6 +89,24 @@ def test_attention_matches_dense_reference(T, window, n_prefix):
     torch.testing.assert_close(dw, dw_ref)
 
 
+@pytest.mark.parametrize("T, window, n_prefix", CASES, ids=IDS)
+def test_attention_takes_sdpa_outputs_in_any_memory_layout(T, window, n_prefix, monkeypatch):
+    """CUDA's fused SDPA kernels return [..., T, Dh] results with heads-last strides (a transposed view); a .view on
+    them failed there. Here SDPA's CPU result is handed back in that layout, so the CPU run catches such code."""
+    sdpa = F.scaled_dot_product_attention
+
+    def heads_last_layout(*args, **kwargs):
+        y = sdpa(*args, **kwargs)
+        return y.transpose(-3, -2).contiguous().transpose(-3, -2)  # same values, strides of a [.., T, H, Dh] buffer
+
+    attn = make_attention(window, n_prefix)
+    x = random_x(T)
+    expected = stream(attn, x, [T])
+    monkeypatch.setattr(F, "scaled_dot_product_attention", heads_last_layout)
+    torch.testing.assert_close(stream(attn, x, [T]), expected, rtol=0, atol=0)
+    torch.testing.assert_close(stream(attn, x, random_splits(T, seed=2)), expected)
+
+
 def test_window_actually_restricts_attention():
     """Guards against the reference being vacuous: a window changes outputs once the stream is longer than it."""
     x = random_x(12)

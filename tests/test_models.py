@@ -60,6 +60,26 @@ def test_cached_greedy_generation_equals_uncached(variant: str) -> None:
     assert torch.equal(cached[:, :7], prompt)
 
 
+@pytest.mark.parametrize("variant", ["baseline", "MAC", "MAG", "MAL"])
+@torch.no_grad()
+def test_sdpa_outputs_in_a_heads_last_layout_change_nothing(variant: str, monkeypatch) -> None:
+    """CUDA's fused SDPA kernels return results with heads-last strides; a .view on them fails there (it did, on
+    the first CUDA run). Handing back CPU results in that layout makes the CPU tests catch such code."""
+    model = small_model(variant)
+    idx = tokens(2, 17)
+    expected_logits, _, _ = model(idx)
+    expected_tokens = model.generate(idx[:, :5], 9, temperature=0.0)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def heads_last_layout(*args, **kwargs):
+        return sdpa(*args, **kwargs).transpose(-3, -2).contiguous().transpose(-3, -2)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", heads_last_layout)
+    logits, _, _ = model(idx)
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=0)
+    assert torch.equal(model.generate(idx[:, :5], 9, temperature=0.0), expected_tokens)
+
+
 @pytest.mark.parametrize("variant", ["LMM", "MAC", "MAG", "MAL"])
 def test_naive_and_chunked_memory_give_the_same_logits(variant: str) -> None:
     chunked = small_model(variant, impl="chunked")

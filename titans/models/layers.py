@@ -239,7 +239,8 @@ def _blocked_window_attention(
         v_all.reshape(B * H, n_blocks, P + span, Dh),
         attn_mask=mask,
     )
-    return y.view(B, H, n_blocks * Q, Dh)[:, :, :T]
+    # reshape, not view: fused CUDA kernels return y in [B, H, nb, Q, Dh] shape with [B, nb, Q, H, Dh] strides
+    return y.reshape(B, H, n_blocks * Q, Dh)[:, :, :T]
 
 
 class Attention(nn.Module):

@@ -282,7 +282,7 @@ class MACBlock(nn.Module):
         values = torch.where(write_h, v_h, torch.where(write_x, v_x, fixed.values))
         visible = ((slots < Np) | (in_segment <= offset))[None, :]  # Eq. 22's causal mask for this token, [1, S]
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)  # Eq. 23
-        y = decode_linear(y.view(B, d), self.attn_out)
+        y = decode_linear(y.reshape(B, d), self.attn_out)
         m, memory_state = memory.decode_fixed(y, fixed.memory)  # Eqs. 24-25
         piece = row + self.combine(y, m)
         out = piece + self.mlp(self.mlp_norm(piece))
