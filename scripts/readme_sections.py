@@ -28,6 +28,7 @@ DESCRIPTIONS = {
     "config.yaml": "the default run: MAC on the copy task (seed schema)",
     "configs/seed.yaml": "the seed project's config.yaml, verbatim: it loads unchanged",
     ".ci/run": "CI entry point: lint, then `make test`",
+    "scripts/gpu_check.sh": "the checks that need a CUDA GPU (CI has none): CUDA tests, bench_cuda, compiled kernels",
     ".gitignore": "ignored build and run outputs",
     "titans/memory/README.md": "the memory's math, the functional contract, paper symbols vs code names",
     "docs/paper_alignment.md": "every component: faithful / resolves an ambiguity / deviates / extends",
