@@ -250,3 +250,9 @@ def test_bench_runs_each_benchmark_script_with_the_given_arguments(tmp_path, mon
     assert cli.main(["bench", "--seq-lens", "64", "-h"]) == 3  # the worst exit status of the scripts
     out = capfd.readouterr().out
     assert "memory ['--seq-lens', '64', '-h']" in out and "models ['--seq-lens', '64', '-h']" in out
+    # a script's name picks that script alone, so its own flags reach only it
+    assert cli.main(["bench", "memory", "--dims", "64"]) == 0
+    out = capfd.readouterr().out
+    assert "memory ['--dims', '64']" in out and "models" not in out
+    assert cli.main(["bench", "cuda"]) == 2  # not in this directory
+    assert "no benchmark scripts (bench_cuda.py)" in capfd.readouterr().err

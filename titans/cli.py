@@ -6,7 +6,7 @@
     titans generate CHECKPOINT --prompt "3 1 7 2" --max-new-tokens 8
     titans memory-check CHECKPOINT
     titans long-eval CHECKPOINT [--lengths 1x,2x,4x,8x] [--samples N] [--plot FILE]   # titans/long_eval.py
-    titans bench [ARGS ...]                                     # benchmarks/bench_memory.py and bench_models.py
+    titans bench [memory|models|cuda] [ARGS ...]                # benchmarks/bench_*.py (default: memory, models)
 
 `python -m titans ...` is the same; `python main.py [--config FILE] [key=value ...]` is `titans train`.
 Overrides are dotted `key=value` pairs (`training.learning_rate=3e-4 model.memory.chunk_size=8`). train, eval,
@@ -43,7 +43,9 @@ from titans.tasks import Task, make_task
 from titans.train import TrainingDivergedError, make_datasets, read_metrics, resolve_device, train
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
-BENCHMARKS = ("bench_memory.py", "bench_models.py")
+# `titans bench NAME ...` runs one script with ARGS; plain `titans bench ...` runs the CPU pair with the same ARGS
+BENCHMARKS = {"memory": "bench_memory.py", "models": "bench_models.py", "cuda": "bench_cuda.py"}
+DEFAULT_BENCHMARKS = ("memory", "models")
 
 
 def print_json(result: dict[str, Any]) -> None:
@@ -346,14 +348,16 @@ def cmd_memory_check(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    scripts = [BENCH_DIR / name for name in BENCHMARKS if (BENCH_DIR / name).is_file()]
+    names, rest = (args.args[:1], args.args[1:]) if args.args[:1] and args.args[0] in BENCHMARKS else (None, args.args)
+    wanted = [BENCHMARKS[name] for name in (names or DEFAULT_BENCHMARKS)]
+    scripts = [BENCH_DIR / name for name in wanted if (BENCH_DIR / name).is_file()]
     if not scripts:
-        print(f"titans bench: no benchmark scripts ({', '.join(BENCHMARKS)}) in {BENCH_DIR}", file=sys.stderr)
+        print(f"titans bench: no benchmark scripts ({', '.join(wanted)}) in {BENCH_DIR}", file=sys.stderr)
         return 2
     status = 0
     for script in scripts:
         print(f"=== {script.name} ===", flush=True)
-        status = max(status, subprocess.run([sys.executable, str(script), *args.args]).returncode)
+        status = max(status, subprocess.run([sys.executable, str(script), *rest]).returncode)
     return status
 
 
@@ -447,7 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_long_eval)
 
     # Listed for `titans --help`; main() hands everything after `bench` to the scripts without parsing it.
-    commands.add_parser("bench", help="run benchmarks/bench_memory.py and bench_models.py (arguments passed through)")
+    commands.add_parser(
+        "bench",
+        help="run a benchmark: `bench memory|models|cuda [ARGS]` runs that script with ARGS; `bench [ARGS]` runs "
+        "bench_memory.py and bench_models.py, each with ARGS",
+    )
     return parser
 
 
