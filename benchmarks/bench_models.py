@@ -82,6 +82,7 @@ class ModelCase:
     chunk_size: int = 16
     malloc: str = "glibc"
     compile: bool = False  # MAC: training.compile (whole segments), or for "generate" compile_decode
+    processes: int = 1  # training as that many DDP processes on gloo (titans.distributed), each on batch/processes
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -92,6 +93,10 @@ class ModelCase:
             raise ValueError(f"malloc must be one of {', '.join(MALLOC_ENV)}, got {self.malloc!r}")
         if self.seq_len < 1 or self.batch < 1:
             raise ValueError(f"need seq_len >= 1 and batch >= 1, got {self.seq_len}, {self.batch}")
+        if self.processes < 1 or self.batch % self.processes or (self.processes > 1 and self.kind != "train"):
+            raise ValueError(
+                f"processes must be >= 1, divide the batch ({self.batch}) and be 1 for generation; got {self.processes}"
+            )
 
     def config(self, impl: str = "chunked"):
         """The ModelConfig of this case (vocabulary of 256 byte-like tokens)."""
@@ -112,9 +117,10 @@ class ModelCase:
 
     def label(self) -> str:
         compiled = " compiled" if self.compile else ""
+        processes = f" {self.processes} processes" if self.processes > 1 else ""
         return (
             f"{self.kind} {self.variant}{compiled} d{self.d_model}x{self.n_layers} B {self.batch} T {self.seq_len} "
-            f"{self.malloc}"
+            f"{self.malloc}{processes}"
         )
 
 
@@ -129,6 +135,8 @@ def measure_model(case: ModelCase, threads: int, warmup: int, repeats: int, budg
     """Run inside a fresh worker: seconds per step (or per generation), tokens/s and the peak-RSS delta."""
     from titans.models import num_parameters
 
+    if case.processes > 1:
+        return measure_ddp(case, threads, warmup, repeats)
     torch.set_num_threads(threads)
     model = build(case)
     if case.compile:  # the warm-up step (or generation) pays the compilation
@@ -175,6 +183,71 @@ def measure_model(case: ModelCase, threads: int, warmup: int, repeats: int, budg
         "repeats": len(times),
         "parameters": num_parameters(model),
         "peak_delta_mb": peak_rss_mb() - base,
+    }
+
+
+def _ddp_rank(rank: int, case: ModelCase, threads: int, warmup: int, repeats: int, port: int, results) -> None:
+    """One process of `measure_ddp`: the library's own data-parallel wrapping (as `torchrun -m titans train` does)."""
+    from titans.distributed import distributed, wrap_model
+
+    os.environ.update(
+        {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(case.processes)}
+        | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    )
+    torch.set_num_threads(threads)
+    with distributed("cpu") as info:
+        model = build(case)  # same seed on every rank: identical replicas, as DDP requires
+        if case.compile:
+            model.compile_blocks()
+        model = wrap_model(model, "ddp", info)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        idx = torch.randint(0, VOCAB, (case.batch, case.seq_len + 1), generator=torch.Generator().manual_seed(1))
+        rows = idx.chunk(case.processes)[rank]  # this rank's contiguous part of the global batch
+        inputs, targets = rows[:, :-1], rows[:, 1:]
+
+        def step() -> None:
+            _, loss, _ = model(inputs, targets)
+            loss.backward()  # DDP all-reduces the gradients here
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        base = reset_peak_rss()  # before the warm-up, as in measure_model: the first step allocates the most
+        for _ in range(warmup):
+            step()
+        times = []
+        for _ in range(repeats):  # a fixed count on every rank: a rank stopping early would leave the others waiting
+            torch.distributed.barrier()
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        peak = torch.tensor([peak_rss_mb() - base], dtype=torch.float64)
+        torch.distributed.all_reduce(peak)  # the job's memory: every process's peak delta, summed
+        if rank == 0:
+            results.put({"times": times, "peak_delta_mb": float(peak.item())})
+
+
+def measure_ddp(case: ModelCase, threads: int, warmup: int, repeats: int) -> dict[str, Any]:
+    """A training step of the global batch split over `case.processes` DDP processes (gloo, `threads` each):
+    seconds per step (rank 0, each step started together) and the job's tokens/s."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    mp.start_processes(
+        _ddp_rank, (case, threads, warmup, repeats, port, results), nprocs=case.processes, start_method="spawn"
+    )
+    measured = results.get()
+    seconds = statistics.median(measured["times"])
+    return {
+        "seconds": seconds,
+        "tokens_per_s": case.batch * case.seq_len / seconds,
+        "repeats": len(measured["times"]),
+        "peak_delta_mb": measured["peak_delta_mb"],
     }
 
 
@@ -272,13 +345,15 @@ def train_sweep(quick: bool, seq_lens: list[int] | None, variants: list[str]) ->
     return cases
 
 
-def run_peer(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
-    """One titans-pytorch measurement in its own venv and process, or the quoted number when unavailable."""
+def run_peer(args: argparse.Namespace, spec: dict[str, Any], threads: int | None = None) -> dict[str, Any]:
+    """One titans-pytorch measurement in its own venv and process (`threads`, default --threads), or the quoted
+    number when unavailable."""
     peer = Path(args.peer_python)
     if args.no_peer or not peer.exists():
         why = "--no-peer" if args.no_peer else f"{peer} not found"
         return {"tokens_per_s": PEER_QUOTED[spec["kind"]], "source": f"quoted ({why})"}
-    payload = {**spec, "threads": args.threads, "warmup": args.warmup, "repeats": args.repeats, "budget_s": args.budget}
+    payload = {**spec, "threads": threads or args.threads, "warmup": args.warmup, "repeats": args.repeats}
+    payload["budget_s"] = args.budget
     command = [str(peer), str(PEER_SCRIPT), json.dumps(payload)]
     env = worker_env(args.omp_wait_policy, huge_pages=args.huge_pages)
     result = run_isolated(command, args.timeout, args.mem_cap_gb, env)
@@ -330,13 +405,22 @@ def peer_comparison(args: argparse.Namespace) -> tuple[list[dict[str, Any]], lis
     # --quick: generation only (same code path, one worker less)
     lengths = [] if args.quick or "train" not in args.peer_parts else [512, 1024, 2048]
     compiled = [False, True] if args.compile else [False]
+    # with --processes P, ours trains as P DDP processes of --threads each and the peer gets P x --threads threads
+    processes = args.processes
     for length in lengths:
-        ours = {c: measure_isolated(args, ModelCase("MAC", length, batch=4, compile=c)) for c in compiled}
+        ours = {
+            c: measure_isolated(args, ModelCase("MAC", length, batch=4, compile=c, processes=processes))
+            for c in compiled
+        }
         peer = run_peer(
-            args, {"kind": "mac_train", "dim": 64, "depth": 2, "segment_len": 32, "batch": 4, "seq_len": length}
+            args,
+            {"kind": "mac_train", "dim": 64, "depth": 2, "segment_len": 32, "batch": 4, "seq_len": length},
+            threads=args.threads * processes,
         )
         for c, row in ours.items():
             tag = " (compiled)" if c else ""
+            if processes > 1:
+                tag += f" [{processes} processes x {args.threads} threads; peer {args.threads * processes} threads]"
             what = f"MAC train d64x2 seg32 B4 T{length}{tag}"
             _compare(rows, targets, what, f"MAC training{tag} T {length}", 5, row, peer)
     if "generate" not in args.peer_parts:
@@ -377,8 +461,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=["train", "generate"],
         help="which comparisons with the peer to run: train,generate (default both)",
     )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="MAC training against the peer as this many DDP processes (gloo) of --threads each, on batch 4 split "
+        "between them; the peer then gets processes x --threads threads, so both use the same cores (default 1)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.processes not in (1, 2, 4):
+        p.error(f"--processes must divide the peer comparison's batch of 4 (1, 2 or 4), got {args.processes}")
     if args.threads < 1 or args.repeats < 1 or args.warmup < 0:
         p.error(
             f"need --threads >= 1, --repeats >= 1, --warmup >= 0; got {args.threads}, {args.repeats}, {args.warmup}"

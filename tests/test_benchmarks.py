@@ -146,3 +146,16 @@ def test_bench_models_quick_runs_gated_and_ends_with_json():
     assert out["results"][0]["tokens_per_s"] > 0
     assert [t["target"].split(" >=")[0] for t in out["targets"]] == ["MAC cached generation"]
     assert out["peer"][0]["ours"] > 0 and out["peer"][0]["peer_source"].startswith("quoted")
+
+
+def test_ddp_training_measurement_splits_the_global_batch_over_processes():
+    """bench_models --processes: the global batch of 4 trains as 2 gloo processes of 2 rows (the library's DDP
+    wrapping); tokens/s counts the global batch, and a batch the processes cannot split is refused up front."""
+    case = bench_models.ModelCase(
+        "MAC", 24, batch=4, d_model=16, n_layers=1, n_heads=2, segment_len=8, window=8, chunk_size=4, processes=2
+    )
+    out = bench_models.measure_ddp(case, threads=1, warmup=1, repeats=2)
+    assert out["repeats"] == 2 and out["peak_delta_mb"] >= 0
+    assert out["tokens_per_s"] == pytest.approx(4 * 24 / out["seconds"])
+    with pytest.raises(ValueError, match="divide the batch"):
+        bench_models.ModelCase("MAC", 24, batch=4, processes=3)
