@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,9 @@ from torch import nn
 from titans.matmul import Linear
 from titans.memory.step import decode_linear, rms_norm_rows
 from titans.models.flex import ATTENTION_IMPLS, flex_window_attention
+
+if TYPE_CHECKING:
+    from titans.config import ModelConfig
 
 _FULL_PRECISION = (torch.float32, torch.float64)  # dtypes RMSNorm computes in directly
 
@@ -284,6 +287,19 @@ class Attention(nn.Module):
         self.impl = impl
         self.qkv = Linear(d_model, 3 * d_model, bias=False)
         self.out = ResidualProjection(d_model, d_model)
+
+    @classmethod
+    def persistent_window(cls, cfg: ModelConfig) -> Attention:
+        """MAG's and MAL's attention: a sliding window of cfg.window with the N_p persistent tokens as the
+        always-visible prefix (Eqs. 26-27, 29), in cfg.attention_impl."""
+        return cls(
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.rope_base,
+            window=cfg.window,
+            n_prefix=cfg.persistent_memory_size,
+            impl=cfg.attention_impl,
+        )
 
     def _project(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, D] at positions start .. start+T-1 -> rotated q, k and v, each [B, H, T, Dh]."""

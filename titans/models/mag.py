@@ -41,14 +41,7 @@ class MAGBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.norm = RMSNorm(cfg.d_model)
-        self.attn = Attention(
-            cfg.d_model,
-            cfg.n_heads,
-            cfg.rope_base,
-            window=cfg.window,
-            n_prefix=cfg.persistent_memory_size,
-            impl=cfg.attention_impl,
-        )
+        self.attn = Attention.persistent_window(cfg)
         self.memory = NeuralMemory.from_config(cfg)
         self.combine = GatedCombine(cfg.d_model)
         self.mlp_norm = RMSNorm(cfg.d_model)

@@ -41,14 +41,7 @@ class MALBlock(nn.Module):
         self.memory_norm = RMSNorm(cfg.d_model)
         self.memory = NeuralMemory.from_config(cfg)
         self.attn_norm = RMSNorm(cfg.d_model)
-        self.attn = Attention(
-            cfg.d_model,
-            cfg.n_heads,
-            cfg.rope_base,
-            window=cfg.window,
-            n_prefix=cfg.persistent_memory_size,
-            impl=cfg.attention_impl,
-        )
+        self.attn = Attention.persistent_window(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model)
         self.mlp = SwiGLU(cfg.d_model, swiglu_hidden(cfg.d_model, cfg.mlp_ratio))
 
