@@ -28,6 +28,11 @@ import torch
 ATTENTION_IMPLS = ("sdpa", "flex")
 
 
+def flex_available() -> None:
+    """Raise a RuntimeError naming the fix when this torch has no FlexAttention."""
+    _flex_module()
+
+
 def _flex_module() -> Any:
     try:
         from torch.nn.attention import flex_attention as module
@@ -87,6 +92,11 @@ def flex_window_attention(
     attention); k/v_tail [B, H, o+T, Dh] at positions seen-o .. seen+T-1. Returns [B, H, T, Dh], equal to the SDPA
     path of `Attention.forward` (same rule, same scale 1/sqrt(Dh)).
     """
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_tail, v_tail)):
+        raise RuntimeError(
+            "model.attention_impl=flex cannot train on CPU: PyTorch's FlexAttention has no CPU backward. "
+            "Use model.attention_impl=sdpa on CPU (the same attention), or train on CUDA"
+        )
     T = q.shape[-2]
     P = k_prefix.shape[-2]
     o = k_tail.shape[-2] - T
@@ -101,11 +111,6 @@ def flex_window_attention(
         dtype = torch.promote_types(torch.promote_types(q.dtype, keys.dtype), values.dtype)
     q, keys, values = q.to(dtype), keys.to(dtype), values.to(dtype)
     block_mask = _block_mask(window, seen, seen - o, P, T, keys.shape[-2], q.device)
-    if q.device.type == "cpu":
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, keys, values)):
-            raise RuntimeError(
-                "model.attention_impl=flex cannot train on CPU: PyTorch's FlexAttention has no CPU backward. "
-                "Use model.attention_impl=sdpa on CPU (the same attention), or train on CUDA"
-            )
+    if q.device.type == "cpu":  # eager (forward only, checked above): the exact reference the CPU tests use
         return _flex_module().flex_attention(q, keys, values, block_mask=block_mask)
     return _compiled_flex()(q, keys, values, block_mask=block_mask)

@@ -20,7 +20,7 @@ from torch import nn
 
 from titans.matmul import Linear
 from titans.memory.step import decode_linear, rms_norm_rows
-from titans.models.flex import ATTENTION_IMPLS, flex_window_attention
+from titans.models.flex import ATTENTION_IMPLS, flex_available, flex_window_attention
 
 if TYPE_CHECKING:
     from titans.config import ModelConfig
@@ -285,6 +285,8 @@ class Attention(nn.Module):
         self.window = window
         self.n_prefix = n_prefix
         self.impl = impl
+        if impl == "flex":
+            flex_available()  # a torch without FlexAttention fails here, when the model is built
         self.qkv = Linear(d_model, 3 * d_model, bias=False)
         self.out = ResidualProjection(d_model, d_model)
 
@@ -334,6 +336,7 @@ class Attention(nn.Module):
 
         k_tail = torch.cat([cache.k_recent, k], dim=2)  # positions seen-R .. seen+T-1
         v_tail = torch.cat([cache.v_recent, v], dim=2)
+        k_prefix, v_prefix = self._prefix_with(cache, k, v, seen + T)  # read below and kept in the next cache
         if T == 1:
             # one query (decoding) at position seen sees every key of the tail (for a window, the tail is exactly its
             # last `window` positions) and the prefix positions the tail does not hold: no mask, no blocking
@@ -345,7 +348,6 @@ class Attention(nn.Module):
                     v_keys = torch.cat([cache.v_prefix[:, :, :cut], v_tail], dim=2)
             y = F.scaled_dot_product_attention(q, k_keys, v_keys)
         elif self.impl == "flex":
-            k_prefix, v_prefix = self._prefix_with(cache, k, v, seen + T)
             y = flex_window_attention(q, k_prefix, v_prefix, k_tail, v_tail, seen, self.window)
         elif self.window is None or seen + T <= self.window:
             # every visible key lies in the tail (for a window: nothing has slid out yet), so plain causal attention
@@ -356,9 +358,8 @@ class Attention(nn.Module):
                 mask = attention_mask(positions[seen:], positions, None, 0)
                 y = F.scaled_dot_product_attention(q, k_tail, v_tail, attn_mask=mask)
         else:
-            k_prefix, v_prefix = self._prefix_with(cache, k, v, seen + T)
             y = _blocked_window_attention(q, k_prefix, v_prefix, k_tail, v_tail, seen, self.window, self.n_prefix)
-        return self._merge(y), self._next_cache(cache, k, v, seen + T, k_tail, v_tail)
+        return self._merge(y), self._next_cache(k_prefix, v_prefix, seen + T, k_tail, v_tail)
 
     def _prefix_with(
         self, cache: KVCache, k: torch.Tensor, v: torch.Tensor, seen: int
@@ -374,18 +375,16 @@ class Attention(nn.Module):
 
     def _next_cache(
         self,
-        cache: KVCache,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k_prefix: torch.Tensor,
+        v_prefix: torch.Tensor,
         seen: int,
         k_recent: torch.Tensor,
         v_recent: torch.Tensor,
     ) -> KVCache:
-        """Append the new rotated k/v [B, H, T, Dh] (k_recent/v_recent: the old recent ones followed by k/v); with a
-        window keep just the prefix and the last window-1."""
+        """The cache after `seen` positions: the prefix (`_prefix_with`) and k_recent/v_recent, the old recent keys
+        and values followed by the new ones [B, H, R + T, Dh]; with a window only the last window-1 of them stay."""
         if self.window is None:
-            return KVCache(cache.k_prefix, cache.v_prefix, k_recent, v_recent, seen)
-        k_prefix, v_prefix = self._prefix_with(cache, k, v, seen)
+            return KVCache(k_prefix, v_prefix, k_recent, v_recent, seen)
         keep = min(seen, self.window - 1)
         start = k_recent.shape[2] - keep
         return KVCache(k_prefix, v_prefix, k_recent[:, :, start:], v_recent[:, :, start:], seen)
