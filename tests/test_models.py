@@ -140,3 +140,18 @@ def test_memory_state_does_not_touch_parameters() -> None:
         model(tokens(2, 30))
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+def test_mac_reuses_persistent_keys_only_until_a_parameter_changes() -> None:
+    """Without gradients MAC caches the persistent tokens' keys and values; an in-place parameter update (an
+    optimizer step) must invalidate them, so decoding after training never reads stale keys."""
+    model = small_model("MAC")
+    idx = tokens(2, 9)
+    with torch.no_grad():
+        model(idx)  # fills the cache
+        for block in model.blocks:
+            block.persistent.mul_(3.0)
+            block.qkv.weight.add_(0.1)
+        cached, _, _ = model(idx)
+    fresh, _, _ = model(idx)  # with gradients on: nothing is cached
+    torch.testing.assert_close(cached, fresh, rtol=0, atol=1e-12)

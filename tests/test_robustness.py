@@ -349,9 +349,18 @@ TINY_RUN = [
 ]
 
 
+def test_read_metrics_skips_a_line_cut_short_and_can_drop_wall_clock_fields(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    records = [{"kind": "train", "step": 1, "loss": 2.5, "step_s": 0.01}, {"kind": "eval", "step": 1, "loss": 2.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "train", "st')
+    assert read_metrics(path) == records
+    assert read_metrics(path, wall_clock=False) == [{"kind": "train", "step": 1, "loss": 2.5}, records[1]]
+    assert read_metrics(tmp_path / "missing.jsonl") == []
+
+
 def deterministic_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl without the wall-clock field `step_s`: what a resumed run must reproduce bit for bit."""
-    return [{k: v for k, v in r.items() if k != "step_s"} for r in read_metrics(path)]
+    """metrics.jsonl without wall-clock fields: what a resumed run must reproduce bit for bit."""
+    return read_metrics(path, wall_clock=False)
 
 
 def tiny_run(tmp_path: Path, *overrides: str):

@@ -180,8 +180,15 @@ def _format_eval(epoch: int, step: int, train_loss: float, metrics: dict[str, fl
     )
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file, in order; a line cut short by a crash is skipped."""
+# Fields of a metrics record that measure time, so differ between runs; every other field is deterministic.
+WALL_CLOCK_FIELDS = frozenset({"step_s"})
+
+
+def read_metrics(path: str | os.PathLike, wall_clock: bool = True) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file, in order; a line cut short by a crash is skipped.
+
+    wall_clock=False drops WALL_CLOCK_FIELDS: what is left is what a resumed run reproduces bit for bit.
+    """
     path = Path(path)
     if not path.is_file():
         return []
@@ -192,6 +199,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             # A line cut short by a crash mid-write; everything after the checkpoint is rewritten anyway.
             continue
+    if not wall_clock:
+        records = [{k: v for k, v in r.items() if k not in WALL_CLOCK_FIELDS} for r in records]
     return records
 
 

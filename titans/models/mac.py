@@ -143,17 +143,18 @@ class MACBlock(nn.Module):
 
         They depend on parameters only, so with gradients off they are computed once and reused until a parameter
         changes (version counters and storage identify it); with gradients on they are recomputed (autograd needs
-        the graph).
+        the graph) and no key is read: under torch.func transforms (vmap, functional_call) a parameter has no storage.
         """
         p, w = self.persistent, self.qkv.weight
-        key = (dtype, p.data_ptr(), p._version, w.data_ptr(), w._version)
-        if not torch.is_grad_enabled() and self._persistent_cache is not None and self._persistent_cache[0] == key:
+        cached = not torch.is_grad_enabled()
+        key = (dtype, p.data_ptr(), p._version, w.data_ptr(), w._version) if cached else None
+        if cached and self._persistent_cache is not None and self._persistent_cache[0] == key:
             return self._persistent_cache[1]
         d = w.shape[1]
         _, k_p, v_p = (self._heads(t) for t in self.qkv(p.to(dtype).unsqueeze(0)).split(d, dim=-1))
         cos_p, sin_p = self._rope(0, self.n_persistent, dtype, p.device)
         kv = (apply_rope(k_p, cos_p, sin_p), v_p)
-        if not torch.is_grad_enabled():
+        if cached:
             self._persistent_cache = (key, kv)
         return kv
 
