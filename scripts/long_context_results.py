@@ -67,7 +67,7 @@ TASKS: dict[str, dict[str, Any]] = {
             "model.segment_len=16",
         ],
         "eval": ["--lengths", "1x,2x,4x,8x", "--samples", "256", "--batch-size", "64"],
-        "models": list(MODELS),
+        "models": [*MODELS, "LMM-theta0.5", "LMM-theta0.5-noclip"],
     },
     "niah": {
         "steps": 300,
@@ -120,6 +120,10 @@ TASKS: dict[str, dict[str, Any]] = {
 EXTRA_MODELS = {
     "baseline-d80": ["model.variant=baseline", "model.baseline_attention=full", "model.d_model=80"],
     "baseline-full-short": MODELS["baseline-full"],
+    # MQAR ablation of LMM's plateau at chance: writes ten times stronger at the start (theta ~0.5, not ~0.05), and
+    # then also without the per-token inner-gradient clip, which caps what one token can write
+    "LMM-theta0.5": ["model.variant=LMM", "model.memory.theta_init=0.5"],
+    "LMM-theta0.5-noclip": ["model.variant=LMM", "model.memory.theta_init=0.5", "model.memory.inner_grad_clip=null"],
 }
 
 
