@@ -67,7 +67,10 @@ TASKS: dict[str, dict[str, Any]] = {
             "model.segment_len=16",
         ],
         "eval": ["--lengths", "1x,2x,4x,8x", "--samples", "256", "--batch-size", "64"],
-        "models": [*MODELS, "LMM-theta0.5", "LMM-theta0.5-noclip"],
+        "models": [*MODELS, "LMM-theta0.5", "LMM-theta0.5-noclip", "MAC-seg64"],
+        # MAC with one segment as long as the training sequence: its attention sees every key at T, so the row
+        # separates "MAC cannot learn the task in attention" from "MAC cannot carry it across segments"
+        "model_overrides": {"MAC-seg64": ["model.segment_len=64"]},
     },
     "niah": {
         "steps": 300,
@@ -124,6 +127,7 @@ EXTRA_MODELS = {
     # then also without the per-token inner-gradient clip, which caps what one token can write
     "LMM-theta0.5": ["model.variant=LMM", "model.memory.theta_init=0.5"],
     "LMM-theta0.5-noclip": ["model.variant=LMM", "model.memory.theta_init=0.5", "model.memory.inner_grad_clip=null"],
+    "MAC-seg64": MODELS["MAC"],
 }
 
 
