@@ -62,6 +62,7 @@ PEER_QUOTED = {"mac_train": 2350.0, "mac_generate": 31.0}
 # The ~1.3M-parameter MAC: the peer at dim 128, depth 2 has 1.29M parameters; ours at d_model 128 needs 3 layers
 # for a similar count (1.17M; 2 layers would be 0.80M), so the comparison is matched on parameters, not depth.
 GEN_PEER = {"dim": 128, "depth": 2, "segment_len": 32}
+PEER_TRAIN_BATCH = 4  # the batch of the MAC training comparison (issue 3's shape)
 GEN_OURS = {"d_model": 128, "n_layers": 3}
 
 
@@ -352,8 +353,13 @@ def run_peer(args: argparse.Namespace, spec: dict[str, Any], threads: int | None
     if args.no_peer or not peer.exists():
         why = "--no-peer" if args.no_peer else f"{peer} not found"
         return {"tokens_per_s": PEER_QUOTED[spec["kind"]], "source": f"quoted ({why})"}
-    payload = {**spec, "threads": threads or args.threads, "warmup": args.warmup, "repeats": args.repeats}
-    payload["budget_s"] = args.budget
+    payload = {
+        **spec,
+        "threads": threads or args.threads,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "budget_s": args.budget,
+    }
     command = [str(peer), str(PEER_SCRIPT), json.dumps(payload)]
     env = worker_env(args.omp_wait_policy, huge_pages=args.huge_pages)
     result = run_isolated(command, args.timeout, args.mem_cap_gb, env)
@@ -409,12 +415,19 @@ def peer_comparison(args: argparse.Namespace) -> tuple[list[dict[str, Any]], lis
     processes = args.processes
     for length in lengths:
         ours = {
-            c: measure_isolated(args, ModelCase("MAC", length, batch=4, compile=c, processes=processes))
+            c: measure_isolated(args, ModelCase("MAC", length, batch=PEER_TRAIN_BATCH, compile=c, processes=processes))
             for c in compiled
         }
         peer = run_peer(
             args,
-            {"kind": "mac_train", "dim": 64, "depth": 2, "segment_len": 32, "batch": 4, "seq_len": length},
+            {
+                "kind": "mac_train",
+                "dim": 64,
+                "depth": 2,
+                "segment_len": 32,
+                "batch": PEER_TRAIN_BATCH,
+                "seq_len": length,
+            },
             threads=args.threads * processes,
         )
         for c, row in ours.items():
@@ -470,8 +483,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.processes not in (1, 2, 4):
-        p.error(f"--processes must divide the peer comparison's batch of 4 (1, 2 or 4), got {args.processes}")
+    if args.processes < 1 or PEER_TRAIN_BATCH % args.processes:
+        p.error(f"--processes must divide the peer comparison's batch of {PEER_TRAIN_BATCH}, got {args.processes}")
     if args.threads < 1 or args.repeats < 1 or args.warmup < 0:
         p.error(
             f"need --threads >= 1, --repeats >= 1, --warmup >= 0; got {args.threads}, {args.repeats}, {args.warmup}"

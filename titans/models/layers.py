@@ -366,9 +366,9 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The prefix keys and values [B, H, P, Dh] once the stream has seen `seen` positions: the cached ones plus
         those among the new k/v [B, H, T, Dh] (windowed attention; empty for full attention)."""
-        if self.window is None:
-            return cache.k_prefix, cache.v_prefix
         n_new_prefix = max(0, min(self.n_prefix, seen) - cache.k_prefix.shape[2])
+        if self.window is None or n_new_prefix == 0:  # full attention, or the prefix is complete: no copy per call
+            return cache.k_prefix, cache.v_prefix
         k_prefix = torch.cat([cache.k_prefix, k[:, :, :n_new_prefix]], dim=2)
         v_prefix = torch.cat([cache.v_prefix, v[:, :, :n_new_prefix]], dim=2)
         return k_prefix, v_prefix
