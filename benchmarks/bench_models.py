@@ -225,6 +225,9 @@ def _ddp_rank(rank: int, case: ModelCase, threads: int, warmup: int, repeats: in
         torch.distributed.all_reduce(peak)  # the job's memory: every process's peak delta, summed
         if rank == 0:
             results.put({"times": times, "peak_delta_mb": float(peak.item())})
+        # The replica (DDP holds the process group) goes before the group does: a group that outlives `distributed`
+        # is torn down during interpreter exit, racing its worker threads (seen as std::terminate, SIGABRT).
+        del model, optimizer, step
 
 
 def measure_ddp(case: ModelCase, threads: int, warmup: int, repeats: int) -> dict[str, Any]:

@@ -18,6 +18,7 @@ The design goal is that the world size changes throughput, never results:
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -117,6 +118,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
 def cleanup() -> None:
     """Destroy the process group init_distributed created; a no-op otherwise (safe to call twice)."""
     if _OWNED_GROUP[0] and dist.is_initialized():
+        # DDP wrappers hold the group; one left in a reference cycle would keep it alive into interpreter exit, where
+        # its worker threads race the finalizer (std::terminate, SIGABRT). Collect them while Python is whole.
+        gc.collect()
         dist.destroy_process_group()
     _OWNED_GROUP[0] = False
 
