@@ -19,4 +19,5 @@ from titans.cli import main
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]], default_config=DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None))
+    config = DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+    sys.exit(main(["train", *sys.argv[1:]], default_config=config, may_reexec=True))

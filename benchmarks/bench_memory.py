@@ -39,6 +39,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from titans.system import ALLOCATORS, AllocatorError, allocator_env  # noqa: E402
+
 SCRIPT = Path(__file__).resolve()
 DEFAULT_PEER_PYTHON = "/tmp/peer-venv/bin/python"
 PEER_SCRIPT = SCRIPT.parent / "peer_titans_pytorch.py"
@@ -124,7 +126,9 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def worker_env(omp_wait_policy: str, malloc: str = "glibc", huge_pages: bool = False) -> dict[str, str]:
+def worker_env(
+    omp_wait_policy: str, malloc: str = "glibc", huge_pages: bool = False, allocator: str = "system"
+) -> dict[str, str]:
     """The environment of a worker (ours or the peer's), with OpenMP's wait policy and the allocator set before
     torch loads.
 
@@ -132,8 +136,11 @@ def worker_env(omp_wait_policy: str, malloc: str = "glibc", huge_pages: bool = F
     thread holds a core another thread needs, and small ops slow down by 10-30x. PASSIVE sleeps instead.
     huge_pages: glibc's malloc asks for transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1), fewer TLB
     misses over a training step's hundreds of MB of activations; a process setting, like the allocator's.
+    allocator: "system" (the C library's malloc) or a malloc replacement preloaded into the worker (LD_PRELOAD, as
+    `titans --allocator` does); malloc and huge_pages then tune a heap the worker does not use.
     """
     env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
+    env = allocator_env(allocator, env)
     if huge_pages:
         env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
     return {**env, "OMP_WAIT_POLICY": omp_wait_policy.upper(), **MALLOC_ENV[malloc]}
@@ -440,7 +447,7 @@ def run_peer(args: argparse.Namespace, case: MemoryCase) -> dict[str, Any]:
         "budget_s": args.budget,
     }
     command = [str(peer), str(PEER_SCRIPT), json.dumps(payload)]
-    env = worker_env(args.omp_wait_policy, huge_pages=args.huge_pages)
+    env = worker_env(args.omp_wait_policy, huge_pages=args.huge_pages, allocator=args.allocator)
     result = run_isolated(command, args.timeout, args.mem_cap_gb, env)
     if "error" in result:
         return {**PEER_QUOTED_MEMORY, "source": f"quoted (measurement failed: {result['error']})"}
@@ -502,6 +509,15 @@ def check_targets(rows: list[dict[str, Any]], peer: dict[str, Any], peer_case: M
     return targets
 
 
+def allocator_arg(name: str) -> str:
+    """--allocator's value, checked up front: a known allocator whose library is installed."""
+    try:
+        allocator_env(name, {})
+    except AllocatorError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return name
+
+
 def shared_parser(doc: str | None, unit: str, budget: float) -> argparse.ArgumentParser:
     """The flags both benchmark scripts take (`titans bench` forwards the same arguments to each)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -524,6 +540,13 @@ def shared_parser(doc: str | None, unit: str, budget: float) -> argparse.Argumen
         "--huge-pages",
         action="store_true",
         help="every worker, ours and the peer's, with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages)",
+    )
+    p.add_argument(
+        "--allocator",
+        type=allocator_arg,
+        default="system",
+        help=f"malloc of every worker, ours and the peer's: one of {', '.join(ALLOCATORS)} (default system: the C "
+        "library's; the others are preloaded)",
     )
     p.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON, help="python of the titans-pytorch 0.5.5 venv")
     p.add_argument("--no-peer", action="store_true", help="skip the peer; use its quoted numbers")
@@ -602,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
             "budget_s": args.budget,
         }
         command = [sys.executable, str(SCRIPT), "--worker", json.dumps(payload)]
-        env = worker_env(args.omp_wait_policy, case.malloc, args.huge_pages)
+        env = worker_env(args.omp_wait_policy, case.malloc, args.huge_pages, args.allocator)
         result = run_isolated(command, args.timeout, args.mem_cap_gb, env)
         flops = memory_flops(case)
         row = {**asdict(case), **result, "load": load_average(), "flops_per_token": flops["total"]}
@@ -663,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
                 "torch": torch.__version__,
                 "threads": args.threads,
                 "huge_pages": args.huge_pages,
+                "allocator": args.allocator,
                 "matmul_gflops": round(gflops, 2),
                 "load_end": load_average(),
                 "results": rows,

@@ -189,7 +189,7 @@ def measure_model(case: ModelCase, threads: int, warmup: int, repeats: int, budg
 
 def _ddp_rank(rank: int, case: ModelCase, threads: int, warmup: int, repeats: int, port: int, results) -> None:
     """One process of `measure_ddp`: the library's own data-parallel wrapping (as `torchrun -m titans train` does)."""
-    from titans.distributed import distributed, wrap_model
+    from titans.distributed import distributed
 
     os.environ.update(
         {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(case.processes)}
@@ -197,37 +197,44 @@ def _ddp_rank(rank: int, case: ModelCase, threads: int, warmup: int, repeats: in
     )
     torch.set_num_threads(threads)
     with distributed("cpu") as info:
-        model = build(case)  # same seed on every rank: identical replicas, as DDP requires
-        if case.compile:
-            model.compile_blocks()
-        model = wrap_model(model, "ddp", info)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        idx = torch.randint(0, VOCAB, (case.batch, case.seq_len + 1), generator=torch.Generator().manual_seed(1))
-        rows = idx.chunk(case.processes)[rank]  # this rank's contiguous part of the global batch
-        inputs, targets = rows[:, :-1], rows[:, 1:]
-
-        def step() -> None:
-            _, loss, _ = model(inputs, targets)
-            loss.backward()  # DDP all-reduces the gradients here
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        base = reset_peak_rss()  # before the warm-up, as in measure_model: the first step allocates the most
-        for _ in range(warmup):
-            step()
-        times = []
-        for _ in range(repeats):  # a fixed count on every rank: a rank stopping early would leave the others waiting
-            torch.distributed.barrier()
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        peak = torch.tensor([peak_rss_mb() - base], dtype=torch.float64)
-        torch.distributed.all_reduce(peak)  # the job's memory: every process's peak delta, summed
-        if rank == 0:
-            results.put({"times": times, "peak_delta_mb": float(peak.item())})
-        # The replica (DDP holds the process group) goes before the group does: a group that outlives `distributed`
+        # The replica lives only inside _ddp_steps: DDP holds the process group, and a group outliving `distributed`
         # is torn down during interpreter exit, racing its worker threads (seen as std::terminate, SIGABRT).
-        del model, optimizer, step
+        measured = _ddp_steps(rank, case, warmup, repeats, info)
+        if rank == 0:
+            results.put(measured)
+
+
+def _ddp_steps(rank: int, case: ModelCase, warmup: int, repeats: int, info) -> dict[str, Any]:
+    """`_ddp_rank`'s measurement inside the process group: step times on this rank, the job's peak memory."""
+    from titans.distributed import wrap_model
+
+    model = build(case)  # same seed on every rank: identical replicas, as DDP requires
+    if case.compile:
+        model.compile_blocks()
+    model = wrap_model(model, "ddp", info)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    idx = torch.randint(0, VOCAB, (case.batch, case.seq_len + 1), generator=torch.Generator().manual_seed(1))
+    rows = idx.chunk(case.processes)[rank]  # this rank's contiguous part of the global batch
+    inputs, targets = rows[:, :-1], rows[:, 1:]
+
+    def step() -> None:
+        _, loss, _ = model(inputs, targets)
+        loss.backward()  # DDP all-reduces the gradients here
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    base = reset_peak_rss()  # before the warm-up, as in measure_model: the first step allocates the most
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):  # a fixed count on every rank: a rank stopping early would leave the others waiting
+        torch.distributed.barrier()
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = torch.tensor([peak_rss_mb() - base], dtype=torch.float64)
+    torch.distributed.all_reduce(peak)  # the job's memory: every process's peak delta, summed
+    return {"times": times, "peak_delta_mb": float(peak.item())}
 
 
 def measure_ddp(case: ModelCase, threads: int, warmup: int, repeats: int) -> dict[str, Any]:
@@ -364,7 +371,7 @@ def run_peer(args: argparse.Namespace, spec: dict[str, Any], threads: int | None
         "budget_s": args.budget,
     }
     command = [str(peer), str(PEER_SCRIPT), json.dumps(payload)]
-    env = worker_env(args.omp_wait_policy, huge_pages=args.huge_pages)
+    env = worker_env(args.omp_wait_policy, huge_pages=args.huge_pages, allocator=args.allocator)
     result = run_isolated(command, args.timeout, args.mem_cap_gb, env)
     if "error" in result:
         return {"tokens_per_s": PEER_QUOTED[spec["kind"]], "source": f"quoted (measurement failed: {result['error']})"}
@@ -375,7 +382,7 @@ def measure_isolated(args: argparse.Namespace, case: ModelCase) -> dict[str, Any
     payload = {"case": asdict(case), "threads": args.threads, "warmup": args.warmup, "repeats": args.repeats}
     payload["budget_s"] = args.budget
     command = [sys.executable, str(SCRIPT), "--worker", json.dumps(payload)]
-    env = worker_env(args.omp_wait_policy, case.malloc, args.huge_pages)
+    env = worker_env(args.omp_wait_policy, case.malloc, args.huge_pages, args.allocator)
     result = run_isolated(command, args.timeout, args.mem_cap_gb, env)
     row = {**asdict(case), **result, "load": load_average()}
     status = result.get("error") or f"{result['tokens_per_s']:.0f} tok/s, +{result['peak_delta_mb']:.0f} MB"
@@ -599,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
                 "torch": torch.__version__,
                 "threads": args.threads,
                 "huge_pages": args.huge_pages,
+                "allocator": args.allocator,
                 "load_end": load_average(),
                 "results": rows,
                 "peer": peer_rows,

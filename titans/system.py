@@ -5,8 +5,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import platform
 import shutil
 import sys
+import sysconfig
+from collections.abc import Mapping
+from pathlib import Path
 
 # glibc's mallopt parameter number for the mmap threshold (malloc.h: M_MMAP_THRESHOLD = -3)
 _M_MMAP_THRESHOLD = -3
@@ -57,3 +61,111 @@ def compile_options(backend: str, device_type: str) -> dict | None:
     longer (about 2 minutes for a MAC training segment, forward and backward); a warm cache loads in seconds.
     """
     return {"cpp_wrapper": True} if backend == "inductor" and device_type == "cpu" else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A malloc replacement for the whole process (`titans --allocator`, the benchmarks' `--allocator`).
+
+# Shared libraries by the names distributions ship them under, most specific first.
+ALLOCATOR_LIBRARIES: dict[str, tuple[str, ...]] = {
+    "jemalloc": ("libjemalloc.so.2", "libjemalloc.so"),
+    "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libtcmalloc_minimal.so", "libtcmalloc.so"),
+}
+ALLOCATORS = ("system", *ALLOCATOR_LIBRARIES)  # "system": the C library's malloc, nothing preloaded
+_INSTALL_HINTS = {
+    "jemalloc": "Debian/Ubuntu: apt install libjemalloc2; conda: conda install jemalloc",
+    "tcmalloc": "Debian/Ubuntu: apt install libtcmalloc-minimal4; conda: conda install gperftools",
+}
+
+
+class AllocatorError(ValueError):
+    """An allocator that is unknown, not installed, or cannot be switched to from here; the message says the fix."""
+
+
+def _library_dirs() -> list[Path]:
+    """Where a preloadable library is looked for: the environment's own lib (conda, a venv's base), then the dynamic
+    linker's usual directories (Debian's multiarch one included)."""
+    multiarch = sysconfig.get_config_var("MULTIARCH") or f"{platform.machine()}-linux-gnu"
+    prefixes = dict.fromkeys([sys.prefix, sys.base_prefix])
+    dirs = [Path(prefix) / "lib" for prefix in prefixes]
+    system = (f"/usr/lib/{multiarch}", f"/lib/{multiarch}", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+    return dirs + [Path(d) for d in system]
+
+
+def find_allocator(name: str) -> str | None:
+    """Path of allocator `name`'s shared library (jemalloc or tcmalloc), or None when it is not installed.
+
+    Raises AllocatorError for a name that is not one of ALLOCATOR_LIBRARIES ("system" has no library).
+    """
+    if name not in ALLOCATOR_LIBRARIES:
+        raise AllocatorError(f"unknown allocator {name!r}; choose one of {', '.join(ALLOCATORS)}")
+    for directory in _library_dirs():
+        for filename in ALLOCATOR_LIBRARIES[name]:
+            if (directory / filename).is_file():
+                return str(directory / filename)
+    return None
+
+
+def loaded_allocator() -> str:
+    """Which allocator this process runs on: a name of ALLOCATOR_LIBRARIES when its library is mapped into the
+    process (preloaded), else "system". Read from /proc/self/maps (Linux); "system" where that cannot be read."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "system"
+    for name, filenames in ALLOCATOR_LIBRARIES.items():
+        if any(f"/{filename}" in maps for filename in filenames):
+            return name
+    return "system"
+
+
+def allocator_env(name: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A copy of `env` (default os.environ) whose processes start on allocator `name`: its library first in
+    LD_PRELOAD, entries already there kept after it. "system" returns the copy unchanged.
+
+    Raises AllocatorError when the library is not installed (the message says how to install it).
+    """
+    env = dict(os.environ if env is None else env)
+    if name == "system":
+        return env
+    path = find_allocator(name)
+    if path is None:
+        raise AllocatorError(
+            f"allocator {name!r}: none of {', '.join(ALLOCATOR_LIBRARIES[name])} found in "
+            f"{', '.join(str(d) for d in _library_dirs())}; install it ({_INSTALL_HINTS[name]}) or leave the "
+            "allocator at 'system'"
+        )
+    others = [entry for entry in env.get("LD_PRELOAD", "").replace(":", " ").split() if entry != path]
+    env["LD_PRELOAD"] = " ".join([path, *others])
+    return env
+
+
+def switch_allocator(name: str, may_reexec: bool) -> None:
+    """Make this process run on allocator `name`: nothing to do when it already does, else re-execute the same
+    command line (`sys.orig_argv`) with the library preloaded; the process id, arguments and environment otherwise
+    stay, so torchrun's workers can switch too. An allocator cannot be swapped inside a running process, hence the
+    re-exec; it happens before any work.
+
+    may_reexec: the caller is the process's own command line (the `titans` script, `python -m titans`, main.py).
+    Raises AllocatorError when the library is missing, when the preloaded library did not load, or when
+    re-executing is not allowed (main() called from Python with other arguments): the message says what to set.
+    """
+    if name == "system" or loaded_allocator() == name:
+        return
+    env = allocator_env(name)
+    if os.environ.get(_REEXEC_MARK) == name:
+        raise AllocatorError(
+            f"allocator {name!r}: preloading {env['LD_PRELOAD'].split()[0]} did not load it into the process; "
+            "check the dynamic linker's message above"
+        )
+    if not may_reexec:
+        raise AllocatorError(
+            f"allocator {name!r} must be loaded when the process starts: run from the command line, or start "
+            f"Python with LD_PRELOAD={env['LD_PRELOAD'].split()[0]}"
+        )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, {**env, _REEXEC_MARK: name})
+
+
+_REEXEC_MARK = "TITANS_ALLOCATOR_REEXEC"  # set in the re-executed process: a second failure is an error, not a loop

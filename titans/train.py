@@ -76,7 +76,7 @@ from titans.evaluate import evaluate
 from titans.long_eval import detach_state
 from titans.models import build_model, num_parameters
 from titans.plots import plot_run
-from titans.system import cpu_compiler
+from titans.system import cpu_compiler, loaded_allocator
 from titans.tasks import make_task
 from titans.tasks.base import IGNORE_INDEX, Batch, Task
 
@@ -587,6 +587,7 @@ def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: D
             "interrupted": interrupted is not None,
             "wall_s": round(time.time() - start_time, 2),
             "device": str(device),
+            "allocator": loaded_allocator(),  # what the process ran on (`titans --allocator`)
             "run_dir": str(run_dir),
             "checkpoint": str(saved),
         }
