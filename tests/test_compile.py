@@ -34,14 +34,24 @@ def tiny_mac(seed: int = 0):
     return build_model(tiny_config("MAC")).to(DT)
 
 
-def count_compiled_calls(model) -> list[int]:
-    """Wrap each block's compiled segment function with a call counter; returns the live counts."""
-    counts = [0] * len(model.blocks)
+def count_compiled_calls(model) -> dict[str, list[int]]:
+    """Wrap the compiled MAC functions with call counters; returns the live counts, per block, of the segments it ran
+    in a segment-major call of the model ("major") and through its own compiled segment function ("block")."""
+    counts = {"major": [0] * len(model.blocks), "block": [0] * len(model.blocks)}
+    index = {id(block): i for i, block in enumerate(model.blocks)}
+    major = model._compiled_layers
+
+    def counted_major(blocks, *args):
+        for block in blocks:
+            counts["major"][index[id(block)]] += 1
+        return major(blocks, *args)
+
+    model._compiled_layers = counted_major
     for i, block in enumerate(model.blocks):
         compiled = block._compiled_segment
 
         def counted(*args, _compiled=compiled, _i=i):
-            counts[_i] += 1
+            counts["block"][_i] += 1
             return _compiled(*args)
 
         block._compiled_segment = counted
@@ -72,8 +82,8 @@ def test_compiled_segments_equal_eager_outputs_gradients_and_state(backend: str)
             loss.backward()
         results.append((logits, loss, state, {n: p.grad for n, p in model.named_parameters()}))
     (l0, loss0, s0, g0), (l1, loss1, s1, g1) = results
-    # 3 whole segments per call and layer went through the compiled function; the 5-token tail did not
-    assert counts == [6, 6]
+    # 3 whole segments per call and layer went through the compiled function, segment-major; the 5-token tail did not
+    assert counts == {"major": [6, 6], "block": [0, 0]}
     torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(loss1, loss0, rtol=1e-12, atol=1e-12)
     assert g0.keys() == g1.keys()
@@ -93,11 +103,56 @@ def test_compiled_segments_equal_eager_outputs_gradients_and_state(backend: str)
         next0, _, _ = eager(more, state=s0)
         next1, _, _ = compiled(more, state=s1)
     torch.testing.assert_close(next1, next0, rtol=1e-12, atol=1e-12)
-    assert counts == [6, 6]  # no compiled call with gradients off
+    assert counts == {"major": [6, 6], "block": [0, 0]}  # no compiled call with gradients off
 
     # switched off again: the eager path only
     compiled.compile_blocks(enabled=False)
+    assert compiled._compiled_layers is None
     assert all(block._compiled_segment is None for block in compiled.blocks)
+
+
+def test_segment_major_order_equals_the_block_order_with_a_partial_group_and_carried_states() -> None:
+    """MACLM's compiled path runs whole segments segment-major, two blocks per call: with 3 layers (a group of 2 and
+    a group of 1) over three calls of one stream (aligned, aligned with a tail, then starting mid-segment, which
+    falls back to the block-by-block order and each block's own compiled segment), the logits, the loss summed over
+    the calls, every gradient and the final state equal the eager model's in float64. This tests the order and the
+    state plumbing: the "compiled" functions here are the traced functions themselves (tracing is the test above)."""
+    from titans.models.mac import _segment_through
+
+    cfg = tiny_config("MAC")
+    cfg.n_layers = 3
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(build_model(cfg).to(DT))
+    eager, compiled = models
+    compiled.compile_blocks(backend="aot_eager")
+    compiled._compiled_layers = _segment_through
+    for block in compiled.blocks:
+        block._compiled_segment = block._segment_at_start
+    counts = count_compiled_calls(compiled)
+    idx = torch.randint(0, VOCAB, (2, 16 + 11 + 13), generator=torch.Generator().manual_seed(3))
+    targets = torch.roll(idx, -1, dims=1)
+    results = []
+    for model in (eager, compiled):
+        state, logits, total = None, [], 0.0
+        for lo, hi in ((0, 16), (16, 27), (27, 40)):  # positions 0 and 16 are segment boundaries, 27 is not
+            out, loss, state = model(idx[:, lo:hi], targets[:, lo:hi], state)
+            logits.append(out)
+            total = total + loss
+        total.backward()
+        results.append((torch.cat(logits, 1), state, {n: p.grad for n, p in model.named_parameters()}))
+    (l0, s0, g0), (l1, s1, g1) = results
+    # segment-major: 2 + 1 whole segments per block; then the unaligned call's one whole segment, block by block
+    assert counts == {"major": [3, 3, 3], "block": [1, 1, 1]}
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-12)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-10, atol=1e-12, msg=name)
+    for b0, b1 in zip(s0.block_states, s1.block_states, strict=True):
+        assert (b1.position, b1.committed.position) == (b0.position, b0.committed.position) == (40, 40)
+        for w0, w1 in zip(b0.memory.memory.weights, b1.memory.memory.weights, strict=True):
+            torch.testing.assert_close(w1, w0, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=[pytest.mark.slow, needs_compiler])])

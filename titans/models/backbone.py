@@ -180,10 +180,7 @@ class TitansLM(nn.Module):
         if emit_prefix:
             x = torch.cat([self.persistent.to(x.dtype).expand(B, -1, -1), x], dim=1)
         block_states = [None] * len(self.blocks) if state is None else state.block_states
-        new_states = []
-        for block, block_state in zip(self.blocks, block_states, strict=True):
-            x, block_state = block(x, block_state)
-            new_states.append(block_state)
+        x, new_states = self._run_blocks(x, block_states)
         if emit_prefix:
             # the persistent positions carry no token to predict
             x = x[:, self.n_prefix :]
@@ -202,6 +199,18 @@ class TitansLM(nn.Module):
             loss = total / (targets != IGNORE_INDEX).sum().clamp(min=1)
         prefix_emitted = emit_prefix or (state is not None and state.prefix_emitted)
         return logits, loss, LMState(new_states, prefix_emitted, self.signature, B)
+
+    def _run_blocks(self, x: torch.Tensor, block_states: list[Any]) -> tuple[torch.Tensor, list[Any]]:
+        """x [B, T, D] through every block in order, each over the whole sequence -> (x, the blocks' new states).
+
+        block_states: one per block, None for a fresh stream. Subclasses may reorder the work (MACLM runs segment by
+        segment through all blocks) as long as the results are the same.
+        """
+        new_states = []
+        for block, block_state in zip(self.blocks, block_states, strict=True):
+            x, block_state = block(x, block_state)
+            new_states.append(block_state)
+        return x, new_states
 
     # ---- input validation: every check runs before any compute and names the bad value and the fix
 
