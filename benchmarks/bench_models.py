@@ -386,7 +386,8 @@ def measure_isolated(args: argparse.Namespace, case: ModelCase) -> dict[str, Any
     result = run_isolated(command, args.timeout, args.mem_cap_gb, env)
     row = {**asdict(case), **result, "load": load_average()}
     status = result.get("error") or f"{result['tokens_per_s']:.0f} tok/s, +{result['peak_delta_mb']:.0f} MB"
-    print(f"  {case.label()}: {status} (load {row['load']})", flush=True)
+    allocator = "" if args.allocator == "system" else f" on {args.allocator}"  # the glibc tuning then goes unused
+    print(f"  {case.label()}{allocator}: {status} (load {row['load']})", flush=True)
     return row
 
 

@@ -11,6 +11,7 @@
 `python -m titans ...` is the same; `python main.py [--config FILE] [key=value ...]` is `titans train`.
 Overrides are dotted `key=value` pairs (`training.learning_rate=3e-4 model.memory.chunk_size=8`). train, eval,
 compare and memory-check end by printing one JSON line of results. A bad config prints one line and exits 2.
+Every command but bench takes `--allocator system|jemalloc|tcmalloc` (the process's malloc; titans/system.py).
 """
 
 from __future__ import annotations
