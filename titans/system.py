@@ -72,6 +72,7 @@ ALLOCATOR_LIBRARIES: dict[str, tuple[str, ...]] = {
     "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libtcmalloc_minimal.so", "libtcmalloc.so"),
 }
 ALLOCATORS = ("system", *ALLOCATOR_LIBRARIES)  # "system": the C library's malloc, nothing preloaded
+_REEXEC_MARK = "TITANS_ALLOCATOR_REEXEC"  # set in the re-executed process: a second failure is an error, not a loop
 _INSTALL_HINTS = {
     "jemalloc": "Debian/Ubuntu: apt install libjemalloc2; conda: conda install jemalloc",
     "tcmalloc": "Debian/Ubuntu: apt install libtcmalloc-minimal4; conda: conda install gperftools",
@@ -153,19 +154,17 @@ def switch_allocator(name: str, may_reexec: bool) -> None:
     if name == "system" or loaded_allocator() == name:
         return
     env = allocator_env(name)
+    library = env["LD_PRELOAD"].split()[0]  # allocator_env puts it first
     if os.environ.get(_REEXEC_MARK) == name:
         raise AllocatorError(
-            f"allocator {name!r}: preloading {env['LD_PRELOAD'].split()[0]} did not load it into the process; "
+            f"allocator {name!r}: preloading {library} did not load it into the process; "
             "check the dynamic linker's message above"
         )
     if not may_reexec:
         raise AllocatorError(
             f"allocator {name!r} must be loaded when the process starts: run from the command line, or start "
-            f"Python with LD_PRELOAD={env['LD_PRELOAD'].split()[0]}"
+            f"Python with LD_PRELOAD={library}"
         )
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, {**env, _REEXEC_MARK: name})
-
-
-_REEXEC_MARK = "TITANS_ALLOCATOR_REEXEC"  # set in the re-executed process: a second failure is an error, not a loop
