@@ -167,7 +167,8 @@ class MemoryConfig:
     activation: Literal["gelu", "silu"] = "gelu"  # NeurIPS §3.3 uses GELU inside the memory MLP
     residual_norm: bool = False  # NeurIPS form M(x) = x + LN(MLP(x))
     chunk_size: int = 16  # tokens whose inner gradients share one anchor (Eq. 16; NeurIPS App. E.1: 16)
-    impl: Literal["chunked", "naive"] = "chunked"  # naive = per-token reference, for tests and debugging
+    impl: Literal["fused", "chunked", "naive"] = "fused"  # fused = one op, hand-written backward; chunked and
+    # naive = the autograd and per-token references, for tests and debugging
     momentum: bool = True  # surprise momentum S_t (Eq. 14); False sets eta = 0
     forgetting: bool = True  # forgetting gate alpha_t (Eq. 13); False sets alpha = 0
     per_layer_gates: bool = True  # separate theta/eta/alpha per memory layer (NeurIPS App. B.3)

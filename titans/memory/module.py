@@ -20,6 +20,7 @@ update to W_Q, W_K, W_V, the gate projections and M_0.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 from titans.matmul import Linear
 from titans.memory.chunked import chunked_memory
+from titans.memory.fused import fused_memory
 from titans.memory.naive import naive_memory
 from titans.memory.network import Activation, MemoryMLP
 from titans.memory.state import MemoryState
@@ -134,7 +136,7 @@ class NeuralMemory(nn.Module):
         activation: Activation = "gelu",
         residual_norm: bool = False,
         chunk_size: int = 16,
-        impl: Literal["chunked", "naive"] = "chunked",
+        impl: Literal["fused", "chunked", "naive"] = "fused",
         momentum: bool = True,
         forgetting: bool = True,
         per_layer_gates: bool = True,
@@ -148,8 +150,8 @@ class NeuralMemory(nn.Module):
         super().__init__()
         if dim % heads != 0:
             raise ValueError(f"memory heads ({heads}) must divide the model dimension ({dim})")
-        if impl not in ("chunked", "naive"):
-            raise ValueError(f"memory impl must be 'chunked' or 'naive', got {impl!r}")
+        if impl not in ("fused", "chunked", "naive"):
+            raise ValueError(f"memory impl must be 'fused', 'chunked' or 'naive', got {impl!r}")
         if conv_kernel < 1 or chunk_size < 1 or max_lr <= 0:
             raise ValueError(
                 f"need conv_kernel >= 1, chunk_size >= 1 and max_lr > 0; got {conv_kernel}, {chunk_size}, {max_lr}"
@@ -296,10 +298,7 @@ class NeuralMemory(nn.Module):
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, head_dim]
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
             theta, eta, alpha = self._gates(x.to(inner_dtype))
-            memory_fn = chunked_memory if self.impl == "chunked" else naive_memory
-            extra = {}
-            if self.impl == "chunked":
-                extra = {"checkpoint_every": self.checkpoint_every, "compile_backend": self.compile_backend}
+            memory_fn, extra = self._memory_function()
             y, memory_state = memory_fn(
                 q, k, v, theta, eta, alpha, self.network, state.memory, self.chunk_size, stats, self.grad_clip, **extra
             )
@@ -307,6 +306,15 @@ class NeuralMemory(nn.Module):
         y = y.to(x.dtype).permute(0, 2, 1, 3).reshape(batch, length, self.heads * self.head_dim)
         out = self.to_out(y * F.silu(self.to_gate(x)))
         return out, NeuralMemoryState(memory_state, conv_state)
+
+    def _memory_function(self) -> tuple[Callable, dict]:
+        """The memory function for `impl` and its extra arguments. Under torch.compile (tracing, or compiled chunks
+        chosen by `compile_chunks`) the fused op gives way to `chunked_memory`, which the compiler can trace."""
+        if self.impl == "naive":
+            return naive_memory, {}
+        if self.impl == "fused" and self.compile_backend is None and not torch.compiler.is_compiling():
+            return fused_memory, {"checkpoint_every": self.checkpoint_every}
+        return chunked_memory, {"checkpoint_every": self.checkpoint_every, "compile_backend": self.compile_backend}
 
     def decode_step(
         self, x: Tensor, state: NeuralMemoryState, stats: dict[str, Tensor] | None = None

@@ -41,6 +41,17 @@ def activation_and_derivative(z: Tensor, kind: Activation) -> tuple[Tensor, Tens
     raise ValueError(f"unknown memory activation {kind!r}; expected 'gelu' or 'silu'")
 
 
+def activation_second_derivative(z: Tensor, kind: Activation) -> Tensor:
+    """sigma''(z) in closed form: the fused scan's backward needs it for the inner gradients' own derivative."""
+    if kind == "gelu":
+        # sigma'' = phi(z) (2 - z^2)
+        return torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi) * (2.0 - z * z)
+    if kind == "silu":
+        s = torch.sigmoid(z)
+        return s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
+    raise ValueError(f"unknown memory activation {kind!r}; expected 'gelu' or 'silu'")
+
+
 def activation(z: Tensor, kind: Activation) -> Tensor:
     """sigma(z) through torch's own ops (used by the autograd reference)."""
     if kind == "gelu":

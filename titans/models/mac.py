@@ -352,7 +352,7 @@ class MACBlock(nn.Module):
             and state.memory.memory.position % chunk == 0
             and self.segment_len % chunk == 0
             and self.memory.stats_sink is None
-            and self.memory.impl == "chunked"
+            and self.memory.impl != "naive"
         )
 
     def _segment(self, piece: torch.Tensor, state: MACState) -> tuple[torch.Tensor, MACState]:

@@ -1,0 +1,886 @@
+// The fused Titans memory scan on CPU: the forward over chunks and the reverse scan with the hand-written backward.
+//
+// The same algorithm, argument order and results as titans/memory/scan_torch.py, which is the readable version
+// (read it first; the tests hold the two equal). What this file adds is how it runs:
+// - The N = batch * heads memories are independent: each thread takes whole memories and scans all of their chunks,
+//   so a memory's fast weights, the carried gradients and a chunk's intermediates stay in that core's cache.
+// - A memory's state is one buffer holding, per layer, W stacked on S ([2 d_out, d_in]): the products that read or
+//   write both (the query path's Q [W; S]^T, the end state's update, dW and dS) are one call each.
+// - Each product is one direct single-threaded BLAS call (sgemm / dgemm of the BLAS inside libtorch); each
+//   elementwise step is one loop (the activations through glibc's vector math library when it is there).
+// - What the backward needs is kept in one tensor per kept chunk: the chunk-start state and, when every chunk is
+//   kept (stride 1), the chunk's intermediates, so the backward recomputes nothing. Per-chunk tensors (not one
+//   tensor for the whole scan) stay below glibc's mmap threshold and are reused from the heap step after step,
+//   instead of page-faulting hundreds of megabytes in every call.
+//
+// Built on first use by titans/memory/scan_cpp.py; registered as torch.ops.titans.scan_forward / scan_backward.
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+#ifdef TITANS_MVEC
+// glibc's libmvec has 8-wide AVX2 versions of these: declared SIMD, the activation loops call them
+#pragma omp declare simd notinbranch
+float erff(float);
+#pragma omp declare simd notinbranch
+float expf(float);
+#endif
+}
+
+namespace {
+
+using at::Tensor;
+
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                      const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                      const int* ldc) {
+  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+                      const double* a, const int* lda, const double* b, const int* ldb, const double* beta,
+                      double* c, const int* ldc) {
+  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// Row-major C[M x N] = alpha op(A) op(B) + beta C, with op(A) M x K and op(B) K x N; ta / tb: A / B stored
+// transposed. Column-major BLAS computes C^T = op(B)^T op(A)^T on the same memory.
+template <typename T>
+void mm(bool ta, bool tb, int M, int N, int K, T alpha, const T* A, int lda, const T* B, int ldb, T beta, T* C,
+        int ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    for (int i = 0; i < M; ++i)
+      for (int j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
+    return;
+  }
+  const char opa = ta ? 'T' : 'N', opb = tb ? 'T' : 'N';
+  blas_gemm(&opb, &opa, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+enum Act { kGelu = 0, kSilu = 1 };
+
+// sigma(z) and sigma'(z) over n values (exact-erf GELU or SiLU, as network.py): f, d may be null.
+template <typename T>
+void activate(int kind, const T* z, T* f, T* d, int n) {
+  if (kind == kGelu) {
+#pragma omp simd
+    for (int i = 0; i < n; ++i) {
+      const T x = z[i];
+      const T cdf = T(0.5) * (T(1) + std::erf(x * T(0.70710678118654752440)));
+      const T pdf = std::exp(T(-0.5) * x * x) * T(0.39894228040143267794);
+      f[i] = x * cdf;
+      d[i] = cdf + x * pdf;
+    }
+  } else {
+#pragma omp simd
+    for (int i = 0; i < n; ++i) {
+      const T x = z[i];
+      const T s = T(1) / (T(1) + std::exp(-x));
+      f[i] = x * s;
+      d[i] = s * (T(1) + x * (T(1) - s));
+    }
+  }
+}
+
+template <>
+void activate<float>(int kind, const float* z, float* f, float* d, int n) {
+  if (kind == kGelu) {
+#pragma omp simd
+    for (int i = 0; i < n; ++i) {
+      const float x = z[i];
+      const float cdf = 0.5f * (1.0f + erff(x * 0.70710678f));
+      const float pdf = expf(-0.5f * x * x) * 0.39894228f;
+      f[i] = x * cdf;
+      d[i] = cdf + x * pdf;
+    }
+  } else {
+#pragma omp simd
+    for (int i = 0; i < n; ++i) {
+      const float x = z[i];
+      const float s = 1.0f / (1.0f + expf(-x));
+      f[i] = x * s;
+      d[i] = s * (1.0f + x * (1.0f - s));
+    }
+  }
+}
+
+// sigma''(z) over n values.
+template <typename T>
+void second_derivative(int kind, const T* z, T* out, int n) {
+  if (kind == kGelu) {
+#pragma omp simd
+    for (int i = 0; i < n; ++i) {
+      const T x = z[i];
+      out[i] = std::exp(T(-0.5) * x * x) * T(0.39894228040143267794) * (T(2) - x * x);
+    }
+  } else {
+#pragma omp simd
+    for (int i = 0; i < n; ++i) {
+      const T x = z[i];
+      const T s = T(1) / (T(1) + std::exp(-x));
+      out[i] = s * (T(1) - s) * (T(2) + x * (T(1) - T(2) * s));
+    }
+  }
+}
+
+template <>
+void second_derivative<float>(int kind, const float* z, float* out, int n) {
+  if (kind == kGelu) {
+#pragma omp simd
+    for (int i = 0; i < n; ++i) {
+      const float x = z[i];
+      out[i] = expf(-0.5f * x * x) * 0.39894228f * (2.0f - x * x);
+    }
+  } else {
+#pragma omp simd
+    for (int i = 0; i < n; ++i) {
+      const float x = z[i];
+      const float s = 1.0f / (1.0f + expf(-x));
+      out[i] = s * (1.0f - s) * (2.0f + x * (1.0f - 2.0f * s));
+    }
+  }
+}
+
+template <typename T>
+inline T rowdot(const T* a, const T* b, int n) {
+  T acc = 0;
+  for (int i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+template <typename T>
+inline T norm(const T* a, int n) {
+  return std::sqrt(rowdot(a, a, n));
+}
+
+// Everything about a scan that is the same for every memory: sizes, settings and input pointers.
+template <typename T>
+struct Problem {
+  int L = 0, n = 0, b = 0, D = 0, stride = 1, activation = kGelu;
+  bool momentum = true, has_anchor = false;
+  T clip = 0;
+  std::vector<int> lengths, din, dout;
+  std::vector<int64_t> wsize;   // d_out * d_in per layer
+  std::vector<int64_t> offset;  // where layer l's [W; S] starts in a memory's state
+  int64_t state_size = 0;       // sum over layers of 2 d_out d_in
+  int64_t slot_size = 0;        // one chunk's kept intermediates (SlotLayout)
+  const T *q = nullptr, *k = nullptr, *v = nullptr;
+  std::vector<const T*> decay, carry, mix, end_decay, end_carry, end_mix, mom_decay, mom_mix;
+  std::vector<const T*> anchor;  // per layer [N, d_out, d_in] (has_anchor)
+  int n_kept = 0;
+
+  const T* rows(const T* base, int64_t m, int c) const { return base + ((m * n + c) * b) * D; }
+  int64_t chunk(int64_t m, int c) const { return m * n + c; }
+  bool keeps_slots() const { return stride == 1; }
+  int64_t kept_size() const { return state_size + (keeps_slots() ? slot_size : 0); }
+};
+
+// Where one chunk's kept intermediates live. Per layer i: K (key pre-activations, i < L-1), G (the inner
+// gradients' row factors), Bk (G^{i+1} W'^{i+1}, i < L-1), Z (query pre-activations, i < L-1), R (Q^{i-1} A^{iT},
+// b x b) and the clip scales, each sized for b rows. The activations of K and Z are recomputed from them.
+struct SlotLayout {
+  std::vector<int64_t> K, G, Bk, Z, R, scale;
+  int64_t size = 0;
+  SlotLayout(int L, int b, const std::vector<int>& dout) {
+    for (int i = 0; i < L; ++i) {
+      const int64_t rows = (int64_t)b * dout[i];
+      const bool hidden = i < L - 1;
+      K.push_back(size);
+      size += hidden ? rows : 0;
+      G.push_back(size);
+      size += rows;
+      Bk.push_back(size);
+      size += hidden ? rows : 0;
+      Z.push_back(size);
+      size += hidden ? rows : 0;
+      R.push_back(size);
+      size += (int64_t)b * b;
+      scale.push_back(size);
+      size += b;
+    }
+  }
+};
+
+// Pointers to layer l's W and S inside a state buffer (S directly below W: together a [2 d_out, d_in] matrix).
+template <typename T>
+struct Layers {
+  std::vector<T*> W, S;
+  Layers(const Problem<T>& p, T* state) {
+    for (int i = 0; i < p.L; ++i) {
+      W.push_back(state + p.offset[i]);
+      S.push_back(state + p.offset[i] + p.wsize[i]);
+    }
+  }
+};
+
+// A thread's buffers for one chunk of one memory.
+template <typename T>
+struct Workspace {
+  const Problem<T>& p;
+  const SlotLayout layout;
+  std::vector<T> own_slot;
+  std::vector<T*> K, G, Bk, Z, R, scale;  // into the current slot
+  std::vector<std::vector<T>> A, dsig, Qin, qderiv, P, dA, dG, dScale, dK;
+  std::vector<T> zlast, wide1, wide2, tmp1, tmp2, tmp3, tmp4, rr;
+
+  explicit Workspace(const Problem<T>& problem) : p(problem), layout(problem.L, problem.b, problem.dout) {
+    const int L = p.L, b = p.b;
+    own_slot.resize(layout.size);
+    for (auto* v : {&K, &G, &Bk, &Z, &R, &scale}) v->resize(L);
+    for (auto* v : {&A, &dsig, &Qin, &qderiv, &P, &dA, &dG, &dScale, &dK}) v->resize(L);
+    int widest = std::max(p.D, b);  // tmp2 also holds a [b, b] product
+    for (int i = 0; i < L; ++i) {
+      A[i].resize((size_t)b * p.din[i]);
+      dsig[i].resize((size_t)b * p.dout[i]);
+      Qin[i].resize((size_t)b * p.din[i]);
+      qderiv[i].resize((size_t)b * p.dout[i]);
+      P[i].resize((size_t)b * b);
+      dA[i].resize((size_t)b * p.din[i]);
+      dG[i].resize((size_t)b * p.dout[i]);
+      dScale[i].resize(b);
+      dK[i].resize((size_t)b * p.dout[i]);
+      widest = std::max({widest, p.din[i], p.dout[i]});
+    }
+    zlast.resize((size_t)b * p.D);
+    wide1.resize((size_t)b * 2 * widest);
+    wide2.resize((size_t)b * 2 * widest);
+    for (auto* v : {&tmp1, &tmp2, &tmp3, &tmp4}) v->resize((size_t)b * widest);
+    rr.resize((size_t)b * b);
+  }
+
+  void use_slot(T* slot) {
+    for (int i = 0; i < p.L; ++i) {
+      K[i] = slot + layout.K[i];
+      G[i] = slot + layout.G[i];
+      Bk[i] = slot + layout.Bk[i];
+      Z[i] = slot + layout.Z[i];
+      R[i] = slot + layout.R[i];
+      scale[i] = slot + layout.scale[i];
+    }
+  }
+
+  // The keys of chunk c through the anchor network: A, K, sigma'(K), G, Bk and the clip scales.
+  void key_path(const std::vector<const T*>& anc, int64_t m, int c, int r) {
+    const int L = p.L;
+    const T* kr = p.rows(p.k, m, c);
+    const T* vr = p.rows(p.v, m, c);
+    std::copy(kr, kr + (size_t)r * p.D, A[0].begin());
+    for (int i = 0; i < L; ++i) {
+      const int di = p.din[i], dO = p.dout[i];
+      T* pre = i < L - 1 ? K[i] : dK[i].data();  // the last pre-activation is needed only for G
+      mm<T>(false, true, r, dO, di, T(1), A[i].data(), di, anc[i], di, T(0), pre, dO);
+      if (i < L - 1) {
+        activate<T>(p.activation, pre, A[i + 1].data(), dsig[i].data(), r * dO);
+      } else {
+        for (int e = 0; e < r * dO; ++e) G[i][e] = T(2) * (pre[e] - vr[e]);
+      }
+    }
+    for (int i = L - 2; i >= 0; --i) {
+      const int dO = p.dout[i], d2 = p.dout[i + 1];
+      mm<T>(false, false, r, dO, d2, T(1), G[i + 1], d2, anc[i + 1], dO, T(0), Bk[i], dO);
+      for (int e = 0; e < r * dO; ++e) G[i][e] = Bk[i][e] * dsig[i][e];
+    }
+    for (int i = 0; i < L; ++i) {
+      for (int t = 0; t < r; ++t) {
+        if (p.clip > 0) {
+          const T nrm = norm(&G[i][(size_t)t * p.dout[i]], p.dout[i]) * norm(&A[i][(size_t)t * p.din[i]], p.din[i]);
+          scale[i][t] = p.clip / std::max(p.clip, nrm);
+        } else {
+          scale[i][t] = T(1);
+        }
+      }
+    }
+  }
+
+  // P = R * mix * s on and below the diagonal.
+  void masked_mix(int i, int64_t ck, int r) {
+    const int b = p.b;
+    const T* mix = p.mix[i] + ck * b * b;
+    const T* s = scale[i];
+    for (int t = 0; t < r; ++t)
+      for (int j = 0; j < r; ++j) P[i][t * r + j] = j <= t ? R[i][t * r + j] * mix[t * b + j] * s[j] : T(0);
+  }
+
+  // The outputs of chunk c's rows in the dual form (into y when given), keeping what the backward needs.
+  void query_path(const T* state, int64_t m, int c, int r, T* y) {
+    const int L = p.L, b = p.b;
+    const T* qr = p.rows(p.q, m, c);
+    std::copy(qr, qr + (size_t)r * p.D, Qin[0].begin());
+    const int64_t ck = p.chunk(m, c);
+    for (int i = 0; i < L; ++i) {
+      const int di = p.din[i], dO = p.dout[i];
+      const T* decay = p.decay[i] + ck * b;
+      T* z = i < L - 1 ? Z[i] : (y != nullptr ? y : zlast.data());
+      if (p.momentum) {  // [Y_W | Y_S] = Q [W; S]^T in one product
+        const T* carry = p.carry[i] + ck * b;
+        T* ys = wide1.data();
+        mm<T>(false, true, r, 2 * dO, di, T(1), Qin[i].data(), di, state + p.offset[i], di, T(0), ys, 2 * dO);
+        for (int t = 0; t < r; ++t)
+          for (int e = 0; e < dO; ++e) z[t * dO + e] = decay[t] * ys[t * 2 * dO + e] + carry[t] * ys[t * 2 * dO + dO + e];
+      } else {
+        mm<T>(false, true, r, dO, di, T(1), Qin[i].data(), di, state + p.offset[i], di, T(0), z, dO);
+        for (int t = 0; t < r; ++t)
+          for (int e = 0; e < dO; ++e) z[t * dO + e] *= decay[t];
+      }
+      mm<T>(false, true, r, r, di, T(1), Qin[i].data(), di, A[i].data(), di, T(0), R[i], r);
+      masked_mix(i, ck, r);
+      mm<T>(false, false, r, dO, r, T(-1), P[i].data(), r, G[i], dO, T(1), z, dO);
+      if (i < L - 1) activate<T>(p.activation, z, Qin[i + 1].data(), qderiv[i].data(), r * dO);
+    }
+  }
+
+  // The intermediates of chunk c from its slot (the state of the workspace after key_path and query_path).
+  void load(T* slot, int64_t m, int c, int r) {
+    use_slot(slot);
+    const T* kr = p.rows(p.k, m, c);
+    const T* qr = p.rows(p.q, m, c);
+    std::copy(kr, kr + (size_t)r * p.D, A[0].begin());
+    std::copy(qr, qr + (size_t)r * p.D, Qin[0].begin());
+    for (int i = 0; i < p.L; ++i) {
+      const int dO = p.dout[i];
+      if (i < p.L - 1) {
+        activate<T>(p.activation, K[i], A[i + 1].data(), dsig[i].data(), r * dO);
+        activate<T>(p.activation, Z[i], Qin[i + 1].data(), qderiv[i].data(), r * dO);
+      }
+      masked_mix(i, p.chunk(m, c), r);
+    }
+  }
+
+  // The chunk-end state from the chunk-start `state` into `next` (same layout):
+  // [W_r; S_r] = [A_r W + rho_r S; E_r S] - [(omega s) . G | (mom_mix s) . G]^T A.
+  void end_state(const T* state, T* next, int64_t m, int c, int r) {
+    const int b = p.b;
+    const int64_t ck = p.chunk(m, c);
+    for (int i = 0; i < p.L; ++i) {
+      const int di = p.din[i], dO = p.dout[i];
+      const int64_t size = p.wsize[i];
+      const T* W = state + p.offset[i];
+      const T* S = W + size;
+      T* Wn = next + p.offset[i];
+      T* Sn = Wn + size;
+      const T ed = p.end_decay[i][ck];
+      const T* em = p.end_mix[i] + ck * b;
+      const T* mmx = p.mom_mix[i] + ck * b;
+      const T* s = scale[i];
+      T* gg = wide1.data();  // [r, 2 d_out]: the scaled G for W, then for S
+      for (int t = 0; t < r; ++t) {
+        const T om = em[t] * s[t], vs = mmx[t] * s[t];
+        for (int e = 0; e < dO; ++e) {
+          gg[t * 2 * dO + e] = G[i][(size_t)t * dO + e] * om;
+          gg[t * 2 * dO + dO + e] = G[i][(size_t)t * dO + e] * vs;
+        }
+      }
+      if (p.momentum) {
+        const T ec = p.end_carry[i][ck], md = p.mom_decay[i][ck];
+#pragma omp simd
+        for (int64_t e = 0; e < size; ++e) {
+          Wn[e] = ed * W[e] + ec * S[e];
+          Sn[e] = md * S[e];
+        }
+      } else {
+#pragma omp simd
+        for (int64_t e = 0; e < size; ++e) {
+          Wn[e] = ed * W[e];
+          Sn[e] = T(0);
+        }
+      }
+      mm<T>(true, false, 2 * dO, di, r, T(-1), gg, 2 * dO, A[i].data(), di, T(1), Wn, di);
+    }
+  }
+};
+
+template <typename T>
+std::vector<const T*> anchor_of(const Problem<T>& p, int64_t m) {
+  std::vector<const T*> out;
+  for (int i = 0; i < p.L; ++i) out.push_back(p.anchor[i] + m * p.wsize[i]);
+  return out;
+}
+
+template <typename T>
+std::vector<const T*> weights_of(const Problem<T>& p, const T* state) {
+  std::vector<const T*> out;
+  for (int i = 0; i < p.L; ++i) out.push_back(state + p.offset[i]);
+  return out;
+}
+
+// The VJP of one chunk (rows r) of memory m, given its start `state`, anchor, the carried gradients `carried` of
+// its end state ([Omega; Psi] per layer, state layout) and dy. Writes dq, dk, dv rows and the chunk's coefficient
+// gradients; leaves the start state's gradients through this chunk in `result` (state layout) and the anchor's in
+// `anc_grad` (W rows only). The workspace must hold the chunk's intermediates (Workspace::load).
+template <typename T>
+struct Backward {
+  const Problem<T>& p;
+  Workspace<T>& ws;
+  T *dq, *dk, *dv;
+  std::vector<T*> d_decay, d_carry, d_mix, d_end_decay, d_end_carry, d_end_mix, d_mom_decay, d_mom_mix;
+
+  void chunk(int64_t m, int c, int r, const T* state, const std::vector<const T*>& anc, const T* carried,
+             const T* dy, T* result, T* anc_grad) {
+    const int L = p.L, b = p.b;
+    const int64_t ck = p.chunk(m, c);
+    for (int i = 0; i < L; ++i) {
+      std::fill(ws.dA[i].begin(), ws.dA[i].end(), T(0));
+      std::fill(ws.dG[i].begin(), ws.dG[i].end(), T(0));
+      std::fill(ws.dScale[i].begin(), ws.dScale[i].end(), T(0));
+    }
+    // 1. the query path, last layer first (dz: gradient of Z^i, dh: of its input Q^{i-1})
+    T* dz = ws.tmp3.data();
+    T* dh = ws.tmp4.data();
+    std::copy(dy, dy + (size_t)r * p.dout[L - 1], dz);
+    for (int i = L - 1; i >= 0; --i) {
+      const int di = p.din[i], dO = p.dout[i];
+      const T* W = state + p.offset[i];
+      const T* S = W + p.wsize[i];
+      const T* h = ws.Qin[i].data();
+      const T* decay = p.decay[i] + ck * b;
+      const T* carry = p.momentum ? p.carry[i] + ck * b : nullptr;
+      const T* mix = p.mix[i] + ck * b * b;
+      const T* s = ws.scale[i];
+      T* x = ws.tmp1.data();
+      mm<T>(false, false, r, di, dO, T(1), dz, dO, W, di, T(0), x, di);
+      for (int t = 0; t < r; ++t) {
+        d_decay[i][ck * b + t] = rowdot(&x[t * di], &h[t * di], di);
+        for (int e = 0; e < di; ++e) dh[t * di + e] = decay[t] * x[t * di + e];
+      }
+      if (p.momentum) {
+        mm<T>(false, false, r, di, dO, T(1), dz, dO, S, di, T(0), x, di);
+        for (int t = 0; t < r; ++t) {
+          d_carry[i][ck * b + t] = rowdot(&x[t * di], &h[t * di], di);
+          for (int e = 0; e < di; ++e) dh[t * di + e] += carry[t] * x[t * di + e];
+        }
+      }
+      // H = dz G^T; H * mix * s feeds dQ and dA; d(mix * s) = -H * R; all on and below the diagonal
+      T* hg = ws.rr.data();
+      T* hm = ws.tmp2.data();
+      mm<T>(false, true, r, r, dO, T(1), dz, dO, ws.G[i], dO, T(0), hg, r);
+      T* dmix = d_mix[i] + ck * b * b;
+      for (int t = 0; t < r; ++t) {
+        for (int j = 0; j < r; ++j) {
+          if (j <= t) {
+            const T H = hg[t * r + j];
+            hm[t * r + j] = H * mix[t * b + j] * s[j];
+            const T dmixed = -H * ws.R[i][t * r + j];
+            dmix[t * b + j] = dmixed * s[j];
+            if (p.clip > 0) ws.dScale[i][j] += dmixed * mix[t * b + j];
+          } else {
+            hm[t * r + j] = T(0);
+          }
+        }
+      }
+      mm<T>(false, false, r, di, r, T(-1), hm, r, ws.A[i].data(), di, T(1), dh, di);
+      mm<T>(true, false, r, di, r, T(-1), hm, r, h, di, T(1), ws.dA[i].data(), di);
+      mm<T>(true, false, r, dO, r, T(-1), ws.P[i].data(), r, dz, dO, T(1), ws.dG[i].data(), dO);
+      // [dW; dS] = [decay . dz | carry . dz]^T h in one product
+      const int cols = p.momentum ? 2 * dO : dO;
+      T* sdz = ws.wide2.data();
+      for (int t = 0; t < r; ++t) {
+        for (int e = 0; e < dO; ++e) {
+          sdz[t * cols + e] = decay[t] * dz[t * dO + e];
+          if (p.momentum) sdz[t * cols + dO + e] = carry[t] * dz[t * dO + e];
+        }
+      }
+      T* dW = result + p.offset[i];
+      mm<T>(true, false, cols, di, r, T(1), sdz, cols, h, di, T(0), dW, di);
+      if (!p.momentum) std::fill(dW + p.wsize[i], dW + 2 * p.wsize[i], T(0));
+      if (i > 0) {
+        for (int e = 0; e < r * di; ++e) dz[e] = dh[e] * ws.qderiv[i - 1][e];
+      }
+    }
+    std::copy(dh, dh + (size_t)r * p.D, dq + ((m * p.n + c) * b) * p.D);
+    // 2. the chunk-end state
+    for (int i = 0; i < L; ++i) {
+      const int di = p.din[i], dO = p.dout[i];
+      const int64_t size = p.wsize[i];
+      const T* W = state + p.offset[i];
+      const T* S = W + size;
+      const T* om = carried + p.offset[i];  // Omega, then Psi below it
+      const T* ps = om + size;
+      T* dW = result + p.offset[i];
+      T* dS = dW + size;
+      const T* s = ws.scale[i];
+      const T ed = p.end_decay[i][ck];
+      const T* em = p.end_mix[i] + ck * b;
+      const T* mmx = p.mom_mix[i] + ck * b;
+      T acc_w = 0, acc_ws = 0, acc_ps = 0;
+      if (p.momentum) {
+        const T ec = p.end_carry[i][ck], md = p.mom_decay[i][ck];
+#pragma omp simd reduction(+ : acc_w, acc_ws, acc_ps)
+        for (int64_t e = 0; e < size; ++e) {
+          dW[e] += ed * om[e];
+          dS[e] += ec * om[e] + md * ps[e];
+          acc_w += om[e] * W[e];
+          acc_ws += om[e] * S[e];
+          acc_ps += ps[e] * S[e];
+        }
+        d_end_carry[i][ck] = acc_ws;
+        d_mom_decay[i][ck] = acc_ps;
+      } else {
+#pragma omp simd reduction(+ : acc_w)
+        for (int64_t e = 0; e < size; ++e) {
+          dW[e] += ed * om[e];
+          acc_w += om[e] * W[e];
+        }
+      }
+      d_end_decay[i][ck] = acc_w;
+      const T* g = ws.G[i];
+      const T* a = ws.A[i].data();
+      T* u = ws.tmp1.data();   // G Omega
+      T* vv = ws.tmp2.data();  // G Psi
+      mm<T>(false, false, r, di, dO, T(1), g, dO, om, di, T(0), u, di);
+      mm<T>(false, false, r, di, dO, T(1), g, dO, ps, di, T(0), vv, di);
+      T* dem = d_end_mix[i] + ck * b;
+      T* dmm = d_mom_mix[i] + ck * b;
+      for (int t = 0; t < r; ++t) {
+        const T omt = em[t] * s[t], vst = mmx[t] * s[t];
+        const T d_om = -rowdot(&u[t * di], &a[t * di], di);
+        const T d_vs = -rowdot(&vv[t * di], &a[t * di], di);
+        dem[t] = d_om * s[t];
+        dmm[t] = d_vs * s[t];
+        if (p.clip > 0) ws.dScale[i][t] += d_om * em[t] + d_vs * mmx[t];
+        for (int e = 0; e < di; ++e) ws.dA[i][t * di + e] -= omt * u[t * di + e] + vst * vv[t * di + e];
+      }
+      // [A Omega^T | A Psi^T] = A [Omega; Psi]^T in one product
+      T* ao = ws.wide1.data();
+      mm<T>(false, true, r, 2 * dO, di, T(1), a, di, om, di, T(0), ao, 2 * dO);
+      for (int t = 0; t < r; ++t) {
+        const T omt = em[t] * s[t], vst = mmx[t] * s[t];
+        for (int e = 0; e < dO; ++e)
+          ws.dG[i][t * dO + e] -= omt * ao[t * 2 * dO + e] + vst * ao[t * 2 * dO + dO + e];
+      }
+    }
+    // 3. the inner-gradient clip: s = clip / max(clip, |g| |a|)
+    if (p.clip > 0) {
+      for (int i = 0; i < L; ++i) {
+        const int di = p.din[i], dO = p.dout[i];
+        for (int t = 0; t < r; ++t) {
+          const T* g = &ws.G[i][(size_t)t * dO];
+          const T* a = &ws.A[i][(size_t)t * di];
+          const T gn = norm(g, dO), an = norm(a, di), nrm = gn * an;
+          if (!(nrm > p.clip)) continue;
+          const T dn = -ws.dScale[i][t] * p.clip / (nrm * nrm);
+          const T fg = dn * an / gn, fa = dn * gn / an;
+          for (int e = 0; e < dO; ++e) ws.dG[i][t * dO + e] += fg * g[e];
+          for (int e = 0; e < di; ++e) ws.dA[i][t * di + e] += fa * a[e];
+        }
+      }
+    }
+    // 4. the key path at the anchor (second order: the anchor is also where the inner gradients are taken)
+    for (int i = 0; i < L; ++i) std::fill(anc_grad + p.offset[i], anc_grad + p.offset[i] + p.wsize[i], T(0));
+    for (int i = 0; i < L - 1; ++i) {
+      const int dO = p.dout[i], d2 = p.dout[i + 1];
+      T* dback = ws.tmp1.data();
+      T* d2s = ws.tmp2.data();
+      second_derivative<T>(p.activation, ws.K[i], d2s, r * dO);
+      for (int e = 0; e < r * dO; ++e) {
+        dback[e] = ws.dG[i][e] * ws.dsig[i][e];
+        ws.dK[i][e] = ws.dG[i][e] * ws.Bk[i][e] * d2s[e];
+      }
+      mm<T>(false, true, r, d2, dO, T(1), dback, dO, anc[i + 1], dO, T(1), ws.dG[i + 1].data(), d2);
+      mm<T>(true, false, d2, dO, r, T(1), ws.G[i + 1], d2, dback, dO, T(1), anc_grad + p.offset[i + 1], dO);
+    }
+    {
+      const int dO = p.dout[L - 1];
+      T* dvr = dv + ((m * p.n + c) * b) * p.D;
+      for (int e = 0; e < r * dO; ++e) {
+        ws.dK[L - 1][e] = T(2) * ws.dG[L - 1][e];
+        dvr[e] = T(-2) * ws.dG[L - 1][e];
+      }
+    }
+    for (int i = L - 1; i >= 0; --i) {
+      const int di = p.din[i], dO = p.dout[i];
+      mm<T>(false, false, r, di, dO, T(1), ws.dK[i].data(), dO, anc[i], di, T(1), ws.dA[i].data(), di);
+      mm<T>(true, false, dO, di, r, T(1), ws.dK[i].data(), dO, ws.A[i].data(), di, T(1), anc_grad + p.offset[i], di);
+      if (i > 0) {
+        for (int e = 0; e < r * di; ++e) ws.dK[i - 1][e] += ws.dA[i][e] * ws.dsig[i - 1][e];
+      }
+    }
+    std::copy(ws.dA[0].begin(), ws.dA[0].begin() + (size_t)r * p.D, dk + ((m * p.n + c) * b) * p.D);
+  }
+};
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "titans scan: ", what); }
+
+template <typename T>
+Problem<T> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const std::vector<Tensor>& co,
+                        const std::vector<Tensor>& w, const std::vector<Tensor>& anchor, at::IntArrayRef lengths,
+                        int64_t activation, double clip, int64_t stride, bool momentum) {
+  Problem<T> p;
+  p.L = (int)w.size();
+  p.n = (int)q.size(1);
+  p.b = (int)q.size(2);
+  p.D = (int)q.size(3);
+  p.stride = (int)std::max<int64_t>(stride, 1);
+  p.activation = (int)activation;
+  p.clip = (T)clip;
+  p.momentum = momentum;
+  p.has_anchor = !anchor.empty();
+  check((int)lengths.size() == p.n, "one length per chunk");
+  for (auto r : lengths) {
+    check(r >= 1 && r <= p.b, "chunk lengths must lie in [1, b]");
+    p.lengths.push_back((int)r);
+  }
+  for (int i = 0; i < p.L; ++i) {
+    check(w[i].dim() == 3 && w[i].size(0) == q.size(0), "weights must be [N, d_out, d_in]");
+    p.dout.push_back((int)w[i].size(1));
+    p.din.push_back((int)w[i].size(2));
+    p.wsize.push_back(w[i].size(1) * w[i].size(2));
+    p.offset.push_back(p.state_size);
+    p.state_size += 2 * p.wsize.back();
+  }
+  check(p.din[0] == p.D && p.dout[p.L - 1] == p.D, "the memory must map D features to D features");
+  for (int i = 0; i + 1 < p.L; ++i) check(p.din[i + 1] == p.dout[i], "layer widths must chain");
+  p.slot_size = SlotLayout(p.L, p.b, p.dout).size;
+  p.q = q.data_ptr<T>();
+  p.k = k.data_ptr<T>();
+  p.v = v.data_ptr<T>();
+  auto ptr = [](const Tensor& t) -> const T* { return t.numel() ? t.data_ptr<T>() : nullptr; };
+  for (int i = 0; i < p.L; ++i) {
+    p.decay.push_back(ptr(co[8 * i + 0]));
+    p.carry.push_back(ptr(co[8 * i + 1]));
+    p.mix.push_back(ptr(co[8 * i + 2]));
+    p.end_decay.push_back(ptr(co[8 * i + 3]));
+    p.end_carry.push_back(ptr(co[8 * i + 4]));
+    p.end_mix.push_back(ptr(co[8 * i + 5]));
+    p.mom_decay.push_back(ptr(co[8 * i + 6]));
+    p.mom_mix.push_back(ptr(co[8 * i + 7]));
+    check(p.decay[i] && p.mix[i] && p.end_decay[i] && p.end_mix[i] && p.mom_mix[i], "missing coefficients");
+    check(!momentum || (p.carry[i] && p.end_carry[i] && p.mom_decay[i]), "momentum needs its coefficients");
+    if (p.has_anchor) p.anchor.push_back(anchor[i].data_ptr<T>());
+  }
+  p.n_kept = (p.n + p.stride - 1) / p.stride;
+  return p;
+}
+
+void check_tensors(const Tensor& q, const std::vector<const std::vector<Tensor>*>& lists) {
+  check(q.dim() == 4 && q.device().is_cpu(), "q, k, v must be CPU tensors [N, n, b, D]");
+  check(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, "float32 or float64 only");
+  for (const auto* list : lists)
+    for (const auto& t : *list)
+      check(t.numel() == 0 || (t.is_contiguous() && t.scalar_type() == q.scalar_type() && t.device().is_cpu()),
+            "every tensor must be contiguous, on the CPU, of q's dtype");
+}
+
+template <typename T>
+void copy_state_in(const Problem<T>& p, int64_t m, const std::vector<Tensor>& w, const std::vector<Tensor>& s,
+                   T* state) {
+  for (int i = 0; i < p.L; ++i) {
+    const T* wi = w[i].data_ptr<T>() + m * p.wsize[i];
+    const T* si = s[i].data_ptr<T>() + m * p.wsize[i];
+    std::copy(wi, wi + p.wsize[i], state + p.offset[i]);
+    std::copy(si, si + p.wsize[i], state + p.offset[i] + p.wsize[i]);
+  }
+}
+
+template <typename T>
+void copy_state_out(const Problem<T>& p, int64_t m, const T* state, std::vector<Tensor>& w, std::vector<Tensor>* s) {
+  for (int i = 0; i < p.L; ++i) {
+    const T* src = state + p.offset[i];
+    std::copy(src, src + p.wsize[i], w[i].data_ptr<T>() + m * p.wsize[i]);
+    if (s) std::copy(src + p.wsize[i], src + 2 * p.wsize[i], (*s)[i].data_ptr<T>() + m * p.wsize[i]);
+  }
+}
+
+// Forward: y, w_end (L), s_end (L), w_last_start (L), then the kept tensors (n_kept, each [N, kept_size]: the
+// chunk-start state of every stride-th chunk, and with stride 1 also the chunk's intermediates).
+template <typename T>
+std::vector<Tensor> forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const std::vector<Tensor>& co,
+                                 const std::vector<Tensor>& w0, const std::vector<Tensor>& s0,
+                                 const std::vector<Tensor>& anchor, at::IntArrayRef lengths, int64_t activation,
+                                 double clip, int64_t stride, bool momentum, bool save) {
+  Problem<T> p = make_problem<T>(q, k, v, co, w0, anchor, lengths, activation, clip, stride, momentum);
+  const int64_t N = q.size(0);
+  const bool direct = save && p.keeps_slots();  // chunk c's state and slot live in kept[c] itself
+  Tensor y = at::zeros_like(q);
+  std::vector<Tensor> w_end, s_end, w_last, kept;
+  for (int i = 0; i < p.L; ++i) {
+    for (auto* list : {&w_end, &s_end, &w_last}) list->push_back(at::empty(w0[i].sizes(), w0[i].options()));
+  }
+  if (save) {
+    for (int j = 0; j < p.n_kept; ++j) kept.push_back(at::empty({N, p.kept_size()}, q.options()));
+  }
+  T* yp = y.data_ptr<T>();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    Workspace<T> ws(p);
+    std::vector<T> cur(p.state_size), nxt(p.state_size);
+    for (int64_t m = begin; m < end; ++m) {
+      auto kept_at = [&](int j) { return kept[j].data_ptr<T>() + m * p.kept_size(); };
+      T* state = direct ? kept_at(0) : cur.data();
+      copy_state_in(p, m, w0, s0, state);
+      for (int c = 0; c < p.n; ++c) {
+        const int r = p.lengths[c];
+        if (save && !direct && c % p.stride == 0) std::copy(state, state + p.state_size, kept_at(c / p.stride));
+        if (c == p.n - 1) copy_state_out<T>(p, m, state, w_last, nullptr);
+        ws.use_slot(direct ? kept_at(c) + p.state_size : ws.own_slot.data());
+        const auto W = weights_of(p, state);
+        ws.key_path((c == 0 && p.has_anchor) ? anchor_of(p, m) : W, m, c, r);
+        ws.query_path(state, m, c, r, yp + ((m * p.n + c) * p.b) * p.D);
+        T* next = (direct && c + 1 < p.n) ? kept_at(c + 1) : (state == cur.data() ? nxt.data() : cur.data());
+        ws.end_state(state, next, m, c, r);
+        state = next;
+      }
+      copy_state_out<T>(p, m, state, w_end, &s_end);
+    }
+  });
+  std::vector<Tensor> out{y};
+  for (auto* list : {&w_end, &s_end, &w_last, &kept})
+    for (auto& t : *list) out.push_back(t);
+  return out;
+}
+
+// Backward: dq, dk, dv, the coefficient gradients (8 per layer), dW and dS of the initial state (L each), and the
+// anchor's gradient (L, when the first chunk resumed mid-chunk).
+template <typename T>
+std::vector<Tensor> backward_impl(const Tensor& grad_y, const std::vector<Tensor>& grad_w,
+                                  const std::vector<Tensor>& grad_s, const std::vector<Tensor>& grad_last,
+                                  const Tensor& q, const Tensor& k, const Tensor& v, const std::vector<Tensor>& co,
+                                  const std::vector<Tensor>& anchor, const std::vector<Tensor>& kept,
+                                  at::IntArrayRef lengths, int64_t activation, double clip, int64_t stride,
+                                  bool momentum) {
+  Problem<T> p = make_problem<T>(q, k, v, co, grad_w, anchor, lengths, activation, clip, stride, momentum);
+  const int64_t N = q.size(0);
+  check((int)kept.size() == p.n_kept, "one kept tensor per kept chunk");
+  for (const auto& t : kept) check(t.dim() == 2 && t.size(0) == N && t.size(1) == p.kept_size(), "kept tensor shape");
+  Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  std::vector<Tensor> d_co, d_w0, d_s0, d_anchor;
+  for (const auto& t : co) d_co.push_back(t.numel() ? at::zeros_like(t) : t);
+  for (int i = 0; i < p.L; ++i) {
+    for (auto* list : {&d_w0, &d_s0}) list->push_back(at::empty(grad_w[i].sizes(), q.options()));
+    if (p.has_anchor) d_anchor.push_back(at::empty(grad_w[i].sizes(), q.options()));
+  }
+  auto mptr = [](Tensor& t) -> T* { return t.numel() ? t.data_ptr<T>() : nullptr; };
+  const T* gy = grad_y.data_ptr<T>();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    Workspace<T> ws(p);
+    Backward<T> bw{p, ws, dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), {}, {}, {}, {}, {}, {}, {}, {}};
+    for (int i = 0; i < p.L; ++i) {
+      bw.d_decay.push_back(mptr(d_co[8 * i + 0]));
+      bw.d_carry.push_back(mptr(d_co[8 * i + 1]));
+      bw.d_mix.push_back(mptr(d_co[8 * i + 2]));
+      bw.d_end_decay.push_back(mptr(d_co[8 * i + 3]));
+      bw.d_end_carry.push_back(mptr(d_co[8 * i + 4]));
+      bw.d_end_mix.push_back(mptr(d_co[8 * i + 5]));
+      bw.d_mom_decay.push_back(mptr(d_co[8 * i + 6]));
+      bw.d_mom_mix.push_back(mptr(d_co[8 * i + 7]));
+    }
+    // with stride > 1: the recomputed group's chunk-start states and intermediates
+    const int group = p.keeps_slots() ? 0 : std::min(p.stride, p.n);
+    std::vector<T> starts((size_t)group * p.state_size), group_slots((size_t)group * ws.layout.size);
+    std::vector<T> carried(p.state_size), result(p.state_size), anc_grad(p.state_size);
+    for (int64_t m = begin; m < end; ++m) {
+      auto kept_at = [&](int j) { return kept[j].data_ptr<T>() + m * p.kept_size(); };
+      for (int i = 0; i < p.L; ++i) {
+        const T* gw = grad_w[i].data_ptr<T>() + m * p.wsize[i];
+        const T* gs = grad_s[i].data_ptr<T>() + m * p.wsize[i];
+        std::copy(gw, gw + p.wsize[i], carried.begin() + p.offset[i]);
+        std::copy(gs, gs + p.wsize[i], carried.begin() + p.offset[i] + p.wsize[i]);
+      }
+      for (int g0 = ((p.n - 1) / p.stride) * p.stride; g0 >= 0; g0 -= p.stride) {
+        const int g1 = std::min(g0 + p.stride, p.n);
+        if (!p.keeps_slots()) {  // recompute the group's forward from its kept start state, keeping everything
+          std::copy(kept_at(g0 / p.stride), kept_at(g0 / p.stride) + p.state_size, starts.begin());
+          for (int c = g0; c < g1; ++c) {
+            T* state = starts.data() + (size_t)(c - g0) * p.state_size;
+            ws.use_slot(group_slots.data() + (size_t)(c - g0) * ws.layout.size);
+            const auto W = weights_of(p, (const T*)state);
+            ws.key_path((c == 0 && p.has_anchor) ? anchor_of(p, m) : W, m, c, p.lengths[c]);
+            ws.query_path(state, m, c, p.lengths[c], nullptr);
+            if (c + 1 < g1) ws.end_state(state, state + p.state_size, m, c, p.lengths[c]);
+          }
+        }
+        for (int c = g1 - 1; c >= g0; --c) {
+          const T* state = p.keeps_slots() ? kept_at(c) : starts.data() + (size_t)(c - g0) * p.state_size;
+          T* slot = p.keeps_slots() ? kept_at(c) + p.state_size : group_slots.data() + (size_t)(c - g0) * ws.layout.size;
+          const bool separate = c == 0 && p.has_anchor;
+          const auto anc = separate ? anchor_of(p, m) : weights_of(p, state);
+          ws.load(slot, m, c, p.lengths[c]);
+          bw.chunk(m, c, p.lengths[c], state, anc, carried.data(), gy + ((m * p.n + c) * p.b) * p.D, result.data(),
+                   anc_grad.data());
+          for (int i = 0; i < p.L; ++i) {
+            T* dW = result.data() + p.offset[i];
+            const T* da = anc_grad.data() + p.offset[i];
+            if (separate) {
+              std::copy(da, da + p.wsize[i], d_anchor[i].data_ptr<T>() + m * p.wsize[i]);
+            } else {
+              for (int64_t e = 0; e < p.wsize[i]; ++e) dW[e] += da[e];
+            }
+            if (c == p.n - 1) {  // the weights at the last chunk's start are also an output (the next anchor)
+              const T* gl = grad_last[i].data_ptr<T>() + m * p.wsize[i];
+              for (int64_t e = 0; e < p.wsize[i]; ++e) dW[e] += gl[e];
+            }
+          }
+          std::swap(carried, result);
+        }
+      }
+      copy_state_out<T>(p, m, carried.data(), d_w0, &d_s0);
+    }
+  });
+  std::vector<Tensor> out{dq, dk, dv};
+  for (auto* list : {&d_co, &d_w0, &d_s0, &d_anchor})
+    for (auto& t : *list) out.push_back(t);
+  return out;
+}
+
+std::vector<Tensor> scan_forward(const Tensor& q, const Tensor& k, const Tensor& v, at::TensorList co,
+                                 at::TensorList w0, at::TensorList s0, at::TensorList anchor, at::IntArrayRef lengths,
+                                 int64_t activation, double clip, int64_t stride, bool momentum, bool save) {
+  const std::vector<Tensor> cov(co.begin(), co.end()), wv(w0.begin(), w0.end()), sv(s0.begin(), s0.end()),
+      av(anchor.begin(), anchor.end()), qkv{q, k, v};
+  check(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k, v must have one shape");
+  check((int64_t)co.size() == 8 * (int64_t)w0.size() && s0.size() == w0.size(), "8 coefficients per layer");
+  check(anchor.empty() || anchor.size() == w0.size(), "anchor: none or one per layer");
+  check_tensors(q, {&qkv, &cov, &wv, &sv, &av});
+  if (q.scalar_type() == at::kDouble)
+    return forward_impl<double>(q, k, v, cov, wv, sv, av, lengths, activation, clip, stride, momentum, save);
+  return forward_impl<float>(q, k, v, cov, wv, sv, av, lengths, activation, clip, stride, momentum, save);
+}
+
+std::vector<Tensor> scan_backward(const Tensor& grad_y, at::TensorList grad_w, at::TensorList grad_s,
+                                  at::TensorList grad_last, const Tensor& q, const Tensor& k, const Tensor& v,
+                                  at::TensorList co, at::TensorList anchor, at::TensorList kept,
+                                  at::IntArrayRef lengths, int64_t activation, double clip, int64_t stride,
+                                  bool momentum) {
+  const std::vector<Tensor> gw(grad_w.begin(), grad_w.end()), gs(grad_s.begin(), grad_s.end()),
+      gl(grad_last.begin(), grad_last.end()), cov(co.begin(), co.end()), av(anchor.begin(), anchor.end()),
+      kv(kept.begin(), kept.end()), qkv{grad_y, q, k, v};
+  check(grad_y.sizes() == q.sizes() && k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k, v, dy: one shape");
+  check(gs.size() == gw.size() && gl.size() == gw.size() && (int64_t)co.size() == 8 * (int64_t)gw.size(),
+        "per-layer lists must agree");
+  check(anchor.empty() || anchor.size() == gw.size(), "anchor: none or one per layer");
+  check_tensors(q, {&qkv, &gw, &gs, &gl, &cov, &av, &kv});
+  if (q.scalar_type() == at::kDouble)
+    return backward_impl<double>(grad_y, gw, gs, gl, q, k, v, cov, av, kv, lengths, activation, clip, stride,
+                                 momentum);
+  return backward_impl<float>(grad_y, gw, gs, gl, q, k, v, cov, av, kv, lengths, activation, clip, stride,
+                              momentum);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(titans, m) {
+  m.def(
+      "scan_forward(Tensor q, Tensor k, Tensor v, Tensor[] coefficients, Tensor[] weights, Tensor[] momentum, "
+      "Tensor[] anchor, int[] lengths, int activation, float clip, int stride, bool use_momentum, bool save) "
+      "-> Tensor[]");
+  m.def(
+      "scan_backward(Tensor grad_y, Tensor[] grad_weights, Tensor[] grad_momentum, Tensor[] grad_last_start, "
+      "Tensor q, Tensor k, Tensor v, Tensor[] coefficients, Tensor[] anchor, Tensor[] kept, int[] lengths, "
+      "int activation, float clip, int stride, bool use_momentum) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(titans, CPU, m) {
+  m.impl("scan_forward", &scan_forward);
+  m.impl("scan_backward", &scan_backward);
+}
