@@ -272,7 +272,7 @@ def memory_flops(case: MemoryCase, conv_kernel: int = 4) -> dict[str, float]:
     return {**parts, "forward": forward, "total": total}
 
 
-def build_memory(case: MemoryCase, dtype: torch.dtype = torch.float32, impl: str = "chunked"):
+def build_memory(case: MemoryCase, dtype: torch.dtype = torch.float32, impl: str = "fused"):
     """A seeded NeuralMemory for `case` (the library's defaults otherwise: GELU MLP, momentum, forgetting)."""
     from titans.memory import NeuralMemory
 

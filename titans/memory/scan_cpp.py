@@ -19,13 +19,11 @@ import subprocess
 import sys
 import sysconfig
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
-from titans.memory.scan_torch import ScanCoefficients, ScanSettings
+from titans.memory.scan_torch import ScanGates, ScanSettings
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "scan.cpp"
 ACTIVATIONS = {"gelu": 0, "silu": 1}
@@ -131,16 +129,13 @@ def kernels(required: bool = False):
     return _STATE["module"]
 
 
-def _flat(coefficients: Sequence[ScanCoefficients]) -> list[Tensor]:
-    return [t for layer in coefficients for t in layer]
-
-
-def scan_forward(q, k, v, coefficients, weights, momentum, anchor, settings: ScanSettings, save: bool):
+def scan_forward(q, k, v, gates, weights, momentum, anchor, settings: ScanSettings, save: bool):
     """`scan_torch.scan_forward` through the C++ op (same arguments, same results)."""
     depth = len(weights)
+    thetas, etas, alphas = ([g[j] for g in gates if g[j] is not None] for j in range(3))
     out = torch.ops.titans.scan_forward(
-        q, k, v, _flat(coefficients), list(weights), list(momentum), list(anchor), list(settings.lengths),
-        ACTIVATIONS[settings.activation], settings.clip, settings.stride, settings.momentum, save,
+        q, k, v, thetas, etas, alphas, list(weights), list(momentum), list(anchor), list(settings.lengths),
+        settings.chunk_size, ACTIVATIONS[settings.activation], settings.clip, settings.stride, save,
     )  # fmt: skip
     y, rest = out[0], out[1:]
     w_end, s_end, w_last = rest[:depth], rest[depth : 2 * depth], rest[2 * depth : 3 * depth]
@@ -148,15 +143,22 @@ def scan_forward(q, k, v, coefficients, weights, momentum, anchor, settings: Sca
     return y, w_end, s_end, w_last, rest[3 * depth :]
 
 
-def scan_backward(grad_y, grad_w, grad_s, grad_last, q, k, v, coefficients, anchor, kept, settings):
+def scan_backward(grad_y, grad_w, grad_s, grad_last, q, k, v, gates, anchor, kept, settings: ScanSettings):
     """`scan_torch.scan_backward` through the C++ op (same arguments, same results)."""
     depth = len(grad_w)
+    thetas, etas, alphas = ([g[j] for g in gates if g[j] is not None] for j in range(3))
     out = torch.ops.titans.scan_backward(
-        grad_y, list(grad_w), list(grad_s), list(grad_last), q, k, v, _flat(coefficients), list(anchor), list(kept),
-        list(settings.lengths), ACTIVATIONS[settings.activation], settings.clip, settings.stride, settings.momentum,
+        grad_y, list(grad_w), list(grad_s), list(grad_last), q, k, v, thetas, etas, alphas, list(anchor), list(kept),
+        list(settings.lengths), settings.chunk_size, ACTIVATIONS[settings.activation], settings.clip,
+        settings.stride,
     )  # fmt: skip
     dq, dk, dv = out[:3]
-    flat = out[3 : 3 + 8 * depth]
-    d_co = [ScanCoefficients(*flat[8 * i : 8 * (i + 1)]) for i in range(depth)]
-    rest = out[3 + 8 * depth :]
-    return dq, dk, dv, d_co, rest[:depth], rest[depth : 2 * depth], rest[2 * depth :]
+    rest = list(out[3:])
+    d_theta = rest[:depth]
+    rest = rest[depth:]
+    d_eta = rest[:depth] if etas else [None] * depth
+    rest = rest[depth:] if etas else rest
+    d_alpha = rest[:depth] if alphas else [None] * depth
+    rest = rest[depth:] if alphas else rest
+    d_gates = [ScanGates(*g) for g in zip(d_theta, d_eta, d_alpha, strict=True)]
+    return dq, dk, dv, d_gates, rest[:depth], rest[depth : 2 * depth], rest[2 * depth :]

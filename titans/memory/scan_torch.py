@@ -1,30 +1,28 @@
 """The fused memory scan in plain tensor ops: forward over chunks, and the reverse scan with a hand-written backward.
 
 This is the portable implementation of the op behind `fused_memory` (`fused.py`); `csrc/scan.cpp` is the same
-algorithm in C++ and both are tested against `chunked_memory` and each other. Neither builds an autograd graph:
-the forward keeps only chunk-start states, the backward recomputes each chunk from its stored state and applies
-the chunk's vector-Jacobian product by hand (derivation: `titans/memory/README.md`, "The fused scan").
+algorithm in C++ and both are tested against `chunked_memory` and each other. Neither builds an autograd graph
+across chunks: the forward keeps only chunk-start states, the backward recomputes each chunk from its stored state
+and applies the chunk's vector-Jacobian product by hand (derivation: `titans/memory/README.md`, "The fused scan").
 
-Layout (N = batch * heads independent memories, n chunks of b rows, the last rows of a chunk may be padding):
-    q, k, v                      [N, n, b, D]
-    per layer l, `ScanCoefficients` (built with autograd by `fused.py` from the gates):
-      decay   A_t                [N, n, b]      carry  rho_t     [N, n, b] (empty without momentum)
-      mix     C_{t,i} theta_i    [N, n, b, b]   (zero above the diagonal)
-      end_decay, end_carry       [N, n]         A and rho at the chunk's last real row r - 1
-      end_mix                    [N, n, b]      mix[r - 1, :]  (omega)
-      mom_decay  E_r             [N, n]         (empty without momentum)
-      mom_mix    theta_i E_r/E_i [N, n, b]      (without momentum: theta at row r - 1, zero elsewhere)
-    weights, momentum            per layer [N, d_l, d_{l-1}]: the state at the start of the first chunk
-    anchor                       per layer, or empty: the first chunk's anchor when it resumes mid-chunk
-    lengths                      real rows of each chunk (b, except a first or last partial chunk)
+Layout (N = batch * heads independent memories, T tokens cut into spans of `lengths`, each within one chunk):
+    q, k, v                [N, T, D]
+    gates                  per layer `ScanGates`: theta, eta (None = no momentum), alpha (None = no forgetting),
+                           each [N, T]
+    weights, momentum      per layer [N, d_l, d_{l-1}]: the state at the start of the first span
+    anchor                 per layer, or empty: the first span's anchor when it resumes mid-chunk
 
-Per chunk with start state (W, S), anchor W' (W itself unless resumed mid-chunk), and inner-gradient scale
+Per span of r tokens, the gates give the coefficients of the dual form (`ChunkCoefficients.build`, products from
+the span's start): decay A_t, carry rho_t, mix C_{t,i} theta_i and, at the last row, the end coefficients (here
+in tensor ops with autograd, for their backward to the gates; `csrc/scan.cpp` builds and differentiates them by
+hand). With start state (W, S), anchor W' (W itself unless resumed mid-chunk), and inner-gradient scale
 s_t^l = clip / max(clip, |g_t^l| |a_t^l|) (1 without clipping):
     key path at W'   A^1 = k, K^l = A^l W'^lT, A^{l+1} = sigma(K^l)
                      G^L = 2(K^L - v), G^l = (G^{l+1} W'^{l+1}) sigma'(K^l)
     query path       Z^l = A.(Q^{l-1} W^T) + rho.(Q^{l-1} S^T) - ((Q^{l-1} A^lT) * mix * s) G^l
                      Q^l = sigma(Z^l), y = Z^L
     end state        W_r = A_r W + rho_r S - G^T ((omega s) . A),  S_r = E_r S - G^T ((mom_mix s) . A)
+with omega = mix's last row and mom_mix_i = theta_i E_r / E_i (theta_r at i = r without momentum).
 """
 
 from __future__ import annotations
@@ -35,33 +33,65 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from titans.memory.chunked import ChunkCoefficients
 from titans.memory.network import activation_and_derivative, activation_second_derivative
 
-COEFFICIENTS_PER_LAYER = 8
+
+class ScanGates(NamedTuple):
+    """One layer's gates over the call, [N, T] each (eta / alpha None when switched off)."""
+
+    theta: Tensor
+    eta: Tensor | None
+    alpha: Tensor | None
 
 
 class ScanCoefficients(NamedTuple):
-    """One layer's chunk coefficients (shapes in the module docstring); carry, end_carry, mom_decay are empty
-    tensors without momentum."""
+    """One layer's coefficients for one span of r tokens: decay, carry [N, r] (carry None without momentum), mix
+    [N, r, r], the end row's end_decay, end_carry [N] and end_mix [N, r], mom_decay [N] (None without momentum),
+    mom_mix [N, r]."""
 
     decay: Tensor
-    carry: Tensor
+    carry: Tensor | None
     mix: Tensor
     end_decay: Tensor
-    end_carry: Tensor
+    end_carry: Tensor | None
     end_mix: Tensor
-    mom_decay: Tensor
+    mom_decay: Tensor | None
     mom_mix: Tensor
 
 
 class ScanSettings(NamedTuple):
     """Everything about a scan that is not a tensor."""
 
-    lengths: tuple[int, ...]  # real rows of each chunk
+    lengths: tuple[int, ...]  # tokens of each span (the chunk size, except a first or last partial chunk)
+    chunk_size: int
     activation: str  # "gelu" | "silu"
     clip: float  # per-token inner-gradient norm bound; 0 = off
     stride: int  # chunk-start states kept every `stride` chunks (the backward recomputes the ones in between)
-    momentum: bool
+
+
+def span_coefficients(gates: Sequence[ScanGates], start: int, r: int) -> list[ScanCoefficients]:
+    """The coefficients of every layer for the span of r tokens at `start` (autograd records them if enabled)."""
+    out = []
+    for g in gates:
+        theta = g.theta[:, start : start + r]
+        eta = None if g.eta is None else g.eta[:, start : start + r]
+        alpha = None if g.alpha is None else g.alpha[:, start : start + r]
+        co = ChunkCoefficients.build(theta, eta, alpha)
+        carry = co.carry
+        out.append(
+            ScanCoefficients(
+                co.decay,
+                carry,
+                co.mix,
+                co.decay[:, -1],
+                None if carry is None else carry[:, -1],
+                co.mix[:, -1],
+                co.mom_decay,
+                co.mom_mix,
+            )  # fmt: skip
+        )
+    return out
 
 
 def _t(x: Tensor) -> Tensor:
@@ -78,6 +108,7 @@ class _KeyPath(NamedTuple):
     grads: list[Tensor]
     back: list[Tensor]
     scales: list[Tensor | None]
+    activation: str
 
 
 def _key_path(anchor: Sequence[Tensor], k: Tensor, v: Tensor, settings: ScanSettings) -> _KeyPath:
@@ -105,7 +136,7 @@ def _key_path(anchor: Sequence[Tensor], k: Tensor, v: Tensor, settings: ScanSett
             settings.clip / (g.norm(dim=-1) * a.norm(dim=-1)).clamp_min(settings.clip)
             for g, a in zip(grads, inputs, strict=True)
         ]
-    return _KeyPath(inputs, pre, derivs, grads, back, scales)
+    return _KeyPath(inputs, pre, derivs, grads, back, scales, settings.activation)
 
 
 def _scaled(x: Tensor, scale: Tensor | None) -> Tensor:
@@ -115,41 +146,20 @@ def _scaled(x: Tensor, scale: Tensor | None) -> Tensor:
     return x * (scale.unsqueeze(-2) if x.dim() == 3 else scale)
 
 
-def _chunk_coefficients(co: Sequence[ScanCoefficients], c: int, r: int) -> list[ScanCoefficients]:
-    """The coefficients of chunk c restricted to its r real rows."""
-    out = []
-    for layer in co:
-        out.append(
-            ScanCoefficients(
-                layer.decay[:, c, :r],
-                layer.carry[:, c, :r] if layer.carry.numel() else layer.carry,
-                layer.mix[:, c, :r, :r],
-                layer.end_decay[:, c],
-                layer.end_carry[:, c] if layer.end_carry.numel() else layer.end_carry,
-                layer.end_mix[:, c, :r],
-                layer.mom_decay[:, c] if layer.mom_decay.numel() else layer.mom_decay,
-                layer.mom_mix[:, c, :r],
-            )
-        )
-    return out
-
-
-def _end_state(
-    w: Tensor, s: Tensor, kp: _KeyPath, i: int, co: ScanCoefficients, momentum: bool
-) -> tuple[Tensor, Tensor]:
+def _end_state(w: Tensor, s: Tensor, kp: _KeyPath, i: int, co: ScanCoefficients) -> tuple[Tensor, Tensor]:
     """(W_r, S_r) of layer i from the chunk-start (W, S)."""
     g, a = kp.grads[i], kp.inputs[i]
     omega = _scaled(co.end_mix, kp.scales[i])
     varsigma = _scaled(co.mom_mix, kp.scales[i])
     w_new = co.end_decay[:, None, None] * w - torch.bmm(_t(g * omega.unsqueeze(-1)), a)
     s_new = -torch.bmm(_t(g * varsigma.unsqueeze(-1)), a)
-    if momentum:
+    if co.carry is not None:
         w_new = w_new + co.end_carry[:, None, None] * s
         s_new = s_new + co.mom_decay[:, None, None] * s
     return w_new, s_new
 
 
-def _query_path(q: Tensor, ws: Sequence[Tensor], ss: Sequence[Tensor], kp: _KeyPath, co, settings: ScanSettings):
+def _query_path(q: Tensor, ws: Sequence[Tensor], ss: Sequence[Tensor], kp: _KeyPath, co: Sequence[ScanCoefficients]):
     """Outputs of the chunk's rows (dual form); also returns each layer's input Q^{l-1}, the masked mixes
     P^l = (Q^{l-1} A^lT) * mix * s, R^l = Q^{l-1} A^lT, and sigma'(Z^l) for l < L."""
     depth = len(ws)
@@ -157,7 +167,7 @@ def _query_path(q: Tensor, ws: Sequence[Tensor], ss: Sequence[Tensor], kp: _KeyP
     for i in range(depth):
         hs.append(h)
         z = co[i].decay.unsqueeze(-1) * torch.bmm(h, _t(ws[i]))
-        if settings.momentum:
+        if co[i].carry is not None:
             z = z + co[i].carry.unsqueeze(-1) * torch.bmm(h, _t(ss[i]))
         r = torch.bmm(h, _t(kp.inputs[i]))
         p = r * _scaled(co[i].mix, kp.scales[i])
@@ -165,34 +175,37 @@ def _query_path(q: Tensor, ws: Sequence[Tensor], ss: Sequence[Tensor], kp: _KeyP
         rs.append(r)
         ps.append(p)
         if i < depth - 1:
-            h, d = activation_and_derivative(z, settings.activation)
+            h, d = activation_and_derivative(z, kp.activation)
             derivs.append(d)
         else:
             h = z
     return h, hs, rs, ps, derivs
 
 
+def _starts(lengths: Sequence[int]) -> list[int]:
+    return [sum(lengths[:c]) for c in range(len(lengths))]
+
+
 def scan_forward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    coefficients: Sequence[ScanCoefficients],
+    gates: Sequence[ScanGates],
     weights: Sequence[Tensor],
     momentum: Sequence[Tensor],
     anchor: Sequence[Tensor],
     settings: ScanSettings,
     save: bool,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    """Returns y [N, n, b, D] (zero on padding rows), the final weights and momentum, the weights at the start of the
-    last chunk, and (when `save`) what the backward needs: the kept weights then momentum, per layer
-    [N, n_kept, d_l, d_{l-1}]."""
+    """Returns y [N, T, D], the final weights and momentum, the weights at the start of the last span, and (when
+    `save`) what the backward needs: the kept weights then momentum, per layer [N, n_kept, d_l, d_{l-1}]."""
     n = len(settings.lengths)
     ws, ss = list(weights), list(momentum)
-    y = torch.zeros_like(q)
+    outputs = []
     kept_w: list[list[Tensor]] = [[] for _ in ws]
     kept_s: list[list[Tensor]] = [[] for _ in ws]
     last_start = ws
-    for c, r in enumerate(settings.lengths):
+    for c, (start, r) in enumerate(zip(_starts(settings.lengths), settings.lengths, strict=True)):
         if save and c % settings.stride == 0:
             for i in range(len(ws)):
                 kept_w[i].append(ws[i])
@@ -200,13 +213,13 @@ def scan_forward(
         if c == n - 1:
             last_start = ws
         anc = anchor if (c == 0 and anchor) else ws
-        co = _chunk_coefficients(coefficients, c, r)
-        kp = _key_path(anc, k[:, c, :r], v[:, c, :r], settings)
-        y[:, c, :r] = _query_path(q[:, c, :r], ws, ss, kp, co, settings)[0]
-        ends = [_end_state(ws[i], ss[i], kp, i, co[i], settings.momentum) for i in range(len(ws))]
+        co = span_coefficients(gates, start, r)
+        kp = _key_path(anc, k[:, start : start + r], v[:, start : start + r], settings)
+        outputs.append(_query_path(q[:, start : start + r], ws, ss, kp, co)[0])
+        ends = [_end_state(ws[i], ss[i], kp, i, co[i]) for i in range(len(ws))]
         ws, ss = [e[0] for e in ends], [e[1] for e in ends]
     saved = [torch.stack(x, dim=1) for x in kept_w + kept_s] if save else []
-    return y, ws, ss, list(last_start), saved
+    return torch.cat(outputs, dim=1), ws, ss, list(last_start), saved
 
 
 def _chunk_backward(
@@ -223,12 +236,11 @@ def _chunk_backward(
     settings: ScanSettings,
 ):
     """VJP of one chunk (rows r). omega, psi: gradients of the chunk's end (W_r, S_r). Returns dq, dk, dv, the
-    coefficient gradients (ScanCoefficients of this chunk's rows), dW, dS (of the chunk-start state) and dW' (of the
-    anchor; summed into dW by the caller when the anchor is W)."""
+    coefficients' gradients (ScanCoefficients), dW, dS (of the chunk-start state) and dW' (of the anchor; summed
+    into dW by the caller when the anchor is W)."""
     depth = len(ws)
-    momentum = settings.momentum
     kp = _key_path(anc, k, v, settings)
-    _, hs, rs, ps, qderivs = _query_path(q, ws, ss, kp, co, settings)
+    _, hs, rs, ps, qderivs = _query_path(q, ws, ss, kp, co)
     d_inputs = [torch.zeros_like(a) for a in kp.inputs]
     d_grads = [torch.zeros_like(g) for g in kp.grads]
     d_scales = [torch.zeros_like(kp.inputs[0][..., 0]) for _ in range(depth)]
@@ -237,10 +249,11 @@ def _chunk_backward(
     # query path (dual form), last layer first
     for i in range(depth - 1, -1, -1):
         h, c, scale = hs[i], co[i], kp.scales[i]
+        momentum = c.carry is not None
         x = torch.bmm(dz, ws[i])
         d_decay = (x * h).sum(-1)
         dh = c.decay.unsqueeze(-1) * x
-        d_carry = c.carry
+        d_carry = None
         if momentum:
             xs = torch.bmm(dz, ss[i])
             d_carry = (xs * h).sum(-1)
@@ -266,8 +279,8 @@ def _chunk_backward(
         o, p = omega[i], psi[i]
         d_w[i] = d_w[i] + c.end_decay[:, None, None] * o
         d_end_decay = (o * ws[i]).sum((-1, -2))
-        d_end_carry, d_mom_decay = c.end_carry, c.mom_decay
-        if momentum:
+        d_end_carry = d_mom_decay = None
+        if c.carry is not None:
             d_s[i] = d_s[i] + c.end_carry[:, None, None] * o + c.mom_decay[:, None, None] * p
             d_end_carry = (o * ss[i]).sum((-1, -2))
             d_mom_decay = (p * ss[i]).sum((-1, -2))
@@ -311,6 +324,27 @@ def _chunk_backward(
     return dq, dk, dv, d_co, d_w, d_s, d_anc
 
 
+def _gates_backward(gates: Sequence[ScanGates], start: int, r: int, d_co: Sequence[ScanCoefficients]):
+    """The gates' gradients for one span from its coefficients' gradients: the coefficients are rebuilt with
+    autograd from the span's gates (as in the forward) and differentiated. Per layer (dtheta, deta, dalpha) [N, r]."""
+    out = []
+    with torch.enable_grad():
+        for g, d in zip(gates, d_co, strict=True):
+            leaves = [None if t is None else t[:, start : start + r].detach().requires_grad_() for t in g]
+            co = span_coefficients([ScanGates(*leaves)], 0, r)[0]
+            pairs = [(t, dt) for t, dt in zip(co, d, strict=True) if t is not None and t.requires_grad]
+            wanted = [t for t in leaves if t is not None]
+            grads = iter(torch.autograd.grad([t for t, _ in pairs], wanted, [dt for _, dt in pairs], allow_unused=True))
+            out.append(
+                [None if t is None else _zero_if_none(next(grads), t) for t in leaves]  # theta, eta, alpha
+            )
+    return out
+
+
+def _zero_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
 def scan_backward(
     grad_y: Tensor,
     grad_weights: Sequence[Tensor],
@@ -319,18 +353,19 @@ def scan_backward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    coefficients: Sequence[ScanCoefficients],
+    gates: Sequence[ScanGates],
     anchor: Sequence[Tensor],
     saved: Sequence[Tensor],
     settings: ScanSettings,
 ):
-    """The reverse scan. Returns dq, dk, dv [N, n, b, D], per-layer coefficient gradients (ScanCoefficients, zero
-    on padding and above the diagonal), dW and dS of the initial state, and the anchor's gradient (empty when the
-    first chunk's anchor is its start state)."""
-    n, lengths, depth = len(settings.lengths), settings.lengths, len(coefficients)
+    """The reverse scan. Returns dq, dk, dv [N, T, D], per layer ScanGates of the gates' gradients (None where a
+    gate is off), dW and dS of the initial state, and the anchor's gradient (empty when the first span's anchor is
+    its start state)."""
+    n, lengths, depth = len(settings.lengths), settings.lengths, len(gates)
+    starts = _starts(lengths)
     saved_w, saved_s = saved[:depth], saved[depth:]
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    d_co = [ScanCoefficients(*(torch.zeros_like(t) for t in layer)) for layer in coefficients]
+    d_gates = [[None if t is None else torch.zeros_like(t) for t in g] for g in gates]
     omega, psi = list(grad_weights), list(grad_momentum)
     d_anchor: list[Tensor] = []
     stride = settings.stride
@@ -338,37 +373,31 @@ def scan_backward(
         # recompute the chunk-start states of this group from the kept one (state path only)
         ws = [w[:, group_start // stride] for w in saved_w]
         ss = [s[:, group_start // stride] for s in saved_s]
-        starts = []
+        group_states = []
         for c in range(group_start, min(group_start + stride, n)):
-            starts.append((ws, ss))
+            group_states.append((ws, ss))
             if c + 1 < min(group_start + stride, n):
-                r = lengths[c]
+                lo, r = starts[c], lengths[c]
                 anc = anchor if (c == 0 and anchor) else ws
-                co = _chunk_coefficients(coefficients, c, r)
-                kp = _key_path(anc, k[:, c, :r], v[:, c, :r], settings)
-                ends = [_end_state(ws[i], ss[i], kp, i, co[i], settings.momentum) for i in range(depth)]
+                co = span_coefficients(gates, lo, r)
+                kp = _key_path(anc, k[:, lo : lo + r], v[:, lo : lo + r], settings)
+                ends = [_end_state(ws[i], ss[i], kp, i, co[i]) for i in range(depth)]
                 ws, ss = [e[0] for e in ends], [e[1] for e in ends]
         for c in range(min(group_start + stride, n) - 1, group_start - 1, -1):
-            ws, ss = starts[c - group_start]
-            r = lengths[c]
+            ws, ss = group_states[c - group_start]
+            lo, r = starts[c], lengths[c]
+            rows = slice(lo, lo + r)
             separate = c == 0 and bool(anchor)
             anc = list(anchor) if separate else ws
-            co = _chunk_coefficients(coefficients, c, r)
+            co = span_coefficients(gates, lo, r)
             out = _chunk_backward(
-                q[:, c, :r], k[:, c, :r], v[:, c, :r], grad_y[:, c, :r], co, ws, ss, anc, omega, psi, settings
+                q[:, rows], k[:, rows], v[:, rows], grad_y[:, rows], co, ws, ss, anc, omega, psi, settings
             )
-            dq[:, c, :r], dk[:, c, :r], dv[:, c, :r] = out[0], out[1], out[2]
-            for i in range(depth):
-                for j, grad in enumerate(out[3][i]):
-                    if grad.numel() == 0:
-                        continue
-                    target = d_co[i][j]
-                    if grad.dim() == 1:
-                        target[:, c] = grad
-                    elif grad.dim() == 2:
-                        target[:, c, :r] = grad
-                    else:
-                        target[:, c, :r, :r] = grad
+            dq[:, rows], dk[:, rows], dv[:, rows] = out[0], out[1], out[2]
+            for i, span_grads in enumerate(_gates_backward(gates, lo, r, out[3])):
+                for target, grad in zip(d_gates[i], span_grads, strict=True):
+                    if target is not None:
+                        target[:, rows] = grad
             d_w, d_s, d_anc = out[4], out[5], out[6]
             if separate:
                 d_anchor = d_anc
@@ -378,4 +407,4 @@ def scan_backward(
             psi = list(d_s)
             if c == n - 1:
                 omega = [o + g for o, g in zip(omega, grad_last_start, strict=True)]
-    return dq, dk, dv, d_co, omega, psi, d_anchor
+    return dq, dk, dv, [ScanGates(*g) for g in d_gates], omega, psi, d_anchor

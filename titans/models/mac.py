@@ -184,7 +184,10 @@ class MACBlock(nn.Module):
         B, n, d = h.shape
         offset = state.position % self.segment_len  # tokens of this segment already seen
         q, k_x, v_x = (self._heads(t) for t in self.qkv(h).split(d, dim=-1))
-        _, k_h, v_h = (self._heads(t) for t in self.qkv(retrieved).split(d, dim=-1))
+        # the retrieved tokens serve only as keys and values: their rows of W_QKV, not the query's
+        kv_weight = self.qkv.weight[d:]
+        kv_bias = None if self.qkv.bias is None else self.qkv.bias[d:]
+        k_h, v_h = (self._heads(t) for t in F.linear(retrieved, kv_weight, kv_bias).split(d, dim=-1))
         # positions: persistent tokens 0..Np-1, then the j-th retrieved token and the j-th segment token both at Np + j
         cos, sin = self._rope(offset + self.n_persistent, n, h.dtype, h.device)
         q, k_x, k_h = apply_rope(torch.stack([q, k_x, k_h]), cos, sin).unbind(0)  # one rotation for all three

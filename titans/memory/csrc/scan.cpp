@@ -1,9 +1,11 @@
 // The fused Titans memory scan on CPU: the forward over chunks and the reverse scan with the hand-written backward.
 //
-// The same algorithm, argument order and results as titans/memory/scan_torch.py, which is the readable version
-// (read it first; the tests hold the two equal). What this file adds is how it runs:
+// The same algorithm, arguments and results as titans/memory/scan_torch.py, which is the readable version (read it
+// first; the tests hold the two equal). What this file adds is how it runs:
 // - The N = batch * heads memories are independent: each thread takes whole memories and scans all of their chunks,
 //   so a memory's fast weights, the carried gradients and a chunk's intermediates stay in that core's cache.
+// - The chunk coefficients (decays, carries, the masked mixes C_{t,i} theta_i) are built per chunk from the gates
+//   in log space, and their backward to the gates is done here too (README "The fused scan", step 3).
 // - A memory's state is one buffer holding, per layer, W stacked on S ([2 d_out, d_in]): the products that read or
 //   write both (the query path's Q [W; S]^T, the end state's update, dW and dS) are one call each.
 // - Each product is one direct single-threaded BLAS call (sgemm / dgemm of the BLAS inside libtorch); each
@@ -22,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 extern "C" {
@@ -70,9 +73,54 @@ void mm(bool ta, bool tb, int M, int N, int K, T alpha, const T* A, int lda, con
   blas_gemm(&opb, &opa, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
 }
 
+// The products with a causal [r, r] factor, written out: only the lower triangle is computed, and at these sizes
+// (r = chunk size, K = a layer width) a loop beats a BLAS call's fixed cost.
+// out[t][j] = X[t] . Y[j] for j <= t (row stride ldo; the upper triangle is left as it is).
+template <typename T>
+void lower_dots(int r, int K, const T* X, int ldx, const T* Y, int ldy, T* out, int ldo) {
+  for (int t = 0; t < r; ++t) {
+    for (int j = 0; j <= t; ++j) {
+      const T* x = X + (size_t)t * ldx;
+      const T* y = Y + (size_t)j * ldy;
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int e = 0; e < K; ++e) acc += x[e] * y[e];
+      out[t * ldo + j] = acc;
+    }
+  }
+}
+
+// Z[t] += alpha sum_{j <= t} P[t][j] Y[j]: a lower-triangular [r, r] times [r, K].
+template <typename T>
+void lower_mix(int r, int K, T alpha, const T* P, int ldp, const T* Y, int ldy, T* Z, int ldz) {
+  for (int t = 0; t < r; ++t) {
+    T* z = Z + (size_t)t * ldz;
+    for (int j = 0; j <= t; ++j) {
+      const T f = alpha * P[t * ldp + j];
+      const T* y = Y + (size_t)j * ldy;
+#pragma omp simd
+      for (int e = 0; e < K; ++e) z[e] += f * y[e];
+    }
+  }
+}
+
+// Z[j] += alpha sum_{t >= j} P[t][j] Y[t]: the transpose of a lower-triangular [r, r] times [r, K].
+template <typename T>
+void lower_mix_transposed(int r, int K, T alpha, const T* P, int ldp, const T* Y, int ldy, T* Z, int ldz) {
+  for (int j = 0; j < r; ++j) {
+    T* z = Z + (size_t)j * ldz;
+    for (int t = j; t < r; ++t) {
+      const T f = alpha * P[t * ldp + j];
+      const T* y = Y + (size_t)t * ldy;
+#pragma omp simd
+      for (int e = 0; e < K; ++e) z[e] += f * y[e];
+    }
+  }
+}
+
 enum Act { kGelu = 0, kSilu = 1 };
 
-// sigma(z) and sigma'(z) over n values (exact-erf GELU or SiLU, as network.py): f, d may be null.
+// sigma(z) and sigma'(z) over n values (exact-erf GELU or SiLU, as network.py).
 template <typename T>
 void activate(int kind, const T* z, T* f, T* d, int n) {
   if (kind == kGelu) {
@@ -170,23 +218,71 @@ inline T norm(const T* a, int n) {
 template <typename T>
 struct Problem {
   int L = 0, n = 0, b = 0, D = 0, stride = 1, activation = kGelu;
-  bool momentum = true, has_anchor = false;
+  int64_t length = 0;  // T, tokens of the call
+  bool momentum = true, forgetting = true, has_anchor = false;
   T clip = 0;
-  std::vector<int> lengths, din, dout;
+  std::vector<int> lengths, starts, din, dout;
   std::vector<int64_t> wsize;   // d_out * d_in per layer
   std::vector<int64_t> offset;  // where layer l's [W; S] starts in a memory's state
   int64_t state_size = 0;       // sum over layers of 2 d_out d_in
   int64_t slot_size = 0;        // one chunk's kept intermediates (SlotLayout)
   const T *q = nullptr, *k = nullptr, *v = nullptr;
-  std::vector<const T*> decay, carry, mix, end_decay, end_carry, end_mix, mom_decay, mom_mix;
-  std::vector<const T*> anchor;  // per layer [N, d_out, d_in] (has_anchor)
+  std::vector<const T*> theta, eta, alpha;  // per layer [N, T]; eta / alpha null when switched off
+  std::vector<const T*> anchor;             // per layer [N, d_out, d_in] (has_anchor)
   int n_kept = 0;
 
-  const T* rows(const T* base, int64_t m, int c) const { return base + ((m * n + c) * b) * D; }
-  int64_t chunk(int64_t m, int c) const { return m * n + c; }
+  const T* rows(const T* base, int64_t m, int c) const { return base + (m * length + starts[c]) * D; }
+  int64_t token(int64_t m, int c) const { return m * length + starts[c]; }  // index of chunk c's first gate
   bool keeps_slots() const { return stride == 1; }
   int64_t kept_size() const { return state_size + (keeps_slots() ? slot_size : 0); }
 };
+
+// One layer's chunk coefficients (r rows; matrices with row stride b, zero above the diagonal), built from its
+// gates in log space: lambda = log(1 - alpha), mu = log(eta); LA[t][s] = exp(sum_{s<j<=t} lambda_j),
+// decay_t = exp(sum_{j<=t} lambda_j) (A_t), LE and Ebar likewise from mu; C = LA LE, carry = LA Ebar (rho),
+// mix = C * theta_cols, mom_mix_i = theta_i LE[r-1][i] (theta_{r-1} at i = r-1 without momentum).
+template <typename T>
+struct Coefficients {
+  std::vector<T> LA, LE, C, mix, decay, carry, Ebar, mom_mix;
+  T end_decay = 1, end_carry = 0, mom_decay = 0;
+  const T* end_mix = nullptr;  // mix's row r - 1 (omega)
+  // adjoints, filled by the backward
+  std::vector<T> gD, gR, gM, gMM, gLA, gLE, gE;
+  T gEr = 0;
+  explicit Coefficients(int b) {
+    for (auto* v : {&LA, &LE, &C, &mix, &gM, &gLA, &gLE}) v->assign((size_t)b * b, T(0));
+    for (auto* v : {&decay, &carry, &Ebar, &mom_mix, &gD, &gR, &gMM, &gE}) v->assign(b, T(0));
+  }
+};
+
+// exp of the segment sums of x[0..r) (row stride b): out[t][s] = exp(sum_{s<j<=t} x_j) for s <= t, and
+// start[t] = exp(sum_{j<=t} x_j). Summed directly (never as a difference of cumulative sums).
+template <typename T>
+void segment_products(const T* x, int r, int b, T* out, T* start) {
+  for (int t = 0; t < r; ++t) {
+    T acc = 0;
+    for (int s = t; s >= 0; --s) {
+      out[t * b + s] = std::exp(acc);
+      acc += x[s];
+    }
+    start[t] = std::exp(acc);
+  }
+}
+
+// d loss / d x_j for the segment products above, given their adjoints gP (lower, stride b) and gStart: only the
+// strictly lower part and the start column depend on x (the diagonal is 1), so the diagonal never enters.
+template <typename T>
+void segment_products_backward(const T* P, const T* start, const T* gP, const T* gStart, int r, int b, T* gx) {
+  for (int j = 0; j < r; ++j) gx[j] = 0;
+  for (int t = 0; t < r; ++t) {
+    // row t contributes to every j <= t the sum of its entries left of j: the start column and s < j
+    T prefix = gStart[t] * start[t];
+    for (int j = 0; j <= t; ++j) {
+      gx[j] += prefix;
+      prefix += gP[t * b + j] * P[t * b + j];
+    }
+  }
+}
 
 // Where one chunk's kept intermediates live. Per layer i: K (key pre-activations, i < L-1), G (the inner
 // gradients' row factors), Bk (G^{i+1} W'^{i+1}, i < L-1), Z (query pre-activations, i < L-1), R (Q^{i-1} A^{iT},
@@ -214,31 +310,21 @@ struct SlotLayout {
   }
 };
 
-// Pointers to layer l's W and S inside a state buffer (S directly below W: together a [2 d_out, d_in] matrix).
-template <typename T>
-struct Layers {
-  std::vector<T*> W, S;
-  Layers(const Problem<T>& p, T* state) {
-    for (int i = 0; i < p.L; ++i) {
-      W.push_back(state + p.offset[i]);
-      S.push_back(state + p.offset[i] + p.wsize[i]);
-    }
-  }
-};
-
 // A thread's buffers for one chunk of one memory.
 template <typename T>
 struct Workspace {
   const Problem<T>& p;
   const SlotLayout layout;
   std::vector<T> own_slot;
+  std::vector<Coefficients<T>> co;
   std::vector<T*> K, G, Bk, Z, R, scale;  // into the current slot
   std::vector<std::vector<T>> A, dsig, Qin, qderiv, P, dA, dG, dScale, dK;
-  std::vector<T> zlast, wide1, wide2, tmp1, tmp2, tmp3, tmp4, rr;
+  std::vector<T> zlast, wide1, wide2, tmp1, tmp2, tmp3, tmp4, rr, logs;
 
   explicit Workspace(const Problem<T>& problem) : p(problem), layout(problem.L, problem.b, problem.dout) {
     const int L = p.L, b = p.b;
     own_slot.resize(layout.size);
+    co.assign(L, Coefficients<T>(b));
     for (auto* v : {&K, &G, &Bk, &Z, &R, &scale}) v->resize(L);
     for (auto* v : {&A, &dsig, &Qin, &qderiv, &P, &dA, &dG, &dScale, &dK}) v->resize(L);
     int widest = std::max(p.D, b);  // tmp2 also holds a [b, b] product
@@ -259,6 +345,7 @@ struct Workspace {
     wide2.resize((size_t)b * 2 * widest);
     for (auto* v : {&tmp1, &tmp2, &tmp3, &tmp4}) v->resize((size_t)b * widest);
     rr.resize((size_t)b * b);
+    logs.resize(b);
   }
 
   void use_slot(T* slot) {
@@ -269,6 +356,103 @@ struct Workspace {
       Z[i] = slot + layout.Z[i];
       R[i] = slot + layout.R[i];
       scale[i] = slot + layout.scale[i];
+    }
+  }
+
+  // The coefficients of every layer for chunk c (r rows) of memory m, from the gates.
+  void coefficients(int64_t m, int c, int r) {
+    const int b = p.b;
+    const int64_t at = p.token(m, c);
+    const T max_alpha = T(1) - std::numeric_limits<T>::epsilon();  // alpha == 1 would make log(0)
+    for (int i = 0; i < p.L; ++i) {
+      Coefficients<T>& k = co[i];
+      const T* theta = p.theta[i] + at;
+      if (p.forgetting) {
+        const T* alpha = p.alpha[i] + at;
+        for (int t = 0; t < r; ++t) logs[t] = std::log1p(-std::min(alpha[t], max_alpha));
+        segment_products(logs.data(), r, b, k.LA.data(), k.decay.data());
+      } else {
+        for (int t = 0; t < r; ++t) {
+          for (int s = 0; s <= t; ++s) k.LA[t * b + s] = T(1);
+          k.decay[t] = T(1);
+        }
+      }
+      if (p.momentum) {
+        const T* eta = p.eta[i] + at;
+        for (int t = 0; t < r; ++t) logs[t] = std::log(std::max(eta[t], std::numeric_limits<T>::min()));
+        segment_products(logs.data(), r, b, k.LE.data(), k.Ebar.data());
+        for (int t = 0; t < r; ++t) {  // C = LA LE and rho = LA Ebar, lower triangular
+          T rho = 0;
+          for (int s = 0; s <= t; ++s) rho += k.LA[t * b + s] * k.Ebar[s];
+          k.carry[t] = rho;
+          for (int j = 0; j <= t; ++j) {
+            T acc = 0;
+            for (int s = j; s <= t; ++s) acc += k.LA[t * b + s] * k.LE[s * b + j];
+            k.C[t * b + j] = acc;
+          }
+        }
+        k.mom_decay = k.Ebar[r - 1];
+        for (int j = 0; j < r; ++j) k.mom_mix[j] = theta[j] * k.LE[(r - 1) * b + j];
+        k.end_carry = k.carry[r - 1];
+      } else {
+        for (int t = 0; t < r; ++t)
+          for (int j = 0; j <= t; ++j) k.C[t * b + j] = k.LA[t * b + j];
+        for (int j = 0; j < r; ++j) k.mom_mix[j] = j == r - 1 ? theta[j] : T(0);
+      }
+      for (int t = 0; t < r; ++t)
+        for (int j = 0; j <= t; ++j) k.mix[t * b + j] = k.C[t * b + j] * theta[j];
+      k.end_decay = k.decay[r - 1];
+      k.end_mix = &k.mix[(size_t)(r - 1) * b];
+    }
+  }
+
+  // d loss / d gates of layer i for chunk c from the coefficient adjoints (gD, gR, gM, gEr, gMM), written at the
+  // chunk's tokens of dtheta / deta / dalpha.
+  void gates_backward(int i, int64_t m, int c, int r, T* dtheta, T* deta, T* dalpha) {
+    const int b = p.b;
+    const int64_t at = p.token(m, c);
+    Coefficients<T>& k = co[i];
+    const T* theta = p.theta[i] + at;
+    for (int j = 0; j < r; ++j) {
+      T acc = 0;
+      for (int t = j; t < r; ++t) acc += k.gM[t * b + j] * k.C[t * b + j];
+      dtheta[at + j] = acc + k.gMM[j] * (p.momentum ? k.LE[(r - 1) * b + j] : T(j == r - 1));
+    }
+    // gC = gM * theta_cols; with momentum, C = LA LE and rho = LA Ebar spread it over LA and LE
+    std::fill(k.gLA.begin(), k.gLA.end(), T(0));
+    if (p.momentum) {
+      std::fill(k.gLE.begin(), k.gLE.end(), T(0));
+      std::fill(k.gE.begin(), k.gE.end(), T(0));
+      for (int t = 0; t < r; ++t) {
+        for (int s = 0; s <= t; ++s) {
+          T acc_la = k.gR[t] * k.Ebar[s];
+          for (int j = 0; j <= s; ++j) {
+            const T gc = k.gM[t * b + j] * theta[j];
+            acc_la += gc * k.LE[s * b + j];
+            k.gLE[s * b + j] += k.LA[t * b + s] * gc;
+          }
+          k.gLA[t * b + s] += acc_la;
+          k.gE[s] += k.LA[t * b + s] * k.gR[t];
+        }
+      }
+      for (int j = 0; j < r; ++j) k.gLE[(r - 1) * b + j] += k.gMM[j] * theta[j];
+      k.gE[r - 1] += k.gEr;
+      T* dmu = logs.data();
+      segment_products_backward(k.LE.data(), k.Ebar.data(), k.gLE.data(), k.gE.data(), r, b, dmu);
+      const T* eta = p.eta[i] + at;
+      for (int j = 0; j < r; ++j)  // mu = log(max(eta, tiny)): no gradient below the clamp
+        deta[at + j] = eta[j] >= std::numeric_limits<T>::min() ? dmu[j] / eta[j] : T(0);
+    } else {
+      for (int t = 0; t < r; ++t)
+        for (int j = 0; j <= t; ++j) k.gLA[t * b + j] = k.gM[t * b + j] * theta[j];
+    }
+    if (p.forgetting) {
+      T* dlambda = logs.data();
+      segment_products_backward(k.LA.data(), k.decay.data(), k.gLA.data(), k.gD.data(), r, b, dlambda);
+      const T* alpha = p.alpha[i] + at;
+      const T max_alpha = T(1) - std::numeric_limits<T>::epsilon();
+      for (int j = 0; j < r; ++j)  // lambda = log1p(-min(alpha, 1 - eps)): no gradient above the clamp
+        dalpha[at + j] = alpha[j] <= max_alpha ? -dlambda[j] / (T(1) - alpha[j]) : T(0);
     }
   }
 
@@ -306,9 +490,9 @@ struct Workspace {
   }
 
   // P = R * mix * s on and below the diagonal.
-  void masked_mix(int i, int64_t ck, int r) {
+  void masked_mix(int i, int r) {
     const int b = p.b;
-    const T* mix = p.mix[i] + ck * b * b;
+    const T* mix = co[i].mix.data();
     const T* s = scale[i];
     for (int t = 0; t < r; ++t)
       for (int j = 0; j < r; ++j) P[i][t * r + j] = j <= t ? R[i][t * r + j] * mix[t * b + j] * s[j] : T(0);
@@ -316,28 +500,28 @@ struct Workspace {
 
   // The outputs of chunk c's rows in the dual form (into y when given), keeping what the backward needs.
   void query_path(const T* state, int64_t m, int c, int r, T* y) {
-    const int L = p.L, b = p.b;
+    const int L = p.L;
     const T* qr = p.rows(p.q, m, c);
     std::copy(qr, qr + (size_t)r * p.D, Qin[0].begin());
-    const int64_t ck = p.chunk(m, c);
     for (int i = 0; i < L; ++i) {
       const int di = p.din[i], dO = p.dout[i];
-      const T* decay = p.decay[i] + ck * b;
+      const T* decay = co[i].decay.data();
       T* z = i < L - 1 ? Z[i] : (y != nullptr ? y : zlast.data());
       if (p.momentum) {  // [Y_W | Y_S] = Q [W; S]^T in one product
-        const T* carry = p.carry[i] + ck * b;
+        const T* carry = co[i].carry.data();
         T* ys = wide1.data();
         mm<T>(false, true, r, 2 * dO, di, T(1), Qin[i].data(), di, state + p.offset[i], di, T(0), ys, 2 * dO);
         for (int t = 0; t < r; ++t)
-          for (int e = 0; e < dO; ++e) z[t * dO + e] = decay[t] * ys[t * 2 * dO + e] + carry[t] * ys[t * 2 * dO + dO + e];
+          for (int e = 0; e < dO; ++e)
+            z[t * dO + e] = decay[t] * ys[t * 2 * dO + e] + carry[t] * ys[t * 2 * dO + dO + e];
       } else {
         mm<T>(false, true, r, dO, di, T(1), Qin[i].data(), di, state + p.offset[i], di, T(0), z, dO);
         for (int t = 0; t < r; ++t)
           for (int e = 0; e < dO; ++e) z[t * dO + e] *= decay[t];
       }
-      mm<T>(false, true, r, r, di, T(1), Qin[i].data(), di, A[i].data(), di, T(0), R[i], r);
-      masked_mix(i, ck, r);
-      mm<T>(false, false, r, dO, r, T(-1), P[i].data(), r, G[i], dO, T(1), z, dO);
+      lower_dots<T>(r, di, Qin[i].data(), di, A[i].data(), di, R[i], r);
+      masked_mix(i, r);
+      lower_mix<T>(r, dO, T(-1), P[i].data(), r, G[i], dO, z, dO);
       if (i < L - 1) activate<T>(p.activation, z, Qin[i + 1].data(), qderiv[i].data(), r * dO);
     }
   }
@@ -349,42 +533,39 @@ struct Workspace {
     const T* qr = p.rows(p.q, m, c);
     std::copy(kr, kr + (size_t)r * p.D, A[0].begin());
     std::copy(qr, qr + (size_t)r * p.D, Qin[0].begin());
+    coefficients(m, c, r);
     for (int i = 0; i < p.L; ++i) {
       const int dO = p.dout[i];
       if (i < p.L - 1) {
         activate<T>(p.activation, K[i], A[i + 1].data(), dsig[i].data(), r * dO);
         activate<T>(p.activation, Z[i], Qin[i + 1].data(), qderiv[i].data(), r * dO);
       }
-      masked_mix(i, p.chunk(m, c), r);
+      masked_mix(i, r);
     }
   }
 
-  // The chunk-end state from the chunk-start `state` into `next` (same layout):
+  // The chunk-end state from the chunk-start `state` into `next` (same layout; `next` may be `state` itself):
   // [W_r; S_r] = [A_r W + rho_r S; E_r S] - [(omega s) . G | (mom_mix s) . G]^T A.
-  void end_state(const T* state, T* next, int64_t m, int c, int r) {
-    const int b = p.b;
-    const int64_t ck = p.chunk(m, c);
+  void end_state(const T* state, T* next, int r) {
     for (int i = 0; i < p.L; ++i) {
+      const Coefficients<T>& k = co[i];
       const int di = p.din[i], dO = p.dout[i];
       const int64_t size = p.wsize[i];
       const T* W = state + p.offset[i];
       const T* S = W + size;
       T* Wn = next + p.offset[i];
       T* Sn = Wn + size;
-      const T ed = p.end_decay[i][ck];
-      const T* em = p.end_mix[i] + ck * b;
-      const T* mmx = p.mom_mix[i] + ck * b;
       const T* s = scale[i];
       T* gg = wide1.data();  // [r, 2 d_out]: the scaled G for W, then for S
       for (int t = 0; t < r; ++t) {
-        const T om = em[t] * s[t], vs = mmx[t] * s[t];
+        const T om = k.end_mix[t] * s[t], vs = k.mom_mix[t] * s[t];
         for (int e = 0; e < dO; ++e) {
           gg[t * 2 * dO + e] = G[i][(size_t)t * dO + e] * om;
           gg[t * 2 * dO + dO + e] = G[i][(size_t)t * dO + e] * vs;
         }
       }
+      const T ed = k.end_decay, ec = k.end_carry, md = k.mom_decay;
       if (p.momentum) {
-        const T ec = p.end_carry[i][ck], md = p.mom_decay[i][ck];
 #pragma omp simd
         for (int64_t e = 0; e < size; ++e) {
           Wn[e] = ed * W[e] + ec * S[e];
@@ -417,79 +598,79 @@ std::vector<const T*> weights_of(const Problem<T>& p, const T* state) {
 }
 
 // The VJP of one chunk (rows r) of memory m, given its start `state`, anchor, the carried gradients `carried` of
-// its end state ([Omega; Psi] per layer, state layout) and dy. Writes dq, dk, dv rows and the chunk's coefficient
-// gradients; leaves the start state's gradients through this chunk in `result` (state layout) and the anchor's in
-// `anc_grad` (W rows only). The workspace must hold the chunk's intermediates (Workspace::load).
+// its end state ([Omega; Psi] per layer, state layout) and dy. Writes dq, dk, dv rows and the gates' gradients at
+// the chunk's tokens; leaves the start state's gradients through this chunk in `result` (state layout) and the
+// anchor's in `anc_grad` (W rows only). The workspace must hold the chunk's intermediates (Workspace::load).
 template <typename T>
 struct Backward {
   const Problem<T>& p;
   Workspace<T>& ws;
   T *dq, *dk, *dv;
-  std::vector<T*> d_decay, d_carry, d_mix, d_end_decay, d_end_carry, d_end_mix, d_mom_decay, d_mom_mix;
+  std::vector<T*> dtheta, deta, dalpha;
 
   void chunk(int64_t m, int c, int r, const T* state, const std::vector<const T*>& anc, const T* carried,
              const T* dy, T* result, T* anc_grad) {
     const int L = p.L, b = p.b;
-    const int64_t ck = p.chunk(m, c);
     for (int i = 0; i < L; ++i) {
       std::fill(ws.dA[i].begin(), ws.dA[i].end(), T(0));
       std::fill(ws.dG[i].begin(), ws.dG[i].end(), T(0));
       std::fill(ws.dScale[i].begin(), ws.dScale[i].end(), T(0));
+      Coefficients<T>& k = ws.co[i];
+      for (auto* v : {&k.gD, &k.gR, &k.gMM}) std::fill(v->begin(), v->end(), T(0));
+      std::fill(k.gM.begin(), k.gM.end(), T(0));
+      k.gEr = 0;
     }
     // 1. the query path, last layer first (dz: gradient of Z^i, dh: of its input Q^{i-1})
     T* dz = ws.tmp3.data();
     T* dh = ws.tmp4.data();
     std::copy(dy, dy + (size_t)r * p.dout[L - 1], dz);
     for (int i = L - 1; i >= 0; --i) {
+      Coefficients<T>& k = ws.co[i];
       const int di = p.din[i], dO = p.dout[i];
       const T* W = state + p.offset[i];
       const T* S = W + p.wsize[i];
       const T* h = ws.Qin[i].data();
-      const T* decay = p.decay[i] + ck * b;
-      const T* carry = p.momentum ? p.carry[i] + ck * b : nullptr;
-      const T* mix = p.mix[i] + ck * b * b;
       const T* s = ws.scale[i];
       T* x = ws.tmp1.data();
       mm<T>(false, false, r, di, dO, T(1), dz, dO, W, di, T(0), x, di);
       for (int t = 0; t < r; ++t) {
-        d_decay[i][ck * b + t] = rowdot(&x[t * di], &h[t * di], di);
-        for (int e = 0; e < di; ++e) dh[t * di + e] = decay[t] * x[t * di + e];
+        k.gD[t] = rowdot(&x[t * di], &h[t * di], di);
+        for (int e = 0; e < di; ++e) dh[t * di + e] = k.decay[t] * x[t * di + e];
       }
       if (p.momentum) {
         mm<T>(false, false, r, di, dO, T(1), dz, dO, S, di, T(0), x, di);
         for (int t = 0; t < r; ++t) {
-          d_carry[i][ck * b + t] = rowdot(&x[t * di], &h[t * di], di);
-          for (int e = 0; e < di; ++e) dh[t * di + e] += carry[t] * x[t * di + e];
+          k.gR[t] = rowdot(&x[t * di], &h[t * di], di);
+          for (int e = 0; e < di; ++e) dh[t * di + e] += k.carry[t] * x[t * di + e];
         }
       }
       // H = dz G^T; H * mix * s feeds dQ and dA; d(mix * s) = -H * R; all on and below the diagonal
       T* hg = ws.rr.data();
       T* hm = ws.tmp2.data();
-      mm<T>(false, true, r, r, dO, T(1), dz, dO, ws.G[i], dO, T(0), hg, r);
-      T* dmix = d_mix[i] + ck * b * b;
+      lower_dots<T>(r, dO, dz, dO, ws.G[i], dO, hg, r);
       for (int t = 0; t < r; ++t) {
         for (int j = 0; j < r; ++j) {
           if (j <= t) {
             const T H = hg[t * r + j];
-            hm[t * r + j] = H * mix[t * b + j] * s[j];
+            hm[t * r + j] = H * k.mix[t * b + j] * s[j];
             const T dmixed = -H * ws.R[i][t * r + j];
-            dmix[t * b + j] = dmixed * s[j];
-            if (p.clip > 0) ws.dScale[i][j] += dmixed * mix[t * b + j];
+            k.gM[t * b + j] = dmixed * s[j];
+            if (p.clip > 0) ws.dScale[i][j] += dmixed * k.mix[t * b + j];
           } else {
             hm[t * r + j] = T(0);
           }
         }
       }
-      mm<T>(false, false, r, di, r, T(-1), hm, r, ws.A[i].data(), di, T(1), dh, di);
-      mm<T>(true, false, r, di, r, T(-1), hm, r, h, di, T(1), ws.dA[i].data(), di);
-      mm<T>(true, false, r, dO, r, T(-1), ws.P[i].data(), r, dz, dO, T(1), ws.dG[i].data(), dO);
+      lower_mix<T>(r, di, T(-1), hm, r, ws.A[i].data(), di, dh, di);
+      lower_mix_transposed<T>(r, di, T(-1), hm, r, h, di, ws.dA[i].data(), di);
+      lower_mix_transposed<T>(r, dO, T(-1), ws.P[i].data(), r, dz, dO, ws.dG[i].data(), dO);
       // [dW; dS] = [decay . dz | carry . dz]^T h in one product
       const int cols = p.momentum ? 2 * dO : dO;
       T* sdz = ws.wide2.data();
       for (int t = 0; t < r; ++t) {
         for (int e = 0; e < dO; ++e) {
-          sdz[t * cols + e] = decay[t] * dz[t * dO + e];
-          if (p.momentum) sdz[t * cols + dO + e] = carry[t] * dz[t * dO + e];
+          sdz[t * cols + e] = k.decay[t] * dz[t * dO + e];
+          if (p.momentum) sdz[t * cols + dO + e] = k.carry[t] * dz[t * dO + e];
         }
       }
       T* dW = result + p.offset[i];
@@ -499,9 +680,10 @@ struct Backward {
         for (int e = 0; e < r * di; ++e) dz[e] = dh[e] * ws.qderiv[i - 1][e];
       }
     }
-    std::copy(dh, dh + (size_t)r * p.D, dq + ((m * p.n + c) * b) * p.D);
+    std::copy(dh, dh + (size_t)r * p.D, dq + p.token(m, c) * p.D);
     // 2. the chunk-end state
     for (int i = 0; i < L; ++i) {
+      Coefficients<T>& k = ws.co[i];
       const int di = p.din[i], dO = p.dout[i];
       const int64_t size = p.wsize[i];
       const T* W = state + p.offset[i];
@@ -511,12 +693,9 @@ struct Backward {
       T* dW = result + p.offset[i];
       T* dS = dW + size;
       const T* s = ws.scale[i];
-      const T ed = p.end_decay[i][ck];
-      const T* em = p.end_mix[i] + ck * b;
-      const T* mmx = p.mom_mix[i] + ck * b;
+      const T ed = k.end_decay, ec = k.end_carry, md = k.mom_decay;
       T acc_w = 0, acc_ws = 0, acc_ps = 0;
       if (p.momentum) {
-        const T ec = p.end_carry[i][ck], md = p.mom_decay[i][ck];
 #pragma omp simd reduction(+ : acc_w, acc_ws, acc_ps)
         for (int64_t e = 0; e < size; ++e) {
           dW[e] += ed * om[e];
@@ -525,8 +704,8 @@ struct Backward {
           acc_ws += om[e] * S[e];
           acc_ps += ps[e] * S[e];
         }
-        d_end_carry[i][ck] = acc_ws;
-        d_mom_decay[i][ck] = acc_ps;
+        k.gR[r - 1] += acc_ws;  // end_carry is rho at row r - 1
+        k.gEr += acc_ps;
       } else {
 #pragma omp simd reduction(+ : acc_w)
         for (int64_t e = 0; e < size; ++e) {
@@ -534,32 +713,31 @@ struct Backward {
           acc_w += om[e] * W[e];
         }
       }
-      d_end_decay[i][ck] = acc_w;
+      k.gD[r - 1] += acc_w;  // end_decay is A at row r - 1
       const T* g = ws.G[i];
       const T* a = ws.A[i].data();
       T* u = ws.tmp1.data();   // G Omega
       T* vv = ws.tmp2.data();  // G Psi
       mm<T>(false, false, r, di, dO, T(1), g, dO, om, di, T(0), u, di);
       mm<T>(false, false, r, di, dO, T(1), g, dO, ps, di, T(0), vv, di);
-      T* dem = d_end_mix[i] + ck * b;
-      T* dmm = d_mom_mix[i] + ck * b;
       for (int t = 0; t < r; ++t) {
-        const T omt = em[t] * s[t], vst = mmx[t] * s[t];
+        const T omt = k.end_mix[t] * s[t], vst = k.mom_mix[t] * s[t];
         const T d_om = -rowdot(&u[t * di], &a[t * di], di);
         const T d_vs = -rowdot(&vv[t * di], &a[t * di], di);
-        dem[t] = d_om * s[t];
-        dmm[t] = d_vs * s[t];
-        if (p.clip > 0) ws.dScale[i][t] += d_om * em[t] + d_vs * mmx[t];
+        k.gM[(r - 1) * b + t] += d_om * s[t];  // end_mix is mix's row r - 1
+        k.gMM[t] += d_vs * s[t];
+        if (p.clip > 0) ws.dScale[i][t] += d_om * k.end_mix[t] + d_vs * k.mom_mix[t];
         for (int e = 0; e < di; ++e) ws.dA[i][t * di + e] -= omt * u[t * di + e] + vst * vv[t * di + e];
       }
       // [A Omega^T | A Psi^T] = A [Omega; Psi]^T in one product
       T* ao = ws.wide1.data();
       mm<T>(false, true, r, 2 * dO, di, T(1), a, di, om, di, T(0), ao, 2 * dO);
       for (int t = 0; t < r; ++t) {
-        const T omt = em[t] * s[t], vst = mmx[t] * s[t];
+        const T omt = k.end_mix[t] * s[t], vst = k.mom_mix[t] * s[t];
         for (int e = 0; e < dO; ++e)
           ws.dG[i][t * dO + e] -= omt * ao[t * 2 * dO + e] + vst * ao[t * 2 * dO + dO + e];
       }
+      ws.gates_backward(i, m, c, r, dtheta[i], p.momentum ? deta[i] : nullptr, p.forgetting ? dalpha[i] : nullptr);
     }
     // 3. the inner-gradient clip: s = clip / max(clip, |g| |a|)
     if (p.clip > 0) {
@@ -593,7 +771,7 @@ struct Backward {
     }
     {
       const int dO = p.dout[L - 1];
-      T* dvr = dv + ((m * p.n + c) * b) * p.D;
+      T* dvr = dv + p.token(m, c) * p.D;
       for (int e = 0; e < r * dO; ++e) {
         ws.dK[L - 1][e] = T(2) * ws.dG[L - 1][e];
         dvr[e] = T(-2) * ws.dG[L - 1][e];
@@ -607,31 +785,37 @@ struct Backward {
         for (int e = 0; e < r * di; ++e) ws.dK[i - 1][e] += ws.dA[i][e] * ws.dsig[i - 1][e];
       }
     }
-    std::copy(ws.dA[0].begin(), ws.dA[0].begin() + (size_t)r * p.D, dk + ((m * p.n + c) * b) * p.D);
+    std::copy(ws.dA[0].begin(), ws.dA[0].begin() + (size_t)r * p.D, dk + p.token(m, c) * p.D);
   }
 };
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "titans scan: ", what); }
 
 template <typename T>
-Problem<T> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const std::vector<Tensor>& co,
+Problem<T> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const std::vector<Tensor>& theta,
+                        const std::vector<Tensor>& eta, const std::vector<Tensor>& alpha,
                         const std::vector<Tensor>& w, const std::vector<Tensor>& anchor, at::IntArrayRef lengths,
-                        int64_t activation, double clip, int64_t stride, bool momentum) {
+                        int64_t chunk_size, int64_t activation, double clip, int64_t stride) {
   Problem<T> p;
   p.L = (int)w.size();
-  p.n = (int)q.size(1);
-  p.b = (int)q.size(2);
-  p.D = (int)q.size(3);
+  p.length = q.size(1);
+  p.D = (int)q.size(2);
+  p.b = (int)chunk_size;
+  p.n = (int)lengths.size();
   p.stride = (int)std::max<int64_t>(stride, 1);
   p.activation = (int)activation;
   p.clip = (T)clip;
-  p.momentum = momentum;
+  p.momentum = !eta.empty();
+  p.forgetting = !alpha.empty();
   p.has_anchor = !anchor.empty();
-  check((int)lengths.size() == p.n, "one length per chunk");
+  int64_t start = 0;
   for (auto r : lengths) {
-    check(r >= 1 && r <= p.b, "chunk lengths must lie in [1, b]");
+    check(r >= 1 && r <= p.b, "chunk lengths must lie in [1, chunk_size]");
     p.lengths.push_back((int)r);
+    p.starts.push_back((int)start);
+    start += r;
   }
+  check(start == p.length, "the chunk lengths must add up to the sequence length");
   for (int i = 0; i < p.L; ++i) {
     check(w[i].dim() == 3 && w[i].size(0) == q.size(0), "weights must be [N, d_out, d_in]");
     p.dout.push_back((int)w[i].size(1));
@@ -646,18 +830,10 @@ Problem<T> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const
   p.q = q.data_ptr<T>();
   p.k = k.data_ptr<T>();
   p.v = v.data_ptr<T>();
-  auto ptr = [](const Tensor& t) -> const T* { return t.numel() ? t.data_ptr<T>() : nullptr; };
   for (int i = 0; i < p.L; ++i) {
-    p.decay.push_back(ptr(co[8 * i + 0]));
-    p.carry.push_back(ptr(co[8 * i + 1]));
-    p.mix.push_back(ptr(co[8 * i + 2]));
-    p.end_decay.push_back(ptr(co[8 * i + 3]));
-    p.end_carry.push_back(ptr(co[8 * i + 4]));
-    p.end_mix.push_back(ptr(co[8 * i + 5]));
-    p.mom_decay.push_back(ptr(co[8 * i + 6]));
-    p.mom_mix.push_back(ptr(co[8 * i + 7]));
-    check(p.decay[i] && p.mix[i] && p.end_decay[i] && p.end_mix[i] && p.mom_mix[i], "missing coefficients");
-    check(!momentum || (p.carry[i] && p.end_carry[i] && p.mom_decay[i]), "momentum needs its coefficients");
+    p.theta.push_back(theta[i].data_ptr<T>());
+    p.eta.push_back(p.momentum ? eta[i].data_ptr<T>() : nullptr);
+    p.alpha.push_back(p.forgetting ? alpha[i].data_ptr<T>() : nullptr);
     if (p.has_anchor) p.anchor.push_back(anchor[i].data_ptr<T>());
   }
   p.n_kept = (p.n + p.stride - 1) / p.stride;
@@ -665,12 +841,21 @@ Problem<T> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const
 }
 
 void check_tensors(const Tensor& q, const std::vector<const std::vector<Tensor>*>& lists) {
-  check(q.dim() == 4 && q.device().is_cpu(), "q, k, v must be CPU tensors [N, n, b, D]");
+  check(q.dim() == 3 && q.device().is_cpu(), "q, k, v must be CPU tensors [N, T, D]");
   check(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, "float32 or float64 only");
   for (const auto* list : lists)
     for (const auto& t : *list)
-      check(t.numel() == 0 || (t.is_contiguous() && t.scalar_type() == q.scalar_type() && t.device().is_cpu()),
+      check(t.is_contiguous() && t.scalar_type() == q.scalar_type() && t.device().is_cpu(),
             "every tensor must be contiguous, on the CPU, of q's dtype");
+}
+
+void check_gates(const Tensor& q, int64_t L, const std::vector<Tensor>& theta, const std::vector<Tensor>& eta,
+                 const std::vector<Tensor>& alpha) {
+  check((int64_t)theta.size() == L, "one theta per layer");
+  check(eta.empty() || (int64_t)eta.size() == L, "eta: none or one per layer");
+  check(alpha.empty() || (int64_t)alpha.size() == L, "alpha: none or one per layer");
+  for (const auto* list : {&theta, &eta, &alpha})
+    for (const auto& t : *list) check(t.dim() == 2 && t.size(0) == q.size(0) && t.size(1) == q.size(1), "gates: [N, T]");
 }
 
 template <typename T>
@@ -696,14 +881,15 @@ void copy_state_out(const Problem<T>& p, int64_t m, const T* state, std::vector<
 // Forward: y, w_end (L), s_end (L), w_last_start (L), then the kept tensors (n_kept, each [N, kept_size]: the
 // chunk-start state of every stride-th chunk, and with stride 1 also the chunk's intermediates).
 template <typename T>
-std::vector<Tensor> forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const std::vector<Tensor>& co,
+std::vector<Tensor> forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const std::vector<Tensor>& theta,
+                                 const std::vector<Tensor>& eta, const std::vector<Tensor>& alpha,
                                  const std::vector<Tensor>& w0, const std::vector<Tensor>& s0,
-                                 const std::vector<Tensor>& anchor, at::IntArrayRef lengths, int64_t activation,
-                                 double clip, int64_t stride, bool momentum, bool save) {
-  Problem<T> p = make_problem<T>(q, k, v, co, w0, anchor, lengths, activation, clip, stride, momentum);
+                                 const std::vector<Tensor>& anchor, at::IntArrayRef lengths, int64_t chunk_size,
+                                 int64_t activation, double clip, int64_t stride, bool save) {
+  Problem<T> p = make_problem<T>(q, k, v, theta, eta, alpha, w0, anchor, lengths, chunk_size, activation, clip, stride);
   const int64_t N = q.size(0);
   const bool direct = save && p.keeps_slots();  // chunk c's state and slot live in kept[c] itself
-  Tensor y = at::zeros_like(q);
+  Tensor y = at::empty(q.sizes(), q.options());
   std::vector<Tensor> w_end, s_end, w_last, kept;
   for (int i = 0; i < p.L; ++i) {
     for (auto* list : {&w_end, &s_end, &w_last}) list->push_back(at::empty(w0[i].sizes(), w0[i].options()));
@@ -714,7 +900,7 @@ std::vector<Tensor> forward_impl(const Tensor& q, const Tensor& k, const Tensor&
   T* yp = y.data_ptr<T>();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     Workspace<T> ws(p);
-    std::vector<T> cur(p.state_size), nxt(p.state_size);
+    std::vector<T> cur(p.state_size);
     for (int64_t m = begin; m < end; ++m) {
       auto kept_at = [&](int j) { return kept[j].data_ptr<T>() + m * p.kept_size(); };
       T* state = direct ? kept_at(0) : cur.data();
@@ -724,11 +910,13 @@ std::vector<Tensor> forward_impl(const Tensor& q, const Tensor& k, const Tensor&
         if (save && !direct && c % p.stride == 0) std::copy(state, state + p.state_size, kept_at(c / p.stride));
         if (c == p.n - 1) copy_state_out<T>(p, m, state, w_last, nullptr);
         ws.use_slot(direct ? kept_at(c) + p.state_size : ws.own_slot.data());
+        ws.coefficients(m, c, r);
         const auto W = weights_of(p, state);
         ws.key_path((c == 0 && p.has_anchor) ? anchor_of(p, m) : W, m, c, r);
-        ws.query_path(state, m, c, r, yp + ((m * p.n + c) * p.b) * p.D);
-        T* next = (direct && c + 1 < p.n) ? kept_at(c + 1) : (state == cur.data() ? nxt.data() : cur.data());
-        ws.end_state(state, next, m, c, r);
+        ws.query_path(state, m, c, r, yp + p.token(m, c) * p.D);
+        // kept chunks get their own copy; otherwise the state is updated in place (half the memory traffic)
+        T* next = (direct && c + 1 < p.n) ? kept_at(c + 1) : cur.data();
+        ws.end_state(state, next, r);
         state = next;
       }
       copy_state_out<T>(p, m, state, w_end, &s_end);
@@ -740,40 +928,39 @@ std::vector<Tensor> forward_impl(const Tensor& q, const Tensor& k, const Tensor&
   return out;
 }
 
-// Backward: dq, dk, dv, the coefficient gradients (8 per layer), dW and dS of the initial state (L each), and the
-// anchor's gradient (L, when the first chunk resumed mid-chunk).
+// Backward: dq, dk, dv, dtheta (L), deta (L, with momentum), dalpha (L, with forgetting), dW and dS of the
+// initial state (L each), and the anchor's gradient (L, when the first chunk resumed mid-chunk).
 template <typename T>
 std::vector<Tensor> backward_impl(const Tensor& grad_y, const std::vector<Tensor>& grad_w,
                                   const std::vector<Tensor>& grad_s, const std::vector<Tensor>& grad_last,
-                                  const Tensor& q, const Tensor& k, const Tensor& v, const std::vector<Tensor>& co,
+                                  const Tensor& q, const Tensor& k, const Tensor& v, const std::vector<Tensor>& theta,
+                                  const std::vector<Tensor>& eta, const std::vector<Tensor>& alpha,
                                   const std::vector<Tensor>& anchor, const std::vector<Tensor>& kept,
-                                  at::IntArrayRef lengths, int64_t activation, double clip, int64_t stride,
-                                  bool momentum) {
-  Problem<T> p = make_problem<T>(q, k, v, co, grad_w, anchor, lengths, activation, clip, stride, momentum);
+                                  at::IntArrayRef lengths, int64_t chunk_size, int64_t activation, double clip,
+                                  int64_t stride) {
+  Problem<T> p =
+      make_problem<T>(q, k, v, theta, eta, alpha, grad_w, anchor, lengths, chunk_size, activation, clip, stride);
   const int64_t N = q.size(0);
   check((int)kept.size() == p.n_kept, "one kept tensor per kept chunk");
   for (const auto& t : kept) check(t.dim() == 2 && t.size(0) == N && t.size(1) == p.kept_size(), "kept tensor shape");
-  Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
-  std::vector<Tensor> d_co, d_w0, d_s0, d_anchor;
-  for (const auto& t : co) d_co.push_back(t.numel() ? at::zeros_like(t) : t);
+  Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(q.sizes(), q.options()),
+         dv = at::empty(q.sizes(), q.options());
+  std::vector<Tensor> d_theta, d_eta, d_alpha, d_w0, d_s0, d_anchor;
   for (int i = 0; i < p.L; ++i) {
+    d_theta.push_back(at::empty(theta[i].sizes(), q.options()));
+    if (p.momentum) d_eta.push_back(at::empty(theta[i].sizes(), q.options()));
+    if (p.forgetting) d_alpha.push_back(at::empty(theta[i].sizes(), q.options()));
     for (auto* list : {&d_w0, &d_s0}) list->push_back(at::empty(grad_w[i].sizes(), q.options()));
     if (p.has_anchor) d_anchor.push_back(at::empty(grad_w[i].sizes(), q.options()));
   }
-  auto mptr = [](Tensor& t) -> T* { return t.numel() ? t.data_ptr<T>() : nullptr; };
   const T* gy = grad_y.data_ptr<T>();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     Workspace<T> ws(p);
-    Backward<T> bw{p, ws, dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), {}, {}, {}, {}, {}, {}, {}, {}};
+    Backward<T> bw{p, ws, dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), {}, {}, {}};
     for (int i = 0; i < p.L; ++i) {
-      bw.d_decay.push_back(mptr(d_co[8 * i + 0]));
-      bw.d_carry.push_back(mptr(d_co[8 * i + 1]));
-      bw.d_mix.push_back(mptr(d_co[8 * i + 2]));
-      bw.d_end_decay.push_back(mptr(d_co[8 * i + 3]));
-      bw.d_end_carry.push_back(mptr(d_co[8 * i + 4]));
-      bw.d_end_mix.push_back(mptr(d_co[8 * i + 5]));
-      bw.d_mom_decay.push_back(mptr(d_co[8 * i + 6]));
-      bw.d_mom_mix.push_back(mptr(d_co[8 * i + 7]));
+      bw.dtheta.push_back(d_theta[i].data_ptr<T>());
+      bw.deta.push_back(p.momentum ? d_eta[i].data_ptr<T>() : nullptr);
+      bw.dalpha.push_back(p.forgetting ? d_alpha[i].data_ptr<T>() : nullptr);
     }
     // with stride > 1: the recomputed group's chunk-start states and intermediates
     const int group = p.keeps_slots() ? 0 : std::min(p.stride, p.n);
@@ -794,10 +981,11 @@ std::vector<Tensor> backward_impl(const Tensor& grad_y, const std::vector<Tensor
           for (int c = g0; c < g1; ++c) {
             T* state = starts.data() + (size_t)(c - g0) * p.state_size;
             ws.use_slot(group_slots.data() + (size_t)(c - g0) * ws.layout.size);
+            ws.coefficients(m, c, p.lengths[c]);
             const auto W = weights_of(p, (const T*)state);
             ws.key_path((c == 0 && p.has_anchor) ? anchor_of(p, m) : W, m, c, p.lengths[c]);
             ws.query_path(state, m, c, p.lengths[c], nullptr);
-            if (c + 1 < g1) ws.end_state(state, state + p.state_size, m, c, p.lengths[c]);
+            if (c + 1 < g1) ws.end_state(state, state + p.state_size, p.lengths[c]);
           }
         }
         for (int c = g1 - 1; c >= g0; --c) {
@@ -806,7 +994,7 @@ std::vector<Tensor> backward_impl(const Tensor& grad_y, const std::vector<Tensor
           const bool separate = c == 0 && p.has_anchor;
           const auto anc = separate ? anchor_of(p, m) : weights_of(p, state);
           ws.load(slot, m, c, p.lengths[c]);
-          bw.chunk(m, c, p.lengths[c], state, anc, carried.data(), gy + ((m * p.n + c) * p.b) * p.D, result.data(),
+          bw.chunk(m, c, p.lengths[c], state, anc, carried.data(), gy + p.token(m, c) * p.D, result.data(),
                    anc_grad.data());
           for (int i = 0; i < p.L; ++i) {
             T* dW = result.data() + p.offset[i];
@@ -828,56 +1016,61 @@ std::vector<Tensor> backward_impl(const Tensor& grad_y, const std::vector<Tensor
     }
   });
   std::vector<Tensor> out{dq, dk, dv};
-  for (auto* list : {&d_co, &d_w0, &d_s0, &d_anchor})
+  for (auto* list : {&d_theta, &d_eta, &d_alpha, &d_w0, &d_s0, &d_anchor})
     for (auto& t : *list) out.push_back(t);
   return out;
 }
 
-std::vector<Tensor> scan_forward(const Tensor& q, const Tensor& k, const Tensor& v, at::TensorList co,
-                                 at::TensorList w0, at::TensorList s0, at::TensorList anchor, at::IntArrayRef lengths,
-                                 int64_t activation, double clip, int64_t stride, bool momentum, bool save) {
-  const std::vector<Tensor> cov(co.begin(), co.end()), wv(w0.begin(), w0.end()), sv(s0.begin(), s0.end()),
-      av(anchor.begin(), anchor.end()), qkv{q, k, v};
+std::vector<Tensor> as_vector(at::TensorList list) { return std::vector<Tensor>(list.begin(), list.end()); }
+
+std::vector<Tensor> scan_forward(const Tensor& q, const Tensor& k, const Tensor& v, at::TensorList theta,
+                                 at::TensorList eta, at::TensorList alpha, at::TensorList w0, at::TensorList s0,
+                                 at::TensorList anchor, at::IntArrayRef lengths, int64_t chunk_size,
+                                 int64_t activation, double clip, int64_t stride, bool save) {
+  const auto th = as_vector(theta), et = as_vector(eta), al = as_vector(alpha), wv = as_vector(w0),
+             sv = as_vector(s0), av = as_vector(anchor);
+  const std::vector<Tensor> qkv{q, k, v};
   check(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k, v must have one shape");
-  check((int64_t)co.size() == 8 * (int64_t)w0.size() && s0.size() == w0.size(), "8 coefficients per layer");
-  check(anchor.empty() || anchor.size() == w0.size(), "anchor: none or one per layer");
-  check_tensors(q, {&qkv, &cov, &wv, &sv, &av});
+  check(!wv.empty() && sv.size() == wv.size(), "weights and momentum: one per layer");
+  check(av.empty() || av.size() == wv.size(), "anchor: none or one per layer");
+  check_gates(q, (int64_t)wv.size(), th, et, al);
+  check_tensors(q, {&qkv, &th, &et, &al, &wv, &sv, &av});
   if (q.scalar_type() == at::kDouble)
-    return forward_impl<double>(q, k, v, cov, wv, sv, av, lengths, activation, clip, stride, momentum, save);
-  return forward_impl<float>(q, k, v, cov, wv, sv, av, lengths, activation, clip, stride, momentum, save);
+    return forward_impl<double>(q, k, v, th, et, al, wv, sv, av, lengths, chunk_size, activation, clip, stride, save);
+  return forward_impl<float>(q, k, v, th, et, al, wv, sv, av, lengths, chunk_size, activation, clip, stride, save);
 }
 
 std::vector<Tensor> scan_backward(const Tensor& grad_y, at::TensorList grad_w, at::TensorList grad_s,
                                   at::TensorList grad_last, const Tensor& q, const Tensor& k, const Tensor& v,
-                                  at::TensorList co, at::TensorList anchor, at::TensorList kept,
-                                  at::IntArrayRef lengths, int64_t activation, double clip, int64_t stride,
-                                  bool momentum) {
-  const std::vector<Tensor> gw(grad_w.begin(), grad_w.end()), gs(grad_s.begin(), grad_s.end()),
-      gl(grad_last.begin(), grad_last.end()), cov(co.begin(), co.end()), av(anchor.begin(), anchor.end()),
-      kv(kept.begin(), kept.end()), qkv{grad_y, q, k, v};
+                                  at::TensorList theta, at::TensorList eta, at::TensorList alpha,
+                                  at::TensorList anchor, at::TensorList kept, at::IntArrayRef lengths,
+                                  int64_t chunk_size, int64_t activation, double clip, int64_t stride) {
+  const auto gw = as_vector(grad_w), gs = as_vector(grad_s), gl = as_vector(grad_last), th = as_vector(theta),
+             et = as_vector(eta), al = as_vector(alpha), av = as_vector(anchor), kv = as_vector(kept);
+  const std::vector<Tensor> qkv{grad_y, q, k, v};
   check(grad_y.sizes() == q.sizes() && k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k, v, dy: one shape");
-  check(gs.size() == gw.size() && gl.size() == gw.size() && (int64_t)co.size() == 8 * (int64_t)gw.size(),
-        "per-layer lists must agree");
-  check(anchor.empty() || anchor.size() == gw.size(), "anchor: none or one per layer");
-  check_tensors(q, {&qkv, &gw, &gs, &gl, &cov, &av, &kv});
+  check(!gw.empty() && gs.size() == gw.size() && gl.size() == gw.size(), "per-layer lists must agree");
+  check(av.empty() || av.size() == gw.size(), "anchor: none or one per layer");
+  check_gates(q, (int64_t)gw.size(), th, et, al);
+  check_tensors(q, {&qkv, &gw, &gs, &gl, &th, &et, &al, &av, &kv});
   if (q.scalar_type() == at::kDouble)
-    return backward_impl<double>(grad_y, gw, gs, gl, q, k, v, cov, av, kv, lengths, activation, clip, stride,
-                                 momentum);
-  return backward_impl<float>(grad_y, gw, gs, gl, q, k, v, cov, av, kv, lengths, activation, clip, stride,
-                              momentum);
+    return backward_impl<double>(grad_y, gw, gs, gl, q, k, v, th, et, al, av, kv, lengths, chunk_size, activation,
+                                 clip, stride);
+  return backward_impl<float>(grad_y, gw, gs, gl, q, k, v, th, et, al, av, kv, lengths, chunk_size, activation, clip,
+                              stride);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(titans, m) {
   m.def(
-      "scan_forward(Tensor q, Tensor k, Tensor v, Tensor[] coefficients, Tensor[] weights, Tensor[] momentum, "
-      "Tensor[] anchor, int[] lengths, int activation, float clip, int stride, bool use_momentum, bool save) "
-      "-> Tensor[]");
+      "scan_forward(Tensor q, Tensor k, Tensor v, Tensor[] theta, Tensor[] eta, Tensor[] alpha, Tensor[] weights, "
+      "Tensor[] momentum, Tensor[] anchor, int[] lengths, int chunk_size, int activation, float clip, int stride, "
+      "bool save) -> Tensor[]");
   m.def(
       "scan_backward(Tensor grad_y, Tensor[] grad_weights, Tensor[] grad_momentum, Tensor[] grad_last_start, "
-      "Tensor q, Tensor k, Tensor v, Tensor[] coefficients, Tensor[] anchor, Tensor[] kept, int[] lengths, "
-      "int activation, float clip, int stride, bool use_momentum) -> Tensor[]");
+      "Tensor q, Tensor k, Tensor v, Tensor[] theta, Tensor[] eta, Tensor[] alpha, Tensor[] anchor, Tensor[] kept, "
+      "int[] lengths, int chunk_size, int activation, float clip, int stride) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(titans, CPU, m) {
