@@ -5,9 +5,10 @@
     python benchmarks/bench_memory.py --dims 256 --batches 4 --seq-lens 1024,8192 --modes fwd
 
 What it does, in order:
-1. Gate: for every (dim, heads, chunk size) of the sweep, the chunked layer must equal the per-token reference
-   (`impl="naive"`) in float64 on a short sequence (outputs, final state and every gradient, with the scan
-   checkpointed and not). Any mismatch prints the error and exits 1 before anything is timed.
+1. Gate: for every (dim, heads, chunk size) of the sweep, the layer with the fused scan (the default, which is what
+   is timed) and with `chunked_memory` must equal the per-token reference (`impl="naive"`) in float64 on a short
+   sequence (outputs, final state and every gradient, with the scan checkpointed and not). Any mismatch prints the
+   error and exits 1 before anything is timed.
 2. The machine's fp32 matmul rate (a 2048^3 matmul, GFLOP/s), for the FLOP-utilisation column.
 3. Every configuration runs in its own fresh subprocess (`--worker`): warm-up, then the median of several repeats;
    its peak memory is that process's `ru_maxrss` minus the RSS it had once the module and inputs existed, so
@@ -331,7 +332,8 @@ def measure_memory(case: MemoryCase, threads: int, warmup: int, repeats: int, bu
 
 
 def equivalence_error(dim: int, heads: int, chunk_size: int, depth: int = 2, expansion: int = 4) -> float:
-    """Largest |chunked - naive| over outputs, final memory state and all gradients, in float64 (0 = identical).
+    """Largest |fast - naive| over outputs, final memory state and all gradients, in float64 (0 = identical), for
+    both fast implementations: the fused scan (what the timings run) and chunked_memory.
 
     Runs T = 2C + 5 tokens (two whole chunks and a partial one) for 2 sequences, once with the scan checkpointed
     every chunk and once keeping every chunk, and raises AssertionError (via torch.testing.assert_close, default
@@ -344,16 +346,17 @@ def equivalence_error(dim: int, heads: int, chunk_size: int, depth: int = 2, exp
         module = build_memory(case, torch.float64)
         x = torch.randn(2, length, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
         x.requires_grad_(True)
-        results = []
-        for impl in ("chunked", "naive"):
+        results = {}
+        for impl in ("fused", "chunked", "naive"):
             module.impl = impl
             y, state = module(x)
             params = [p for p in module.parameters() if p.requires_grad]
             grads = torch.autograd.grad(y.square().sum(), [x, *params])
-            results.append([y, *state.memory.weights, *state.memory.momentum, *grads])
-        for fast, ref in zip(*results, strict=True):
-            torch.testing.assert_close(fast, ref)
-            worst = max(worst, (fast - ref).abs().max().item())
+            results[impl] = [y, *state.memory.weights, *state.memory.momentum, *grads]
+        for impl in ("fused", "chunked"):
+            for fast, ref in zip(results[impl], results["naive"], strict=True):
+                torch.testing.assert_close(fast, ref)
+                worst = max(worst, (fast - ref).abs().max().item())
     return worst
 
 
@@ -602,11 +605,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             gate[name] = equivalence_error(dim, heads, chunk)
         except AssertionError as error:
-            print(f"GATE FAILED: chunked != naive for {name}; refusing to report timings.\n{error}", file=sys.stderr)
+            print(
+                f"GATE FAILED: fused or chunked != naive for {name}; refusing to report timings.\n{error}",
+                file=sys.stderr,
+            )
             print(json.dumps({"benchmark": "memory", "gate": "failed", "config": name}))
             return 1
         print(
-            f"gate chunked == naive (float64, T = 2C+5, with and without scan checkpoints): {name} "
+            f"gate fused == chunked == naive (float64, T = 2C+5, with and without scan checkpoints): {name} "
             f"max |diff| {gate[name]:.1e}",
             flush=True,
         )

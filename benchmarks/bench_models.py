@@ -99,7 +99,7 @@ class ModelCase:
                 f"processes must be >= 1, divide the batch ({self.batch}) and be 1 for generation; got {self.processes}"
             )
 
-    def config(self, impl: str = "chunked"):
+    def config(self, impl: str = "fused"):
         """The ModelConfig of this case (vocabulary of 256 byte-like tokens)."""
         from titans.config import MemoryConfig, ModelConfig
 
@@ -125,7 +125,7 @@ class ModelCase:
         )
 
 
-def build(case: ModelCase, dtype: torch.dtype = torch.float32, impl: str = "chunked"):
+def build(case: ModelCase, dtype: torch.dtype = torch.float32, impl: str = "fused"):
     from titans.models import build_model
 
     torch.manual_seed(0)
@@ -263,23 +263,25 @@ def measure_ddp(case: ModelCase, threads: int, warmup: int, repeats: int) -> dic
 
 
 def equivalence_error(case: ModelCase) -> float:
-    """Largest |chunked - naive| over logits and all parameter gradients of case's model, float64 (0 = identical).
+    """Largest |fast - naive| over logits and all parameter gradients of case's model, float64 (0 = identical),
+    for the fused scan (the default, what is timed) and for chunked_memory.
 
     T = segment_len + chunk_size + 3 tokens for 2 sequences: crosses a MAC segment, memory chunks and the attention
     window. Raises AssertionError (torch.testing.assert_close, default float64 tolerances) on a mismatch.
     """
     length = case.segment_len + case.chunk_size + 3
     idx = torch.randint(0, VOCAB, (2, length + 1), generator=torch.Generator().manual_seed(3))
-    outputs = []
-    for impl in ("chunked", "naive"):
+    outputs = {}
+    for impl in ("fused", "chunked", "naive"):
         model = build(case, torch.float64, impl)
         logits, loss, _ = model(idx[:, :-1], idx[:, 1:])
         grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
-        outputs.append([logits, *grads])
+        outputs[impl] = [logits, *grads]
     worst = 0.0
-    for fast, ref in zip(*outputs, strict=True):
-        torch.testing.assert_close(fast, ref)
-        worst = max(worst, (fast - ref).abs().max().item())
+    for impl in ("fused", "chunked"):
+        for fast, ref in zip(outputs[impl], outputs["naive"], strict=True):
+            torch.testing.assert_close(fast, ref)
+            worst = max(worst, (fast - ref).abs().max().item())
     return worst
 
 
@@ -354,6 +356,136 @@ def train_sweep(quick: bool, seq_lens: list[int] | None, variants: list[str]) ->
     if seq_lens is None:
         cases += [ModelCase(v, 4096, malloc="mmap") for v in variants]
     return cases
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Memory variants against a Transformer of the same size (issue 17's yardstick): one worker builds every model of a
+# shape and times their training steps in turn, so that all of them see the same machine state.
+
+VS_VARIANTS = ("baseline-sliding", "LMM", "MAC", "MAG", "MAL")
+# d_model -> the target for each memory variant's tokens/s over the sliding-window baseline's
+VS_TARGETS = {256: 0.35, 64: 0.2}
+VS_SHAPE = {"n_layers": 2, "n_heads": 4, "segment_len": 128, "window": 128, "chunk_size": 16}
+
+
+def vs_cases(d_model: int, quick: bool) -> list[ModelCase]:
+    """The same-size comparison at one width: T 1024, batch 4 (--quick: the tiny model, T 64)."""
+    if quick:
+        return [ModelCase(v, 64, batch=2, **QUICK_SHAPE) for v in VS_VARIANTS]
+    return [ModelCase(v, 1024, batch=4, d_model=d_model, **VS_SHAPE) for v in VS_VARIANTS]
+
+
+def flops_per_token(case: ModelCase) -> float:
+    """Matmul FLOPs of one training step (forward + backward) per token, counted by torch's FlopCounterMode.
+
+    The memory runs `chunked_memory` without scan checkpoints here: the fused op computes the same products (its
+    backward recomputes nothing when every chunk is kept) but inside one op that the counter cannot see.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from titans.config import MemoryConfig
+    from titans.models import build_model
+
+    config = case.config("chunked")
+    config.memory = MemoryConfig(chunk_size=case.chunk_size, impl="chunked", checkpoint_every=0)
+    torch.manual_seed(0)
+    model = build_model(config)
+    idx = torch.randint(0, VOCAB, (case.batch, case.seq_len + 1), generator=torch.Generator().manual_seed(1))
+    with FlopCounterMode(display=False) as counter:
+        _, loss, _ = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+    return counter.get_total_flops() / (case.batch * case.seq_len)
+
+
+def measure_side_by_side(cases: list[ModelCase], threads: int, warmup: int, repeats: int) -> dict[str, Any]:
+    """In one process: every case's training step, timed in turn for `repeats` rounds (medians reported)."""
+    torch.set_num_threads(threads)
+    steps = {}
+    for case in cases:
+        model = build(case)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        idx = torch.randint(0, VOCAB, (case.batch, case.seq_len + 1), generator=torch.Generator().manual_seed(1))
+
+        def step(model=model, optimizer=optimizer, idx=idx) -> None:
+            _, loss, _ = model(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        steps[case.variant] = step
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {v: [] for v in steps}
+    for _ in range(repeats):
+        for variant, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[variant].append(time.perf_counter() - start)
+    return {v: {"seconds": statistics.median(t), "times": t} for v, t in times.items()}
+
+
+def vs_transformer(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The table "memory variants vs a same-size Transformer" at d_model 256 and 64, with its targets."""
+    rows, targets = [], []
+    for d_model in [16] if args.quick else [256, 64]:
+        cases = vs_cases(d_model, args.quick)
+        payload = {"side_by_side": [asdict(c) for c in cases], "threads": args.threads, "warmup": args.warmup}
+        payload["repeats"] = args.repeats
+        command = [sys.executable, str(SCRIPT), "--worker", json.dumps(payload)]
+        result = run_isolated(command, args.timeout, args.mem_cap_gb, worker_env(args.omp_wait_policy))
+        if "error" in result:
+            print(f"  same-size comparison d{d_model}: {result['error']}", flush=True)
+            continue
+        base = cases[0]
+        base_flops = flops_per_token(base)
+        base_tps = base.batch * base.seq_len / result[base.variant]["seconds"]
+        for case in cases:
+            seconds = result[case.variant]["seconds"]
+            tps = case.batch * case.seq_len / seconds
+            flops = flops_per_token(case)
+            ratio, limit = tps / base_tps, base_flops / flops
+            rows.append(
+                {
+                    "d_model": d_model,
+                    "variant": case.variant,
+                    "tokens_per_s": tps,
+                    "seconds": seconds,
+                    "ratio": ratio,
+                    "mflops_per_token": flops / 1e6,
+                    "gflops": flops * tps / 1e9,
+                    "flop_limit": limit,
+                    "flop_efficiency": ratio / limit,
+                    "load": load_average(),
+                }
+            )
+            goal = VS_TARGETS.get(d_model)
+            if goal is not None and case.variant != base.variant:
+                targets.append(
+                    {
+                        "target": f"{case.variant} training tok/s >= {goal:g}x the sliding-window Transformer's "
+                        f"(d_model {d_model}, T 1024, batch 4)",
+                        "value": round(ratio, 3),
+                        "met": ratio >= goal,
+                    }
+                )
+        print(f"  same-size comparison d{d_model}: " + ", ".join(f"{r['variant']} {r['ratio']:.3f}x" for r in rows
+              if r["d_model"] == d_model), flush=True)  # fmt: skip
+    return rows, targets
+
+
+VS_COLUMNS = [
+    ("d_model", "d_model", "d"),
+    ("variant", "variant", ""),
+    ("tok/s", "tokens_per_s", ",.0f"),
+    ("s/step", "seconds", ".3f"),
+    ("vs baseline", "ratio", ".3f"),
+    ("MFLOP/tok", "mflops_per_token", ".2f"),
+    ("GFLOP/s", "gflops", ".1f"),
+    ("FLOP limit", "flop_limit", ".3f"),
+    ("FLOP eff.", "flop_efficiency", ".2f"),
+    ("load", "load", ".2f"),
+]
 
 
 def run_peer(args: argparse.Namespace, spec: dict[str, Any], threads: int | None = None) -> dict[str, Any]:
@@ -466,6 +598,24 @@ def peer_comparison(args: argparse.Namespace) -> tuple[list[dict[str, Any]], lis
     return rows, targets
 
 
+def report_vs_transformer(args: argparse.Namespace, gate: dict[str, float]) -> int:
+    """`--vs-transformer`: the same-size table and its targets, then one JSON line."""
+    rows, targets = vs_transformer(args)
+    print()
+    print("memory variants vs a same-size Transformer (training, each model timed in turn in one process):")
+    print(format_table(rows, VS_COLUMNS))
+    print(
+        "FLOP limit: the baseline's matmul FLOPs per token over the variant's (FlopCounterMode, the memory without "
+        "scan checkpoints); FLOP eff.: the measured ratio over that limit"
+    )
+    for t in targets:
+        print(f"[{'MET ' if t['met'] else 'MISS'}] {t['target']}: {t['value']}")
+    summary = {"benchmark": "models", "gate": "passed", "gate_max_abs_diff": gate, "torch": torch.__version__}
+    summary |= {"threads": args.threads, "load_end": load_average(), "vs_transformer": rows, "targets": targets}
+    print(json.dumps(summary))
+    return 0
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = shared_parser(doc=__doc__, unit="steps", budget=30.0)
     p.add_argument("--seq-lens", type=lambda s: [int(v) for v in s.split(",")], help="e.g. 256,1024,8192")
@@ -479,6 +629,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "generation)",
     )
     p.add_argument("--peer-only", action="store_true", help="skip the per-variant sweep: MAC's gate, then the peer")
+    p.add_argument(
+        "--vs-transformer",
+        action="store_true",
+        help="only the table 'memory variants vs a same-size Transformer' (d_model 256 and 64, T 1024, batch 4, "
+        "every model timed in turn in one worker), after the gate",
+    )
     p.add_argument(
         "--peer-parts",
         type=lambda s: s.split(","),
@@ -514,6 +670,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
         spec = json.loads(args.worker)
+        if "side_by_side" in spec:
+            cases = [ModelCase(**c) for c in spec["side_by_side"]]
+            print(json.dumps(measure_side_by_side(cases, spec["threads"], spec["warmup"], spec["repeats"])), flush=True)
+            return 0
         result = measure_model(
             ModelCase(**spec["case"]), spec["threads"], spec["warmup"], spec["repeats"], spec["budget_s"]
         )
@@ -521,6 +681,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     torch.set_num_threads(args.threads)
+    if args.vs_transformer:
+        args.variants = [v for v in VS_VARIANTS]
     cases = train_sweep(args.quick, args.seq_lens, ["MAC"] if args.peer_only else args.variants)
     print(
         f"bench_models: {len(cases)} training configurations, {args.threads} threads, torch {torch.__version__}",
@@ -533,16 +695,23 @@ def main(argv: list[str] | None = None) -> int:
         try:
             gate[variant] = equivalence_error(cases[[c.variant for c in cases].index(variant)])
         except AssertionError as error:
-            print(f"GATE FAILED: {variant} chunked != naive; refusing to report timings.\n{error}", file=sys.stderr)
+            print(
+                f"GATE FAILED: {variant} fused or chunked != naive; refusing to report timings.\n{error}",
+                file=sys.stderr,
+            )
             print(json.dumps({"benchmark": "models", "gate": "failed", "variant": variant}))
             return 1
         print(
-            f"gate {variant}: chunked == naive (float64 logits and gradients), max |diff| {gate[variant]:.1e}",
+            f"gate {variant}: fused == chunked == naive (float64 logits and gradients), max |diff| {gate[variant]:.1e}",
             flush=True,
         )
 
+    if args.vs_transformer:
+        return report_vs_transformer(args, gate)
     rows = [] if args.peer_only else [measure_isolated(args, case) for case in cases]
+    vs_rows, vs_targets = ([], []) if args.peer_only else vs_transformer(args)
     peer_rows, targets = peer_comparison(args)
+    targets = vs_targets + targets
     crossings = {}
     for variant in args.variants:
         if variant == "baseline-full":
@@ -572,6 +741,10 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
     )
+    if vs_rows:
+        print()
+        print("memory variants vs a same-size Transformer (training, each model timed in turn in one process):")
+        print(format_table(vs_rows, VS_COLUMNS))
     print()
     print("vs titans-pytorch 0.5.5 (same run, same threads):")
     print(
@@ -610,6 +783,7 @@ def main(argv: list[str] | None = None) -> int:
                 "allocator": args.allocator,
                 "load_end": load_average(),
                 "results": rows,
+                "vs_transformer": vs_rows,
                 "peer": peer_rows,
                 "crossover_T": crossings,
                 "targets": targets,

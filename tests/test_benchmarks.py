@@ -35,7 +35,8 @@ def one_thread():
 def test_analytic_flops_equal_torch_flop_counter(dim, heads, chunk, length):
     # every term but the elementwise state update and conv is a matmul that FlopCounterMode sees
     case = bench_memory.MemoryCase(dim, heads, 2, length, chunk, "fwd")
-    module = bench_memory.build_memory(case)
+    # the chunked form's products, which FlopCounterMode sees (the fused op runs the same ones inside one op)
+    module = bench_memory.build_memory(case, impl="chunked")
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(torch.randn(2, length, dim))
     flops = bench_memory.memory_flops(case)
@@ -55,15 +56,17 @@ def test_gate_passes_on_the_library_and_catches_a_wrong_memory(monkeypatch):
     assert bench_memory.equivalence_error(16, 2, 4) < 1e-10
     import titans.memory.module as module
 
-    real = module.chunked_memory
+    for name in ("fused_memory", "chunked_memory"):  # either fast path, wrong, fails the gate
+        real = getattr(module, name)
 
-    def shifted(*args, **kwargs):
-        y, state = real(*args, **kwargs)
-        return y + 1e-4, state  # a scale would be undone by the RMSNorm after the memory
+        def shifted(*args, real=real, **kwargs):
+            y, state = real(*args, **kwargs)
+            return y + 1e-4, state  # a scale would be undone by the RMSNorm after the memory
 
-    monkeypatch.setattr(module, "chunked_memory", shifted)
-    with pytest.raises(AssertionError):
-        bench_memory.equivalence_error(16, 2, 4)
+        with monkeypatch.context() as patch:
+            patch.setattr(module, name, shifted)
+            with pytest.raises(AssertionError):
+                bench_memory.equivalence_error(16, 2, 4)
 
 
 def test_a_failed_gate_refuses_to_report(monkeypatch, capsys):

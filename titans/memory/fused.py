@@ -55,13 +55,16 @@ def span_lengths(position: int, length: int, chunk_size: int) -> list[int]:
     return lengths
 
 
-def _kernels(backend: str):
-    """The module whose scan_forward / scan_backward run the scan: the C++ op, or `scan_torch`."""
-    if backend == "torch":
+def _kernels(backend: str, device: torch.device):
+    """The module whose scan_forward / scan_backward run the scan: the C++ op (CPU tensors), or `scan_torch` (any
+    device; on CUDA until a GPU kernel exists)."""
+    if backend == "torch" or (backend == "auto" and device.type != "cpu"):
         return scan_torch
     from titans.memory import scan_cpp
 
     if backend == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"fused_memory backend 'cpp' runs on CPU tensors, got {device.type}; use 'auto'")
         return scan_cpp.kernels(required=True)
     return scan_cpp.kernels(required=False) or scan_torch
 
@@ -156,8 +159,9 @@ def fused_memory(
     """Same contract and results as `chunked_memory` and `naive_memory`; q, k, v [B, H, T, D] -> y [B, H, T, D].
 
     checkpoint_every: a call of more chunks than this keeps the chunk-start state only every this many chunks for
-    backward and recomputes the others (0 keeps every one). backend: "cpp" (the compiled op; an error if it cannot
-    be built), "torch" (tensor ops), or "auto" (the C++ op when it builds and loads, else tensor ops).
+    backward and recomputes the others (0 keeps every one). backend: "cpp" (the compiled CPU op; an error if it
+    cannot be built), "torch" (tensor ops, any device), or "auto" (the C++ op for CPU tensors when it builds and
+    loads, else tensor ops).
     """
     if backend not in BACKENDS:
         raise ValueError(f"fused_memory backend must be one of {BACKENDS}, got {backend!r}")
@@ -188,7 +192,7 @@ def fused_memory(
     stride = checkpoint_every if 0 < checkpoint_every < n else 1
     settings = ScanSettings(tuple(lengths), chunk_size, network.activation, float(grad_clip or 0.0), stride)
     layout = (depth, momentum, forgetting, resumes_mid_chunk)
-    outputs = _FusedScan.apply(settings, _kernels(backend), layout, save, *tensors)
+    outputs = _FusedScan.apply(settings, _kernels(backend, q.device), layout, save, *tensors)
 
     def unflat(t: Tensor) -> Tensor:
         return t.reshape(batch, heads, *t.shape[1:])
