@@ -1,4 +1,5 @@
-"""NeuralMemory throughput and peak memory, forward and forward+backward (issue 2).
+"""NeuralMemory throughput and peak memory, forward and forward+backward, against titans-pytorch and the machine's
+matmul rate.
 
     python benchmarks/bench_memory.py --quick                  # tiny sweep, about a minute
     python benchmarks/bench_memory.py                          # the full sweep, about 20 minutes on 2 cores
@@ -45,7 +46,8 @@ from titans.system import ALLOCATORS, AllocatorError, allocator_env  # noqa: E40
 SCRIPT = Path(__file__).resolve()
 DEFAULT_PEER_PYTHON = "/tmp/peer-venv/bin/python"
 PEER_SCRIPT = SCRIPT.parent / "peer_titans_pytorch.py"
-# titans-pytorch 0.5.5 NeuralMemory, dim 256, 1 head, batch 4, T 1024, C 16, forward, 2 CPU threads (issue 2).
+# titans-pytorch 0.5.5 NeuralMemory, dim 256, 1 head, batch 4, T 1024, C 16, forward, 2 CPU threads (measured in
+# session 2; used only when its venv is absent).
 PEER_QUOTED_MEMORY = {"tokens_per_s": 640.0, "peak_mb": 4.5 * 1024}
 # How a worker's allocator is set up. "glibc": the default, what a user gets; its dynamic mmap threshold moves
 # freed multi-MB tensors onto the heap, where fragmentation can inflate peak RSS several-fold. "mmap": every
@@ -406,7 +408,7 @@ def quick_sweep() -> list[MemoryCase]:
     return [MemoryCase(32, 2, 2, 256, 16, "fwd"), MemoryCase(32, 2, 2, 256, 16, "fwd+bwd", 4, malloc="mmap")]
 
 
-# the shape of issue 2's speed target against titans-pytorch (dim 256, 1 head, batch 4, T 1024, C 16, forward)
+# the shape of the speed target against titans-pytorch (dim 256, 1 head, batch 4, T 1024, C 16, forward)
 PEER_CASE = MemoryCase(256, 1, 4, 1024, 16, "fwd")
 
 
@@ -476,7 +478,8 @@ CASE_KEY = ("dim", "heads", "batch", "seq_len", "chunk_size", "mode", "checkpoin
 
 
 def check_targets(rows: list[dict[str, Any]], peer: dict[str, Any], peer_case: MemoryCase) -> list[dict[str, Any]]:
-    """The three targets of issue 2, each with its measured value and a plain met/missed verdict."""
+    """The targets (flat cost per token, peak memory, speed-up over the peer), each with its measured value and a plain
+    met/missed verdict."""
     targets = []
     by_key = {tuple(r[k] for k in CASE_KEY): r for r in rows}
 
@@ -495,19 +498,19 @@ def check_targets(rows: list[dict[str, Any]], peer: dict[str, Any], peer_case: M
             where = f"heads {row['heads']}, checkpoint_every {row['checkpoint_every']}, malloc {row['malloc']}"
             value = round(peak, 1) if peak is not None else row.get("error")
             add(
-                f"memory: dim 256, batch 4, T 4096, C 16, fwd+bwd peak < 2048 MB ({where})",
+                f"memory: dim 256, batch 4, T 4096, C 16, fwd+bwd peak <= 1024 MB ({where})",
                 value,
-                peak is not None and peak < 2048,
+                peak is not None and peak <= 1024,
             )
     for compiled in (False, True):
         ours = by_key.get(tuple(getattr(replace(peer_case, compile=compiled), k) for k in CASE_KEY))
         if ours and "tokens_per_s" in ours:
             ratio = ours["tokens_per_s"] / peer["tokens_per_s"]
             add(
-                f"speed-up >= 10x over titans-pytorch 0.5.5 ({peer['source']}) at "
+                f"speed-up >= 30x over titans-pytorch 0.5.5 ({peer['source']}) at "
                 f"{replace(peer_case, compile=compiled).label()}",
                 round(ratio, 2),
-                ratio >= 10,
+                ratio >= 30,
             )
     return targets
 

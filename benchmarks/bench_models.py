@@ -1,20 +1,26 @@
-"""Training throughput and peak memory of every variant against T, and cached generation (issue 3).
+"""Training throughput and peak memory of every variant against T, against a same-size Transformer, and against
+titans-pytorch (training and cached generation).
 
     python benchmarks/bench_models.py --quick        # tiny sweep, well under a minute
     python benchmarks/bench_models.py                # the full sweep, about 15 minutes on 2 cores
     python benchmarks/bench_models.py --variants baseline-full,MAC --seq-lens 1024,4096
+    python benchmarks/bench_models.py --vs-transformer   # only the same-size comparison, about 3 minutes
 
 What it does, in order:
-1. Gate: for every memory variant of the sweep, the model built with `memory.impl=chunked` must equal the same
-   weights with `memory.impl=naive` in float64 (logits and every parameter gradient) on a short sequence that
-   crosses chunk and segment boundaries; any mismatch exits 1 before anything is timed.
+1. Gate: for every memory variant of the sweep, the model built with the default fused scan (`memory.impl=fused`,
+   what is timed) and with `memory.impl=chunked` must equal the same weights with `memory.impl=naive` in float64
+   (logits and every parameter gradient) on a short sequence that crosses chunk and segment boundaries; any
+   mismatch exits 1 before anything is timed.
 2. Training steps (forward, backward, AdamW step) per variant for T from 256 to 8192 at a small config
    (d_model 64, 4 heads, 2 layers, window and MAC segment 32, memory chunk 16, batch 1), each in its own fresh
    worker process (bench_memory.py's harness: warm-up, median of repeats, peak-RSS delta, RSS watchdog).
 3. Where the memory variants' linear cost crosses the full-attention baseline's quadratic one (tokens/s and memory).
-4. titans-pytorch 0.5.5 side by side when its venv exists: its MAC training step at dim 64, depth 2, segment 32,
+4. Memory variants vs a same-size Transformer: at d_model 256 and 64 (4 heads, 2 layers, window and segment 128,
+   T 1024, batch 4), every model's training step timed in turn in one worker; tokens/s over the sliding-window
+   baseline's, beside the ratio the matmul FLOPs allow (targets: >= 0.35x at d256, >= 0.2x at d64).
+5. titans-pytorch 0.5.5 side by side when its venv exists: its MAC training step at dim 64, depth 2, segment 32,
    batch 4, T 512-2048 against our MAC at the same shape, and cached greedy generation of a ~1.3M-parameter MAC.
-5. An aligned table, the targets, then ONE JSON line.
+6. Aligned tables, the targets, then ONE JSON line.
 """
 
 from __future__ import annotations
@@ -56,13 +62,13 @@ from titans.system import cpu_compiler  # noqa: E402
 SCRIPT = Path(__file__).resolve()
 VARIANTS = ("baseline-full", "baseline-sliding", "LMM", "MAC", "MAG", "MAL")
 VOCAB = 256
-# titans-pytorch 0.5.5 on this machine (issue 3): MAC training at dim 64, depth 2, segment 32, batch 4,
+# titans-pytorch 0.5.5 on this machine (session 3): MAC training at dim 64, depth 2, segment 32, batch 4,
 # T 512-2048; cached generation of a ~1.3M-parameter MAC.
 PEER_QUOTED = {"mac_train": 2350.0, "mac_generate": 31.0}
 # The ~1.3M-parameter MAC: the peer at dim 128, depth 2 has 1.29M parameters; ours at d_model 128 needs 3 layers
 # for a similar count (1.17M; 2 layers would be 0.80M), so the comparison is matched on parameters, not depth.
 GEN_PEER = {"dim": 128, "depth": 2, "segment_len": 32}
-PEER_TRAIN_BATCH = 4  # the batch of the MAC training comparison (issue 3's shape)
+PEER_TRAIN_BATCH = 4  # the batch of the MAC training comparison
 GEN_OURS = {"d_model": 128, "n_layers": 3}
 
 
@@ -359,8 +365,8 @@ def train_sweep(quick: bool, seq_lens: list[int] | None, variants: list[str]) ->
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Memory variants against a Transformer of the same size (issue 17's yardstick): one worker builds every model of a
-# shape and times their training steps in turn, so that all of them see the same machine state.
+# Memory variants against a Transformer of the same size, the yardstick a user compares against: one worker builds
+# every model of a shape and times their training steps in turn, so that all of them see the same machine state.
 
 VS_VARIANTS = ("baseline-sliding", "LMM", "MAC", "MAG", "MAL")
 # d_model -> the target for each memory variant's tokens/s over the sliding-window baseline's
