@@ -1,5 +1,6 @@
-"""NeuralMemory throughput and peak memory, forward and forward+backward, against titans-pytorch and the machine's
-matmul rate.
+"""NeuralMemory throughput and peak memory, forward and forward+backward, against titans-pytorch and matmul.
+
+The machine's matmul rate is the arithmetic yardstick (the %mm column).
 
     python benchmarks/bench_memory.py --quick                  # tiny sweep, about a minute
     python benchmarks/bench_memory.py                          # the full sweep, about 20 minutes on 2 cores

@@ -1,5 +1,6 @@
-"""Training throughput and peak memory of every variant against T, against a same-size Transformer, and against
-titans-pytorch (training and cached generation).
+"""Every variant's training throughput and memory against T, a same-size Transformer and titans-pytorch.
+
+Against titans-pytorch: MAC training and cached generation.
 
     python benchmarks/bench_models.py --quick        # tiny sweep, well under a minute
     python benchmarks/bench_models.py                # the full sweep, about 15 minutes on 2 cores

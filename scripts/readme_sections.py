@@ -30,7 +30,8 @@ DESCRIPTIONS = {
     ".ci/run": "CI entry point: lint, then `make test`",
     "scripts/gpu_check.sh": "the checks that need a CUDA GPU (CI has none): CUDA tests, bench_cuda, compiled kernels",
     ".gitignore": "ignored build and run outputs",
-    "titans/memory/README.md": "the memory's math, the functional contract, paper symbols vs code names",
+    "titans/memory/README.md": "the memory's math, the fused scan and its backward, the functional contract, symbols",
+    "titans/memory/csrc/scan.cpp": "the fused memory scan in C++ (forward and reverse scan), compiled on first use",
     "docs/paper_alignment.md": "every component: faithful / resolves an ambiguity / deviates / extends",
     "docs/results.md": "measured results with the command that reproduces each",
     "docs/eval_tasks.md": "MQAR, S-NIAH and text task definitions as implemented, with sources",
@@ -40,6 +41,7 @@ DESCRIPTIONS = {
 READING_ORDER = [
     "titans/memory/naive.py",
     "titans/memory/chunked.py",
+    "titans/memory/scan_torch.py",
     "titans/memory/module.py",
     "titans/models/mac.py",
     "titans/train.py",

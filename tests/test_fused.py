@@ -1,5 +1,6 @@
-"""The fused memory scan: equal to chunked_memory and naive_memory in outputs, states and every gradient (float64),
-through both of its implementations (the C++ op and the tensor-op fallback), streamed in any pieces."""
+"""The fused memory scan equals chunked_memory and naive_memory: outputs, states, every gradient (float64).
+
+Through both of its implementations (the C++ op and the tensor-op fallback), streamed in any pieces."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""The neural long-term memory (paper §3): a reference loop, the chunk-parallel form, and the NeuralMemory layer."""
+"""The neural long-term memory (paper §3): reference loop, chunk-parallel form, fused scan, NeuralMemory layer."""
 
 from titans.memory.chunked import chunked_memory
+from titans.memory.fused import fused_memory
 from titans.memory.module import NeuralMemory, NeuralMemoryState
 from titans.memory.naive import naive_memory
 from titans.memory.network import MemoryMLP
@@ -13,6 +14,7 @@ __all__ = [
     "NeuralMemory",
     "NeuralMemoryState",
     "chunked_memory",
+    "fused_memory",
     "naive_memory",
     "step_memory",
 ]

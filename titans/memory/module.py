@@ -7,10 +7,11 @@
     y       = memory(q, k, v, gates)                                   Eqs. 12-18, one memory per sequence and head
     out     = W_O (RMSNorm(y) * SiLU(x W_G))                           §4.4: normalisation and gating before W_O
 
-Decoding: a single token (T = 1) with gradients off, outside autocast and with memory writes on, takes the fast
-one-token path (`decode_step`, built on `titans.memory.step`): the same recurrence in a few dozen tensor ops instead
-of the chunked path's few hundred. Everything else (training, several tokens, the update_memory=False ablation) runs
-`chunked_memory` / `naive_memory`, which remain the reference; tests hold the two paths equal.
+Training and several tokens run the fused scan (`fused_memory`, `impl="fused"`, the default): one op with a
+hand-written backward. `impl="chunked"` and `impl="naive"` run the references it is tested against; under
+torch.compile the layer runs `chunked_memory`, which the compiler traces. Decoding: a single token (T = 1) with
+gradients off, outside autocast and with memory writes on, takes the fast one-token path (`decode_step`, built on
+`titans.memory.step`): the same recurrence in a few dozen tensor ops. Tests hold every path equal.
 
 Fast weights start from the learned M_0 for every sequence and live only in the returned state: they are never
 shared across the batch and never written into a parameter. The outer loss back-propagates through every inner
