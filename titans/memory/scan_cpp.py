@@ -14,7 +14,6 @@ import fcntl
 import hashlib
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from titans.memory.scan_torch import ScanGates, ScanSettings
+from titans.system import cpu_compiler
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "scan.cpp"
 ACTIVATIONS = {"gelu": 0, "silu": 1}
@@ -83,7 +83,7 @@ def build(verbose: bool = True) -> Path:
     target = library_path()
     if target.exists():
         return target
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    compiler = cpu_compiler()
     if compiler is None:
         raise BuildError("no C++ compiler found (install g++, or set CXX)")
     target.parent.mkdir(parents=True, exist_ok=True)
