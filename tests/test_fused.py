@@ -226,3 +226,22 @@ def test_without_a_compiler_the_tensor_op_scan_takes_over(tmp_path) -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=os.getcwd())
     assert result.returncode == 0, result.stderr
     assert "fallback ok" in result.stdout
+
+
+def test_automatic_checkpointing_keeps_every_chunk_within_the_budget_and_groups_beyond(monkeypatch) -> None:
+    """checkpoint_every=None: every chunk kept while the call's kept tensors fit the budget, else groups of about
+    sqrt(chunks x memories / threads); an explicit value is used as given. Results are the same either way."""
+    from titans.memory import fused
+
+    net = make_inputs(4, 2)["network"]
+    assert fused.scan_stride(None, 64, 16, net, 16, 4) == 1  # a few MB: everything kept
+    assert fused.scan_stride(5, 64, 16, net, 16, 4) == 5
+    assert fused.scan_stride(0, 64, 16, net, 16, 4) == 1
+    assert fused.scan_stride(100, 64, 16, net, 16, 4) == 1  # a group as long as the call: nothing to recompute
+    monkeypatch.setattr(fused, "KEEP_ALL_BYTES", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert fused.scan_stride(None, 64, 16, net, 16, 4) == round((64 * 16 / 2) ** 0.5)
+    inputs = make_inputs(37, 2, seed=6)  # 10 chunks of 4 over 4 memories: groups of 4
+    out, state = fused_memory(**inputs, chunk_size=4, grad_clip=0.3)
+    ref, ref_state = chunked_memory(**inputs, chunk_size=4, grad_clip=0.3)
+    assert_same(out, state, ref, ref_state, leaves(inputs))

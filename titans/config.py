@@ -175,7 +175,8 @@ class MemoryConfig:
     channelwise_forget: bool = False  # alpha per output channel of each weight matrix (NeurIPS App. F)
     max_lr: float = 1.0  # theta_t = max_lr * sigmoid(.)
     conv_kernel: int = 4  # causal depthwise conv after the q/k/v projections (v1 §4.4)
-    checkpoint_every: int = 16  # chunks per gradient-checkpoint group in training (0 = keep every chunk state)
+    checkpoint_every: int | None = None  # training: keep the memory state every this many chunks, recompute the
+    # rest in backward; 0 = keep every chunk; null = every chunk while that fits the scan's memory budget, else groups
     inner_grad_clip: float | None = 1.0  # max norm of each token's inner gradient per memory layer; null = off
     theta_init: float | None = None  # theta_t starts near this, in (0, max_lr); null = min(0.05, max_lr / 2)
 
@@ -192,7 +193,10 @@ class MemoryConfig:
             f"lower {p}theta_init or raise {p}max_lr",
         )
         _require(self.conv_kernel >= 1, f"{p}conv_kernel must be >= 1 (1 = no mixing in time), got {self.conv_kernel}")
-        _require(self.checkpoint_every >= 0, f"{p}checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        _require(
+            self.checkpoint_every is None or self.checkpoint_every >= 0,
+            f"{p}checkpoint_every must be >= 0 or null (automatic), got {self.checkpoint_every}",
+        )
         _require(
             self.inner_grad_clip is None or self.inner_grad_clip > 0,
             f"{p}inner_grad_clip must be > 0 or null (no clipping), got {self.inner_grad_clip}",

@@ -246,13 +246,14 @@ def chunked_memory(
     chunk_size: int = 16,
     stats: dict[str, Tensor] | None = None,
     grad_clip: float | None = None,
-    checkpoint_every: int = 16,
+    checkpoint_every: int | None = 16,
     compile_backend: str | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Same contract and results as `naive_memory`; see its docstring. q, k, v [B, H, T, D] -> y [B, H, T, D].
 
     checkpoint_every: when gradients are being recorded, keep the state only every this many chunks and recompute
-    the chunks in between during backward (0 keeps every chunk; results and gradients are identical either way).
+    the chunks in between during backward (0 keeps every chunk, None means 16; results and gradients are identical
+    either way).
     compile_backend: run every whole chunk through `compiled_chunk(compile_backend)` (e.g. "inductor"; None = eager).
     Partial chunks and calls that collect stats stay eager, so one compilation serves a whole stream.
     """
@@ -269,6 +270,8 @@ def chunked_memory(
     collected: dict[str, list[Tensor]] | None = {"surprise": [], "update_norm": []} if stats is not None else None
     depth = network.depth
 
+    if checkpoint_every is None:
+        checkpoint_every = 16
     use_checkpoint = checkpoint_every > 0 and torch.is_grad_enabled() and len(bounds) > checkpoint_every
     group = checkpoint_every if use_checkpoint else max(len(bounds), 1)
     groups = [bounds[first : first + group] for first in range(0, len(bounds), group)]

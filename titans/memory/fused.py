@@ -18,6 +18,7 @@ the memory, and calls that collect `stats` (see `fused_supports`). Tests hold `f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -53,6 +54,28 @@ def span_lengths(position: int, length: int, chunk_size: int) -> list[int]:
         lengths.append(stop - start)
         start = stop
     return lengths
+
+
+# The automatic checkpoint policy keeps every chunk while a call's kept tensors fit this many bytes (per call of the
+# layer): the backward then recomputes nothing. Above it, groups of about sqrt(chunks x memories / threads) chunks
+# balance the kept states (chunks / group x memories) against a group's recomputed states (group x threads).
+KEEP_ALL_BYTES = 512 << 20
+
+
+def scan_stride(
+    checkpoint_every: int | None, n: int, memories: int, network: MemoryMLP, chunk_size: int, itemsize: int
+) -> int:
+    """Chunks per kept state: 1 keeps every chunk (and its intermediates), k > 1 recomputes groups of k in backward."""
+    if checkpoint_every is not None:
+        return checkpoint_every if 0 < checkpoint_every < n else 1
+    state = sum(2 * d_out * d_in for d_out, d_in in network.shapes)
+    # the kept intermediates per chunk (csrc/scan.cpp, SlotLayout): K, G, B, Z (hidden layers), G (last), R, scales
+    slot = sum(chunk_size * d_out * (4 if i < network.depth - 1 else 1) for i, (d_out, _) in enumerate(network.shapes))
+    slot += network.depth * (chunk_size * chunk_size + chunk_size)
+    if n * memories * (state + slot) * itemsize <= KEEP_ALL_BYTES:
+        return 1
+    group = round(math.sqrt(n * memories / max(torch.get_num_threads(), 1)))
+    return min(max(group, 2), n)
 
 
 def _kernels(backend: str, device: torch.device):
@@ -153,15 +176,16 @@ def fused_memory(
     chunk_size: int = 16,
     stats: dict[str, Tensor] | None = None,
     grad_clip: float | None = None,
-    checkpoint_every: int = 16,
+    checkpoint_every: int | None = None,
     backend: str = "auto",
 ) -> tuple[Tensor, MemoryState]:
     """Same contract and results as `chunked_memory` and `naive_memory`; q, k, v [B, H, T, D] -> y [B, H, T, D].
 
     checkpoint_every: a call of more chunks than this keeps the chunk-start state only every this many chunks for
-    backward and recomputes the others (0 keeps every one). backend: "cpp" (the compiled CPU op; an error if it
-    cannot be built), "torch" (tensor ops, any device), or "auto" (the C++ op for CPU tensors when it builds and
-    loads, else tensor ops).
+    backward and recomputes the others (0 keeps every one; None: every one while the kept tensors of the call fit
+    KEEP_ALL_BYTES, else groups sized by `scan_stride`; results are identical either way).
+    backend: "cpp" (the compiled CPU op; an error if it cannot be built), "torch" (tensor ops, any device), or
+    "auto" (the C++ op for CPU tensors when it builds and loads, else tensor ops).
     """
     if backend not in BACKENDS:
         raise ValueError(f"fused_memory backend must be one of {BACKENDS}, got {backend!r}")
@@ -189,7 +213,7 @@ def fused_memory(
         *(flat(w) for w in state.weights), *(flat(s) for s in state.momentum), *anchor,
     )  # fmt: skip
     save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    stride = checkpoint_every if 0 < checkpoint_every < n else 1
+    stride = scan_stride(checkpoint_every, n, batch * heads, network, chunk_size, q.element_size())
     settings = ScanSettings(tuple(lengths), chunk_size, network.activation, float(grad_clip or 0.0), stride)
     layout = (depth, momentum, forgetting, resumes_mid_chunk)
     outputs = _FusedScan.apply(settings, _kernels(backend, q.device), layout, save, *tensors)

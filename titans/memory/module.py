@@ -144,7 +144,7 @@ class NeuralMemory(nn.Module):
         channelwise_forget: bool = False,
         max_lr: float = 1.0,
         conv_kernel: int = 4,
-        checkpoint_every: int = 16,
+        checkpoint_every: int | None = None,
         grad_clip: float | None = None,
         theta_init: float | None = None,
     ) -> None:

@@ -11,20 +11,23 @@
 // - Each product is one direct single-threaded BLAS call (sgemm / dgemm of the BLAS inside libtorch); each
 //   elementwise step is one loop (the activations through glibc's vector math library when it is there).
 // - What the backward needs is kept in one tensor per kept chunk: the chunk-start state and, when every chunk is
-//   kept (stride 1), the chunk's intermediates, so the backward recomputes nothing. Per-chunk tensors (not one
-//   tensor for the whole scan) stay below glibc's mmap threshold and are reused from the heap step after step,
-//   instead of page-faulting hundreds of megabytes in every call.
+//   kept (stride 1), the chunk's intermediates, so the backward recomputes nothing. These and the outputs come from
+//   a pool of buffers reused step after step (BufferPool), instead of page-faulting fresh memory in every call.
 //
 // Built on first use by titans/memory/scan_cpp.py; registered as torch.ops.titans.scan_forward / scan_backward.
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros_like.h>
+#include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <mutex>
+#include <string>
+#include <unordered_map>
 #include <vector>
 
 extern "C" {
@@ -46,6 +49,71 @@ float expf(float);
 namespace {
 
 using at::Tensor;
+
+// The large tensors the scan returns (kept states and intermediates, outputs and gradients) come from a pool of
+// buffers that takes them back when the tensors die: a training step asks for the same sizes every time, and fresh
+// multi-MB allocations are mapped and page-faulted anew on every call wherever malloc serves them with mmap (the
+// titans CLI pins glibc's threshold at 4 MiB). At most TITANS_SCAN_POOL_MB (default 1024) of idle buffers are kept.
+class BufferPool {
+ public:
+  static BufferPool& instance() {
+    static BufferPool* pool = new BufferPool();  // never destroyed: tensors may be freed during interpreter exit
+    return *pool;
+  }
+
+  Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    int64_t numel = 1;
+    for (auto s : sizes) numel *= s;
+    const size_t bytes = (size_t)numel * options.dtype().itemsize();
+    if (bytes < kSmallest) return at::empty(sizes, options);
+    void* data = take(bytes);
+    return at::from_blob(data, sizes, [bytes](void* p) { BufferPool::instance().give(p, bytes); }, options);
+  }
+
+ private:
+  static constexpr size_t kSmallest = 256 << 10;
+
+  BufferPool() {
+    const char* limit = std::getenv("TITANS_SCAN_POOL_MB");
+    capacity_ = (size_t)(limit ? std::stoll(limit) : 1024) << 20;
+  }
+
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = idle_.find(bytes);
+      if (it != idle_.end()) {
+        void* data = it->second;
+        idle_.erase(it);
+        cached_ -= bytes;
+        return data;
+      }
+    }
+    void* data = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    TORCH_CHECK(data != nullptr, "titans scan: out of memory allocating ", bytes, " bytes");
+    return data;
+  }
+
+  void give(void* data, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (cached_ + bytes <= capacity_) {
+        idle_.emplace(bytes, data);
+        cached_ += bytes;
+        return;
+      }
+    }
+    std::free(data);
+  }
+
+  std::mutex mutex_;
+  std::unordered_multimap<size_t, void*> idle_;
+  size_t cached_ = 0, capacity_ = 0;
+};
+
+Tensor pooled(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return BufferPool::instance().empty(sizes, options);
+}
 
 inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
                       const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
@@ -889,13 +957,13 @@ std::vector<Tensor> forward_impl(const Tensor& q, const Tensor& k, const Tensor&
   Problem<T> p = make_problem<T>(q, k, v, theta, eta, alpha, w0, anchor, lengths, chunk_size, activation, clip, stride);
   const int64_t N = q.size(0);
   const bool direct = save && p.keeps_slots();  // chunk c's state and slot live in kept[c] itself
-  Tensor y = at::empty(q.sizes(), q.options());
+  Tensor y = pooled(q.sizes(), q.options());
   std::vector<Tensor> w_end, s_end, w_last, kept;
   for (int i = 0; i < p.L; ++i) {
     for (auto* list : {&w_end, &s_end, &w_last}) list->push_back(at::empty(w0[i].sizes(), w0[i].options()));
   }
   if (save) {
-    for (int j = 0; j < p.n_kept; ++j) kept.push_back(at::empty({N, p.kept_size()}, q.options()));
+    for (int j = 0; j < p.n_kept; ++j) kept.push_back(pooled({N, p.kept_size()}, q.options()));
   }
   T* yp = y.data_ptr<T>();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
@@ -943,8 +1011,7 @@ std::vector<Tensor> backward_impl(const Tensor& grad_y, const std::vector<Tensor
   const int64_t N = q.size(0);
   check((int)kept.size() == p.n_kept, "one kept tensor per kept chunk");
   for (const auto& t : kept) check(t.dim() == 2 && t.size(0) == N && t.size(1) == p.kept_size(), "kept tensor shape");
-  Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(q.sizes(), q.options()),
-         dv = at::empty(q.sizes(), q.options());
+  Tensor dq = pooled(q.sizes(), q.options()), dk = pooled(q.sizes(), q.options()), dv = pooled(q.sizes(), q.options());
   std::vector<Tensor> d_theta, d_eta, d_alpha, d_w0, d_s0, d_anchor;
   for (int i = 0; i < p.L; ++i) {
     d_theta.push_back(at::empty(theta[i].sizes(), q.options()));
