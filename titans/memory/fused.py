@@ -5,9 +5,9 @@ long chain of small ops, each with autograd bookkeeping. `fused_memory` computes
 the whole call (`csrc/scan.cpp`, or the same algorithm in tensor ops, `scan_torch.py`):
 
 1. Forward: per chunk, the coefficients of the dual form from the gates (decays, carries, the masked mixes
-   C_{t,i} theta_i), the keys through the anchor network, the outputs, the chunk-end state. It keeps only
-   chunk-start states (every `checkpoint_every` chunks when a call has more chunks than that, else every one with
-   the chunk's intermediates) and builds no autograd graph.
+   C_{t,i} theta_i), the keys through the anchor network, the outputs, the chunk-end state. For the backward it
+   keeps every chunk's start state and intermediates, or, when they would not fit `KEEP_ALL_BYTES` (or a group
+   size is given), one start state per group of chunks (`scan_stride`); it builds no autograd graph.
 2. Backward: the reverse scan. Per chunk, from its kept state (or a group recomputed from the last kept one), the
    chunk's vector-Jacobian product by hand, down to the gates; the gradients of (W, S) carried to the chunk before.
 
