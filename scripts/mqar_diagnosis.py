@@ -1,0 +1,117 @@
+"""Why LMM learns MQAR slower than a delta rule: one default changed at a time, several seeds, one table.
+
+    python scripts/mqar_diagnosis.py                                  # vocabulary 256, 800 steps, seeds 0-2
+    python scripts/mqar_diagnosis.py --vocab 1024 --steps 1500 --seeds 0 --rows lmm,delta,lmm-theta0.25
+    python scripts/mqar_diagnosis.py --rows delta --seeds 0,1,2,3 --jobs 2
+
+Every row trains with `titans train` on MQAR as `titans.tasks.mqar` defines it (T 64, 4 key-value pairs, fresh
+examples, batch 32), d_model 64, 4 heads, 2 layers, AdamW lr 2e-3 with 50 warm-up steps and the project's cosine
+schedule, one CPU thread per run, `--jobs` runs at a time, and reads the held-out accuracy from the run's
+metrics.jsonl at four evenly spaced steps. The control, `delta`, is the memory at depth 1 with no momentum, no
+forgetting, chunk 1 and no inner-gradient clip: exactly the delta rule with beta = 2 theta. Prints one line per run,
+a table of the median over seeds, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+DELTA_RULE = [
+    "model.memory_layers=1",
+    "model.memory.momentum=false",
+    "model.memory.forgetting=false",
+    "model.memory.chunk_size=1",
+    "model.memory.inner_grad_clip=null",
+    "model.memory.theta_init=0.25",
+]
+ROWS = {
+    "lmm": [],
+    "delta": DELTA_RULE,
+    "lmm-theta0.25": ["model.memory.theta_init=0.25"],
+    "lmm-theta0.25-noclip": ["model.memory.theta_init=0.25", "model.memory.inner_grad_clip=null"],
+    "lmm-theta0.25-depth1": ["model.memory.theta_init=0.25", "model.memory_layers=1"],
+    "lmm-theta0.25-chunk4": ["model.memory.theta_init=0.25", "model.memory.chunk_size=4"],
+    "lmm-theta0.25-nomomentum": ["model.memory.theta_init=0.25", "model.memory.momentum=false"],
+    "lmm-theta0.25-noforgetting": ["model.memory.theta_init=0.25", "model.memory.forgetting=false"],
+    "delta-chunk16": [*DELTA_RULE, "model.memory.chunk_size=16"],
+    "lmm-theta0.5": ["model.memory.theta_init=0.5"],
+}
+
+
+def overrides(row: str, vocab: int, steps: int, seed: int, out: Path) -> list[str]:
+    return [
+        "model.variant=LMM", "model.d_model=64", "model.n_heads=4", "model.n_layers=2",
+        "data.dataset=mqar", "data.seq_len=64", f"data.vocab_size={vocab}", "data.mqar_num_kv_pairs=4",
+        "data.fresh_samples=true", "data.num_samples=512", "training.batch_size=32",
+        "training.learning_rate=2e-3", "training.warmup_steps=50", f"training.max_steps={steps}",
+        f"training.eval_every={max(steps // 4, 1)}", "training.checkpoint_every=1000000", "training.device=cpu",
+        "training.threads=1", "training.progress=false", "training.nan_policy=skip", f"seed={seed}",
+        *ROWS[row], f"training.out_dir={out}", f"training.run_name={row}-seed{seed}",
+    ]  # fmt: skip
+
+
+def run(row: str, vocab: int, steps: int, seed: int, out: Path) -> dict:
+    """Train one row with one seed; its accuracy (%) at each evaluation and the last 50 steps' mean loss."""
+    name = f"{row}-seed{seed}"
+    done = subprocess.run(
+        [sys.executable, "-m", "titans", "train", *overrides(row, vocab, steps, seed, out)],
+        capture_output=True,
+        text=True,
+    )
+    (out / f"{name}.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        return {"row": row, "seed": seed, "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+    records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    accuracy = {r["step"]: round(100 * r["mqar_accuracy"], 1) for r in records if "mqar_accuracy" in r}
+    losses = [r["loss"] for r in records if "loss" in r][-50:]
+    return {"row": row, "seed": seed, "accuracy": accuracy, "final_loss": sum(losses) / max(len(losses), 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocab", type=int, default=256, help="MQAR vocabulary (default 256)")
+    p.add_argument("--steps", type=int, default=800, help="optimizer steps per run (default 800)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows from: {', '.join(ROWS)}")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2)")
+    p.add_argument("--out", default="runs/mqar-diagnosis", help="where the runs go")
+    args = p.parse_args(argv)
+    rows = args.rows.split(",")
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        p.error(f"unknown --rows {unknown}; choose from {', '.join(ROWS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out) / f"vocab{args.vocab}-steps{args.steps}"
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(row, seed) for row in rows for seed in seeds]
+    results = []
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for result in pool.map(lambda job: run(job[0], args.vocab, args.steps, job[1], out), jobs):
+            print(json.dumps(result), flush=True)
+            results.append(result)
+    print(f"\nMQAR accuracy (%), vocabulary {args.vocab}, {args.steps} steps, median over seeds {seeds}:")
+    for row in rows:
+        runs = [r for r in results if r["row"] == row and "accuracy" in r]
+        if not runs:
+            print(f"{row:28s} failed")
+            continue
+        steps = sorted(runs[0]["accuracy"])
+        median = [statistics.median(r["accuracy"][s] for r in runs) for s in steps]
+        final = " / ".join(f"{r['accuracy'][steps[-1]]:.1f}" for r in runs)
+        print(
+            f"{row:28s} "
+            + "  ".join(f"{s}: {m:5.1f}" for s, m in zip(steps, median, strict=True))
+            + f"   final per seed {final}"
+        )
+    print(json.dumps({"script": "mqar_diagnosis", "vocab": args.vocab, "steps": args.steps, "results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
