@@ -175,7 +175,7 @@ def test_compiled_memory_chunks_equal_eager(variant: str, backend: str, monkeypa
         return counted
 
     monkeypatch.setattr(chunked, "compiled_chunk", counting)
-    cfg = tiny_config(variant, checkpoint_every=2)
+    cfg = tiny_config(variant, checkpoint_every=2, impl="chunked")  # compiled chunks serve the chunked scan
     models = []
     for _ in range(2):
         torch.manual_seed(0)
@@ -253,3 +253,22 @@ def test_compile_without_a_compiler_is_a_config_error(monkeypatch, tmp_path) -> 
     cfg = RunConfig(training=TrainingConfig(compile=True, max_steps=1, out_dir=str(tmp_path), device="cpu"))
     with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler"):
         train_module.train(cfg)
+
+
+@pytest.mark.parametrize("variant", ["LMM", "MAG"])
+def test_compiling_blocks_keeps_the_fused_memory_scan(variant: str, monkeypatch) -> None:
+    """training.compile with the default fused scan: LMM, MAG and MAL keep the fused op (it beats compiled chunks),
+    so no chunk is compiled and the results are the eager model's."""
+    import titans.memory.chunked as chunked
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled chunks used with the fused scan")
+
+    monkeypatch.setattr(chunked, "compiled_chunk", refuse)
+    torch.manual_seed(0)
+    model = build_model(tiny_config(variant)).to(DT)
+    idx = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(1))
+    expected, _, _ = model(idx)
+    model.compile_blocks(backend="aot_eager")
+    logits, _, _ = model(idx)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)

@@ -400,7 +400,7 @@ class TrainingConfig:
     tensorboard: bool = False  # also write TensorBoard event files
     progress: bool = True  # show a progress bar
     threads: int | None = None  # torch CPU threads; null = torch's default
-    compile: bool = False  # torch.compile the memory variants' inner loops (MAC: per segment); needs a C++ compiler
+    compile: bool = False  # torch.compile MAC's segments (memory.impl=chunked: every variant's memory chunks); C++
 
     def __post_init__(self) -> None:
         _coerce_fields(self)

@@ -237,7 +237,9 @@ class NeuralMemory(nn.Module):
         )
 
     def compile_chunks(self, enabled: bool = True, backend: str = "inductor") -> None:
-        """Run the chunked scan's whole chunks through torch.compile (`chunked.compiled_chunk`); eager when off.
+        """With `impl="chunked"`: run the chunked scan's whole chunks through torch.compile (`chunked.compiled_chunk`);
+        eager when off. The fused scan (`impl="fused"`, the default) is not affected: it is several times faster than
+        compiled chunks (benchmarks/README.md), so the layer keeps it.
 
         Results equal the eager chunk's (tests). The first call pays the compilation (seconds to minutes on CPU,
         per grad mode and shape); decoding (one token) keeps its own step. backend: torch.compile's.
@@ -309,11 +311,11 @@ class NeuralMemory(nn.Module):
         return out, NeuralMemoryState(memory_state, conv_state)
 
     def _memory_function(self) -> tuple[Callable, dict]:
-        """The memory function for `impl` and its extra arguments. Under torch.compile (tracing, or compiled chunks
-        chosen by `compile_chunks`) the fused op gives way to `chunked_memory`, which the compiler can trace."""
+        """The memory function for `impl` and its extra arguments. While torch.compile traces the layer (MAC's
+        compiled segments) the fused op gives way to `chunked_memory`, which the compiler can trace."""
         if self.impl == "naive":
             return naive_memory, {}
-        if self.impl == "fused" and self.compile_backend is None and not torch.compiler.is_compiling():
+        if self.impl == "fused" and not torch.compiler.is_compiling():
             return fused_memory, {"checkpoint_every": self.checkpoint_every}
         return chunked_memory, {"checkpoint_every": self.checkpoint_every, "compile_backend": self.compile_backend}
 

@@ -141,9 +141,9 @@ class TitansLM(nn.Module):
         """Run each block's sequential inner loop through torch.compile (eager when enabled is False).
 
         MAC blocks compile their whole per-segment step (`MACBlock.compile_segments`, which includes the memory);
-        in LMM, MAG and MAL the memory compiles its per-chunk step (`NeuralMemory.compile_chunks`); the baseline has
-        no such loop and is left as it is. Compiled and eager results are equal (tests/test_compile.py); inductor on
-        CPU needs a C++ compiler.
+        in LMM, MAG and MAL the memory compiles its per-chunk step (`NeuralMemory.compile_chunks`) when it runs
+        `chunked_memory` (the default fused scan is faster and is kept); the baseline has no such loop and is left
+        as it is. Compiled and eager results are equal (tests/test_compile.py); inductor on CPU needs a C++ compiler.
         """
         for block in self.blocks:
             if callable(getattr(block, "compile_segments", None)):
