@@ -167,16 +167,14 @@ class MemoryConfig:
     activation: Literal["gelu", "silu"] = "gelu"  # NeurIPS §3.3 uses GELU inside the memory MLP
     residual_norm: bool = False  # NeurIPS form M(x) = x + LN(MLP(x))
     chunk_size: int = 16  # tokens whose inner gradients share one anchor (Eq. 16; NeurIPS App. E.1: 16)
-    impl: Literal["fused", "chunked", "naive"] = "fused"  # fused = one op, hand-written backward; chunked and
-    # naive = the autograd and per-token references, for tests and debugging
+    impl: Literal["fused", "chunked", "naive"] = "fused"  # fused scan; chunked, naive: the references it is tested on
     momentum: bool = True  # surprise momentum S_t (Eq. 14); False sets eta = 0
     forgetting: bool = True  # forgetting gate alpha_t (Eq. 13); False sets alpha = 0
     per_layer_gates: bool = True  # separate theta/eta/alpha per memory layer (NeurIPS App. B.3)
     channelwise_forget: bool = False  # alpha per output channel of each weight matrix (NeurIPS App. F)
     max_lr: float = 1.0  # theta_t = max_lr * sigmoid(.)
     conv_kernel: int = 4  # causal depthwise conv after the q/k/v projections (v1 §4.4)
-    checkpoint_every: int | None = None  # training: keep the memory state every this many chunks, recompute the
-    # rest in backward; 0 = keep every chunk; null = every chunk while that fits the scan's memory budget, else groups
+    checkpoint_every: int | None = None  # backward recomputes groups of this many chunks; 0 = none; null = automatic
     inner_grad_clip: float | None = 1.0  # max norm of each token's inner gradient per memory layer; null = off
     theta_init: float | None = None  # theta_t starts near this, in (0, max_lr); null = min(0.05, max_lr / 2)
 
@@ -193,10 +191,8 @@ class MemoryConfig:
             f"lower {p}theta_init or raise {p}max_lr",
         )
         _require(self.conv_kernel >= 1, f"{p}conv_kernel must be >= 1 (1 = no mixing in time), got {self.conv_kernel}")
-        _require(
-            self.checkpoint_every is None or self.checkpoint_every >= 0,
-            f"{p}checkpoint_every must be >= 0 or null (automatic), got {self.checkpoint_every}",
-        )
+        ckpt = self.checkpoint_every
+        _require(ckpt is None or ckpt >= 0, f"{p}checkpoint_every must be >= 0 or null (automatic), got {ckpt}")
         _require(
             self.inner_grad_clip is None or self.inner_grad_clip > 0,
             f"{p}inner_grad_clip must be > 0 or null (no clipping), got {self.inner_grad_clip}",

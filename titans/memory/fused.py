@@ -106,17 +106,17 @@ class _FusedScan(torch.autograd.Function):
         y, w_end, s_end, w_last, saved = kernels.scan_forward(
             q, k, v, gates, groups["weights"], groups["momentum"], groups["anchor"], settings, save
         )
+        n_inputs = 3 + depth * (1 + momentum + forgetting)  # q, k, v and the gates lead `tensors`
         if save:
-            ctx.save_for_backward(*tensors[: 3 + depth * (1 + momentum + forgetting)], *groups["anchor"], *saved)
-        ctx.settings, ctx.kernels, ctx.layout = settings, kernels, layout
+            ctx.save_for_backward(*tensors[:n_inputs], *groups["anchor"], *saved)
+        ctx.settings, ctx.kernels, ctx.layout, ctx.n_inputs = settings, kernels, layout, n_inputs
         ctx.state_shapes = [w.shape for w in groups["weights"]]
         return (y, *w_end, *s_end, *w_last)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor, *grads: Tensor):
         depth, momentum, forgetting, separate_anchor = ctx.layout
-        saved = ctx.saved_tensors
-        n_inputs = 3 + depth * (1 + momentum + forgetting)
+        saved, n_inputs = ctx.saved_tensors, ctx.n_inputs
         groups = _split(saved[:n_inputs], (depth, momentum, forgetting, False), states=False)
         q, k, v = groups["qkv"]
         gates = _gates(groups, depth)

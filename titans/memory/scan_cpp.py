@@ -92,7 +92,9 @@ def build(verbose: bool = True) -> Path:
         if target.exists():
             return target
         if verbose:
-            print("titans: building the fused memory scan (C++, once per machine; about a minute)...", file=sys.stderr)
+            print(
+                "titans: building the fused memory scan (C++, once per machine and torch version)...", file=sys.stderr
+            )
         partial = target.with_suffix(f".{os.getpid()}.tmp")
         result = subprocess.run(_compile_command(compiler, partial), capture_output=True, text=True)
         if result.returncode != 0:
@@ -152,13 +154,13 @@ def scan_backward(grad_y, grad_w, grad_s, grad_last, q, k, v, gates, anchor, kep
         list(settings.lengths), settings.chunk_size, ACTIVATIONS[settings.activation], settings.clip,
         settings.stride,
     )  # fmt: skip
-    dq, dk, dv = out[:3]
-    rest = list(out[3:])
-    d_theta = rest[:depth]
-    rest = rest[depth:]
-    d_eta = rest[:depth] if etas else [None] * depth
-    rest = rest[depth:] if etas else rest
-    d_alpha = rest[:depth] if alphas else [None] * depth
-    rest = rest[depth:] if alphas else rest
-    d_gates = [ScanGates(*g) for g in zip(d_theta, d_eta, d_alpha, strict=True)]
-    return dq, dk, dv, d_gates, rest[:depth], rest[depth : 2 * depth], rest[2 * depth :]
+    dq, dk, dv, rest = out[0], out[1], out[2], list(out[3:])
+
+    def take(present: bool) -> list:  # the next layer-wise group of the op's outputs (None when the gate is off)
+        nonlocal rest
+        group, rest = (rest[:depth], rest[depth:]) if present else ([None] * depth, rest)
+        return group
+
+    d_gates = [ScanGates(*g) for g in zip(take(True), take(bool(etas)), take(bool(alphas)), strict=True)]
+    d_w, d_s = take(True), take(True)
+    return dq, dk, dv, d_gates, d_w, d_s, rest

@@ -324,20 +324,26 @@ def _chunk_backward(
     return dq, dk, dv, d_co, d_w, d_s, d_anc
 
 
-def _gates_backward(gates: Sequence[ScanGates], start: int, r: int, d_co: Sequence[ScanCoefficients]):
-    """The gates' gradients for one span from its coefficients' gradients: the coefficients are rebuilt with
-    autograd from the span's gates (as in the forward) and differentiated. Per layer (dtheta, deta, dalpha) [N, r]."""
-    out = []
+def _span_leaves(gates: Sequence[ScanGates], start: int, r: int):
+    """One span's gates as fresh leaves and the coefficients built from them with autograd: the backward uses the
+    coefficients' values for the chunk's VJP and their graph for the gates' gradients (`_gates_backward`)."""
     with torch.enable_grad():
-        for g, d in zip(gates, d_co, strict=True):
-            leaves = [None if t is None else t[:, start : start + r].detach().requires_grad_() for t in g]
-            co = span_coefficients([ScanGates(*leaves)], 0, r)[0]
-            pairs = [(t, dt) for t, dt in zip(co, d, strict=True) if t is not None and t.requires_grad]
-            wanted = [t for t in leaves if t is not None]
-            grads = iter(torch.autograd.grad([t for t, _ in pairs], wanted, [dt for _, dt in pairs], allow_unused=True))
-            out.append(
-                [None if t is None else _zero_if_none(next(grads), t) for t in leaves]  # theta, eta, alpha
-            )
+        leaves = [
+            ScanGates(*(None if t is None else t[:, start : start + r].detach().requires_grad_() for t in g))
+            for g in gates
+        ]
+        return leaves, span_coefficients(leaves, 0, r)
+
+
+def _gates_backward(leaves: Sequence[ScanGates], co: Sequence[ScanCoefficients], d_co: Sequence[ScanCoefficients]):
+    """The gates' gradients of one span from its coefficients' gradients, through the graph `_span_leaves` built.
+    Per layer (dtheta, deta, dalpha) [N, r], None where a gate is off."""
+    out = []
+    for g, c, d in zip(leaves, co, d_co, strict=True):
+        pairs = [(t, dt) for t, dt in zip(c, d, strict=True) if t is not None and t.requires_grad]
+        wanted = [t for t in g if t is not None]
+        grads = iter(torch.autograd.grad([t for t, _ in pairs], wanted, [dt for _, dt in pairs], allow_unused=True))
+        out.append([None if t is None else _zero_if_none(next(grads), t) for t in g])
     return out
 
 
@@ -389,12 +395,12 @@ def scan_backward(
             rows = slice(lo, lo + r)
             separate = c == 0 and bool(anchor)
             anc = list(anchor) if separate else ws
-            co = span_coefficients(gates, lo, r)
+            leaves, co = _span_leaves(gates, lo, r)
             out = _chunk_backward(
                 q[:, rows], k[:, rows], v[:, rows], grad_y[:, rows], co, ws, ss, anc, omega, psi, settings
             )
             dq[:, rows], dk[:, rows], dv[:, rows] = out[0], out[1], out[2]
-            for i, span_grads in enumerate(_gates_backward(gates, lo, r, out[3])):
+            for i, span_grads in enumerate(_gates_backward(leaves, co, out[3])):
                 for target, grad in zip(d_gates[i], span_grads, strict=True):
                     if target is not None:
                         target[:, rows] = grad

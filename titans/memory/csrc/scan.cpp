@@ -188,6 +188,13 @@ void lower_mix_transposed(int r, int K, T alpha, const T* P, int ldp, const T* Y
 
 enum Act { kGelu = 0, kSilu = 1 };
 
+// erf and exp of float through the names glibc's vector math library vectorises (declared SIMD above), of double
+// through the standard library: one template below serves both precisions.
+inline float erf_of(float x) { return erff(x); }
+inline double erf_of(double x) { return std::erf(x); }
+inline float exp_of(float x) { return expf(x); }
+inline double exp_of(double x) { return std::exp(x); }
+
 // sigma(z) and sigma'(z) over n values (exact-erf GELU or SiLU, as network.py).
 template <typename T>
 void activate(int kind, const T* z, T* f, T* d, int n) {
@@ -195,8 +202,8 @@ void activate(int kind, const T* z, T* f, T* d, int n) {
 #pragma omp simd
     for (int i = 0; i < n; ++i) {
       const T x = z[i];
-      const T cdf = T(0.5) * (T(1) + std::erf(x * T(0.70710678118654752440)));
-      const T pdf = std::exp(T(-0.5) * x * x) * T(0.39894228040143267794);
+      const T cdf = T(0.5) * (T(1) + erf_of(x * T(0.70710678118654752440)));
+      const T pdf = exp_of(T(-0.5) * x * x) * T(0.39894228040143267794);
       f[i] = x * cdf;
       d[i] = cdf + x * pdf;
     }
@@ -204,31 +211,9 @@ void activate(int kind, const T* z, T* f, T* d, int n) {
 #pragma omp simd
     for (int i = 0; i < n; ++i) {
       const T x = z[i];
-      const T s = T(1) / (T(1) + std::exp(-x));
+      const T s = T(1) / (T(1) + exp_of(-x));
       f[i] = x * s;
       d[i] = s * (T(1) + x * (T(1) - s));
-    }
-  }
-}
-
-template <>
-void activate<float>(int kind, const float* z, float* f, float* d, int n) {
-  if (kind == kGelu) {
-#pragma omp simd
-    for (int i = 0; i < n; ++i) {
-      const float x = z[i];
-      const float cdf = 0.5f * (1.0f + erff(x * 0.70710678f));
-      const float pdf = expf(-0.5f * x * x) * 0.39894228f;
-      f[i] = x * cdf;
-      d[i] = cdf + x * pdf;
-    }
-  } else {
-#pragma omp simd
-    for (int i = 0; i < n; ++i) {
-      const float x = z[i];
-      const float s = 1.0f / (1.0f + expf(-x));
-      f[i] = x * s;
-      d[i] = s * (1.0f + x * (1.0f - s));
     }
   }
 }
@@ -240,32 +225,14 @@ void second_derivative(int kind, const T* z, T* out, int n) {
 #pragma omp simd
     for (int i = 0; i < n; ++i) {
       const T x = z[i];
-      out[i] = std::exp(T(-0.5) * x * x) * T(0.39894228040143267794) * (T(2) - x * x);
+      out[i] = exp_of(T(-0.5) * x * x) * T(0.39894228040143267794) * (T(2) - x * x);
     }
   } else {
 #pragma omp simd
     for (int i = 0; i < n; ++i) {
       const T x = z[i];
-      const T s = T(1) / (T(1) + std::exp(-x));
+      const T s = T(1) / (T(1) + exp_of(-x));
       out[i] = s * (T(1) - s) * (T(2) + x * (T(1) - T(2) * s));
-    }
-  }
-}
-
-template <>
-void second_derivative<float>(int kind, const float* z, float* out, int n) {
-  if (kind == kGelu) {
-#pragma omp simd
-    for (int i = 0; i < n; ++i) {
-      const float x = z[i];
-      out[i] = expf(-0.5f * x * x) * 0.39894228f * (2.0f - x * x);
-    }
-  } else {
-#pragma omp simd
-    for (int i = 0; i < n; ++i) {
-      const float x = z[i];
-      const float s = 1.0f / (1.0f + expf(-x));
-      out[i] = s * (1.0f - s) * (2.0f + x * (1.0f - 2.0f * s));
     }
   }
 }
