@@ -112,8 +112,9 @@ TASKS: dict[str, dict[str, Any]] = {
         "eval": ["--batch-size", "16"],
         # the full-attention baseline widened to about the memory variants' parameter count
         "models": [*MODELS, "baseline-d80", "baseline-full-short"],
-        # Full attention has no bounded state to carry between steps (config.py refuses it): the full-attention rows
-        # train on random 256-byte windows and are scored segment by segment, each from an empty state.
+        # Full attention has no bounded state to carry between steps (titans/config/run.py refuses it): the
+        # full-attention rows train on random 256-byte windows and are scored segment by segment, each from an empty
+        # state.
         "model_overrides": {
             name: ["data.text_carry_state=false", "data.fresh_samples=true"]
             for name in ("baseline-full", "baseline-d80", "baseline-full-short")

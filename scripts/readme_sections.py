@@ -3,15 +3,16 @@
     python scripts/readme_sections.py          # rewrite README.md in place
     python scripts/readme_sections.py --check  # exit 1 if README.md is out of date (run by the tests)
 
-The config table comes from titans/config.py (each field's default and its trailing comment); the file tree lists
-every tracked file with the first line of its module docstring (or a description below), so the README cannot
-drift from the code.
+The config table comes from the dataclasses of titans/config/ (each field's default and the docstring under it);
+the file tree lists every file git tracks or would track (untracked files that are not ignored included) with the
+first line of its module docstring (or a description below), so the README cannot drift from the code.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import subprocess
 import sys
 from pathlib import Path
@@ -45,40 +46,56 @@ READING_ORDER = [
     "titans/memory/module.py",
     "titans/models/mac.py",
     "titans/train.py",
+    "titans/data.py",
+    "titans/run.py",
 ]
 
 
-def config_rows() -> list[tuple[str, str, str]]:
-    """(dotted key, default, meaning) for every field of the run config, in source order."""
-    source = (ROOT / "titans" / "config.py").read_text().splitlines()
-    tree = ast.parse("\n".join(source))
-    prefixes = {}
-    classes = {}
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef):
-            classes[node.name] = node
-            for stmt in node.body:
-                if isinstance(stmt, ast.AnnAssign) and getattr(stmt.target, "id", "") == "_path":
-                    prefixes[node.name] = ast.literal_eval(stmt.value)
+# The config dataclasses in the README table's order, and the file each is defined in.
+CONFIG_CLASSES = [
+    ("titans/config/model.py", "ModelConfig"),
+    ("titans/config/model.py", "MemoryConfig"),
+    ("titans/config/data.py", "DataConfig"),
+    ("titans/config/training.py", "TrainingConfig"),
+    ("titans/config/run.py", "RunConfig"),
+]
+
+
+def class_fields(path: str, name: str) -> tuple[str, list[tuple[str, str, str]]]:
+    """(dotted prefix, [(field, default source, docstring)]) of dataclass `name` in `path`, in source order.
+
+    A field is an annotated assignment; its docstring is the string literal right below it (as in torchtitan's
+    job_config.py). Raises SystemExit naming the field when one has no docstring.
+    """
+    source = (ROOT / path).read_text()
+    tree = ast.parse(source)
+    (node,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name]
+    prefix = ""
     rows = []
-    for name in ("ModelConfig", "MemoryConfig", "DataConfig", "TrainingConfig", "RunConfig"):
-        node = classes[name]
-        for stmt in node.body:
-            if not isinstance(stmt, ast.AnnAssign) or not isinstance(stmt.target, ast.Name):
-                continue
-            key = stmt.target.id
-            if key.startswith("_") or stmt.value is None:
-                continue
-            default = ast.get_source_segment("\n".join(source), stmt.value) or ""
+    for stmt, below in zip(node.body, node.body[1:] + [None], strict=True):
+        if not isinstance(stmt, ast.AnnAssign) or not isinstance(stmt.target, ast.Name) or stmt.value is None:
+            continue
+        key = stmt.target.id
+        if key == "_path":
+            prefix = ast.literal_eval(stmt.value)
+            continue
+        doc = below.value.value if isinstance(below, ast.Expr) and isinstance(below.value, ast.Constant) else None
+        if not isinstance(doc, str):
+            raise SystemExit(f"{path}: {name}.{key} has no docstring under it; the README's config table needs one")
+        default = ast.get_source_segment(source, stmt.value) or ""
+        rows.append((key, default, " ".join(doc.split())))
+    return prefix, rows
+
+
+def config_rows() -> list[tuple[str, str, str]]:
+    """(dotted key, default, meaning) for every field of the run config; nested sections are listed by their keys."""
+    rows = []
+    for path, name in CONFIG_CLASSES:
+        prefix, fields = class_fields(path, name)
+        for key, default, doc in fields:
             if "default_factory" in default:
                 continue  # a nested section, listed under its own prefix
-            line = source[stmt.lineno - 1]
-            comment = line.split("#", 1)[1].strip() if "#" in line else ""
-            follow = stmt.lineno
-            while follow < len(source) and source[follow].strip().startswith("#"):
-                comment += " " + source[follow].strip().lstrip("#").strip()
-                follow += 1
-            rows.append((prefixes[name] + key, default.replace("None", "null"), comment))
+            rows.append((prefix + key, default.replace("None", "null"), doc))
     return rows
 
 
@@ -109,8 +126,14 @@ def describe(path: str) -> str:
 
 
 def file_tree() -> str:
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    files = sorted(f for f in files if (ROOT / f).is_file() and not f.startswith("benchmarks/results/"))
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    files = sorted(f for f in set(listed) if (ROOT / f).is_file() and not f.startswith("benchmarks/results/"))
     width = max(len(f) for f in files) + 2
     lines = ["```"]
     for f in files:
@@ -139,7 +162,11 @@ def main() -> int:
     wanted = render(current)
     if args.check:
         if current != wanted:
+            diff = difflib.unified_diff(
+                current.splitlines(), wanted.splitlines(), "README.md", "generated", n=0, lineterm=""
+            )
             print("README.md is out of date: run `python scripts/readme_sections.py`", file=sys.stderr)
+            print("\n".join(diff), file=sys.stderr)
             return 1
         return 0
     README.write_text(wanted)

@@ -273,3 +273,64 @@ def test_random_yaml_documents_load_or_raise_config_error(tmp_path_factory, flat
 )
 def test_random_overrides_load_or_raise_config_error(overrides):
     _assert_loads_or_config_error(None, overrides)
+
+
+def test_impossible_configs_name_the_key_and_the_fix():
+    # heads not dividing d_model, odd head widths, memory heads, window < 1 ...: the tests above
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["model.memory.forgetting=false", "model.memory.channelwise_forget=true"])
+    assert "model.memory.channelwise_forget = true needs model.memory.forgetting = true" in str(error.value)
+    assert "set model.memory.forgetting=true or model.memory.channelwise_forget=false" in str(error.value)
+    with pytest.raises(ConfigError, match="model.d_model = 30 is not divisible by model.n_heads = 4"):
+        load_config(None, ["model.d_model=30"])
+    # A vocabulary of billions is refused by the config, not by an out-of-memory kill in the task or the embedding.
+    with pytest.raises(ConfigError, match="data.vocab_size = 4617739213 exceeds the 1,048,576 ids"):
+        load_config(None, ["data.vocab_size=4617739213.0"])
+    with pytest.raises(ConfigError, match="model.vocab_size = 2000000 exceeds the 1,048,576 ids"):
+        load_config(None, ["model.vocab_size=2000000"])
+    # bfloat16 autocast is no longer refused on the CPU (tests/test_robustness.py tests it).
+    assert load_config(None, ["training.dtype=bfloat16", "training.device=cpu"]).training.dtype == "bfloat16"
+
+
+# Extends the properties above (each path alone: a RunConfig or a ConfigError) with agreement: the same
+# values given as a YAML file or as key=value overrides load to the same config or fail with the same message, and a
+# config that loads survives save_config/load_config unchanged.
+
+_SECTIONS = {"model", "data", "training", "model.memory"}
+_LEAVES = [key for key in _all_keys() if key not in _SECTIONS]
+_PLAUSIBLE = st.one_of(
+    st.integers(min_value=-2, max_value=130),
+    st.floats(min_value=-1, max_value=2, allow_nan=False),
+    st.booleans(),
+    st.none(),
+    st.sampled_from(["MAC", "mag", "LMM", "copy_task", "needle_haystack", "bfloat16", "cpu", "gelu", "3e-4", "x"]),
+    st.lists(st.floats(min_value=0, max_value=1), min_size=2, max_size=2),
+)
+
+
+def _load_or_error(path, overrides):
+    try:
+        return load_config(path, overrides)
+    except ConfigError as error:
+        return f"ConfigError: {error}"
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.dictionaries(st.sampled_from(_LEAVES), _PLAUSIBLE, max_size=4))
+def test_yaml_file_and_overrides_agree_and_loaded_configs_round_trip(tmp_path_factory, values):
+    folder = tmp_path_factory.mktemp("agree")
+    tree: dict = {}
+    for dotted, value in values.items():
+        *sections, leaf = dotted.split(".")
+        node = tree
+        for part in sections:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    # In the overrides' order, so that both paths meet the same first bad value.
+    (folder / "c.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    from_file = _load_or_error(folder / "c.yaml", [])
+    from_overrides = _load_or_error(None, [f"{key}={yaml.safe_dump(value)}" for key, value in values.items()])
+    assert from_file == from_overrides
+    if not isinstance(from_file, str):
+        save_config(from_file, folder / "saved.yaml")
+        assert load_config(folder / "saved.yaml") == from_file

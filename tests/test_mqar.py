@@ -16,7 +16,7 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def test_layout_reproduces_zoology_reference_example():
-    # eval-sources §2.3: vocab 64, seq 16, 3 pairs, random_non_queries=False; queries in order 30, 3, 14.
+    # Zoology's reference example: vocab 64, seq 16, 3 pairs, random_non_queries=False; queries in order 30, 3, 14.
     keys = torch.tensor([[3, 30, 14]])
     values = torch.tensor([[54, 59, 48]])
     gaps = torch.tensor([[1, 0, 4]])

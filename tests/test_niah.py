@@ -40,7 +40,7 @@ def _context(prompt: str, key: str) -> str:
 
 
 def test_templates_are_rulers_single_needle_strings():
-    # The single-needle rewording of RULER's template (eval-sources §2.1), character for character.
+    # The single-needle rewording of RULER's template (scripts/data/prepare.py), character for character.
     assert TEMPLATE == (
         "A special magic number is hidden within the following text. Make sure to memorize it. "
         "I will quiz you about the number afterwards.\n{context}\n"
@@ -54,7 +54,7 @@ def test_templates_are_rulers_single_needle_strings():
 
 
 def test_noise_prompt_reproduces_the_ruler_niah_single_1_example():
-    # eval-sources §2.1: six noise lines with the needle inserted first; a length that fits them exactly.
+    # RULER's niah_single_1: six noise lines with the needle inserted first; a length that fits them exactly.
     key, value = "tenuous-thirst", "2867825"
     lines = [NOISE_LINE] * 6
     expected = TEMPLATE.format(

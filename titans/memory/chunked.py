@@ -3,19 +3,19 @@
 Inside a chunk of b tokens every inner gradient is taken at the chunk-start weights (the anchor, Eq. 16), so all
 b gradients come from one batched forward/backward of the keys (rank one per token: u_t = g_t a_t^T). Momentum and
 forgetting still act per token (Eqs. 13, 14, 18). Unrolled over the chunk, with A_t = prod_{j<=t}(1 - alpha_j) and
-E_t = prod_{j<=t} eta_j (products from the chunk start; chunked-memory.md §3):
+E_t = prod_{j<=t} eta_j (products from the chunk start; TECHNICAL_REPORT.md §3.2):
 
     M_t = A_t M_0 + rho_t S_0 - sum_{i<=t} C_{t,i} theta_i u_i
     rho_t = sum_{s<=t} (A_t / A_s) E_s,        C_{t,i} = sum_{s=i}^{t} (A_t / A_s) (E_s / E_i)
 
-The output of token t reads its own M_t (Eq. 15) without ever forming M_t (the dual form, §4): layer by layer,
+The output of token t reads its own M_t (Eq. 15) without ever forming M_t (the dual form, §3.3): layer by layer,
 
     z_t = A_t (M_0 h_t) + rho_t (S_0 h_t) - sum_{i<=t} C_{t,i} theta_i (a_i . h_t) g_i
 
 which over the chunk is two [b, d] x [d, d'] matmuls and one masked [b, b] mix. The ratios A_t / A_s and E_s / E_i
 come from segment sums of logs masked before `exp`, so nothing overflows. Chunks run in sequence (the recurrence
 across chunks is non-linear); the backward pass keeps the state only every `checkpoint_every` chunks and recomputes
-the chunks in between, so training memory does not grow with one weight copy per chunk (§7).
+the chunks in between, so training memory does not grow with one weight copy per chunk (§3.6).
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def _layer_output(h: Tensor, w0: Tensor, s0: Tensor, a: Tensor, g: Tensor, co: C
 
 
 def _layer_end_state(w0: Tensor, s0: Tensor, a: Tensor, g: Tensor, co: ChunkCoefficients) -> tuple[Tensor, Tensor]:
-    """(M_b, S_b) of one layer at the chunk's last token (chunked-memory.md §5). All [B, H, d_out, d_in]."""
+    """(M_b, S_b) of one layer at the chunk's last token (TECHNICAL_REPORT.md §3.4). All [B, H, d_out, d_in]."""
     s_new = -matmul((g * co.mom_mix.unsqueeze(-1)).transpose(-1, -2), a)
     if co.mom_decay is not None:
         s_new = s_new + co.mom_decay[..., None, None] * s0

@@ -130,7 +130,7 @@ class MemoryMLP(nn.Module):
         return x + layer_norm(h) if self.residual_norm else h
 
     def key_path(self, weights: Sequence[Tensor], k: Tensor, v: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
-        """Per-token gradient factors of l(W; k_t, v_t) at weights W, in closed form (chunked-memory.md §2).
+        """Per-token gradient factors of l(W; k_t, v_t) at weights W, in closed form (TECHNICAL_REPORT.md §3.1).
 
         k, v: [B, H, N, dim]. Returns (A, G, loss): A[l] [B, H, N, d_{l-1}] are the inputs of layer l and
         G[l] [B, H, N, d_l] the gradients w.r.t. its pre-activation, so that grad_{W^l} l_t = G[l]_t A[l]_t^T

@@ -10,15 +10,18 @@ register their `from_config` classmethod.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from titans.config import DataConfig
-from titans.tasks.base import IGNORE_INDEX, Batch, Task
+from titans.tasks.base import IGNORE_INDEX, Batch, Task, is_data_config
 from titans.tasks.copy import CopyTask
 from titans.tasks.mqar import MQAR
 from titans.tasks.needle import NeedleTask
 from titans.tasks.niah import SNIAH
 from titans.tasks.patterns import PatternTask
 from titans.tasks.text import TextTask
+
+if TYPE_CHECKING:
+    from titans.config import DataConfig
 
 TASKS: dict[str, Callable[[DataConfig], Task]] = {
     "copy_task": CopyTask,
@@ -32,7 +35,7 @@ TASKS: dict[str, Callable[[DataConfig], Task]] = {
 
 def make_task(data_cfg: DataConfig) -> Task:
     """The task named by data_cfg.dataset, configured by data_cfg (sizes, vocabulary, task-specific keys)."""
-    if not isinstance(data_cfg, DataConfig):
+    if not is_data_config(data_cfg):
         raise TypeError(f"make_task expects a DataConfig, got {type(data_cfg).__name__}")
     return TASKS[data_cfg.dataset](data_cfg)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -57,3 +58,12 @@ def check_logits(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -
         raise ValueError(
             f"logits must be [B, T, >= {vocab_size}] matching targets {tuple(targets.shape)}, got {tuple(logits.shape)}"
         )
+
+
+def is_data_config(obj: object) -> bool:
+    """isinstance(obj, DataConfig), without importing titans.config (which imports the tasks to validate with them).
+
+    A DataConfig can only exist once its module is imported, so an unimported module means obj is not one.
+    """
+    module = sys.modules.get("titans.config.data")
+    return module is not None and isinstance(obj, module.DataConfig)

@@ -22,10 +22,15 @@ A perfect copier scores `copy_accuracy = 1`; a uniform guesser over the content 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from titans.config import ConfigError, DataConfig
-from titans.tasks.base import IGNORE_INDEX, Batch, check_logits, check_sample_args
+from titans.errors import ConfigError
+from titans.tasks.base import IGNORE_INDEX, Batch, check_logits, check_sample_args, is_data_config
+
+if TYPE_CHECKING:
+    from titans.config import DataConfig
 
 
 class CopyTask:
@@ -36,7 +41,7 @@ class CopyTask:
 
     def __init__(self, data: DataConfig) -> None:
         # Cheap on purpose: DataConfig validation builds one to check the layout, before any tensor exists.
-        if not isinstance(data, DataConfig):
+        if not is_data_config(data):
             raise TypeError(f"CopyTask expects a DataConfig, got {type(data).__name__}")
         room = data.seq_len + 1  # tokens per example, including the last target
         length, gap = data.copy_length, data.copy_gap

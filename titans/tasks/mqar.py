@@ -24,11 +24,15 @@ Because the layout only depends on `seq_len`, a model trained at one length can 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from titans.config import ConfigError, DataConfig
-from titans.tasks.base import IGNORE_INDEX, Batch
+from titans.errors import ConfigError
+from titans.tasks.base import IGNORE_INDEX, Batch, is_data_config
+
+if TYPE_CHECKING:
+    from titans.config import DataConfig
 
 
 def mqar_layout(
@@ -111,7 +115,7 @@ class MQAR:
         data.mqar_num_kv_pairs null gives `max(1, seq_len // 16)` pairs, Zoology's train-grid ratio ((64, 4),
         (128, 8), (256, 16)). A layout that does not fit raises ConfigError naming the data.* key to change.
         """
-        if not isinstance(data, DataConfig):
+        if not is_data_config(data):
             raise TypeError(f"MQAR.from_config expects a DataConfig, got {type(data).__name__}")
         pairs = data.mqar_num_kv_pairs if data.mqar_num_kv_pairs is not None else max(1, data.seq_len // 16)
         try:

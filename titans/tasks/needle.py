@@ -22,10 +22,15 @@ A perfect model scores `needle_accuracy = 1`; a uniform guesser scores 1 / needl
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from titans.config import ConfigError, DataConfig
-from titans.tasks.base import IGNORE_INDEX, Batch, check_logits, check_sample_args
+from titans.errors import ConfigError
+from titans.tasks.base import IGNORE_INDEX, Batch, check_logits, check_sample_args, is_data_config
+
+if TYPE_CHECKING:
+    from titans.config import DataConfig
 
 
 class NeedleTask:
@@ -36,7 +41,7 @@ class NeedleTask:
 
     def __init__(self, data: DataConfig) -> None:
         # Cheap on purpose: DataConfig validation builds one to check the layout, before any tensor exists.
-        if not isinstance(data, DataConfig):
+        if not is_data_config(data):
             raise TypeError(f"NeedleTask expects a DataConfig, got {type(data).__name__}")
         distance = data.needle_min_distance if data.needle_min_distance is not None else data.seq_len // 2
         self.query = data.needle_query

@@ -4,7 +4,7 @@ What it measures: whether a model can retrieve a 7-digit number stated once, at 
 distracting context, when asked for it at the end. A perfect model gets every answer byte right
 (`niah_accuracy = 1.0`).
 
-`haystack="noise"` is RULER's `niah_single_1` (the Titans paper's S-NIAH-PK column, by the paper-spec's reading):
+`haystack="noise"` is RULER's `niah_single_1` (the Titans paper's S-NIAH-PK column, by an unverified reading):
 the noise line below repeated, one per line, the needle inserted as its own line. Needle, task template, question
 and answer prefix are RULER's, character for character (`scripts/data/synthetic/constants.py`, `niah.py`, with
 `prepare.py`'s single-needle rewording). The natural-text haystacks ("shakespeare", "ptb", "sample", or any
@@ -30,12 +30,16 @@ import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from titans.config import ConfigError, DataConfig
-from titans.tasks.base import IGNORE_INDEX, Batch
+from titans.errors import ConfigError
+from titans.tasks.base import IGNORE_INDEX, Batch, is_data_config
 from titans.tasks.text import SAMPLE_TEXT, penn_treebank_text, shakespeare_text
+
+if TYPE_CHECKING:
+    from titans.config import DataConfig
 
 NOISE_LINE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 # RULER keeps the plural type name in the needle even for single-needle tasks.
@@ -251,7 +255,7 @@ class SNIAH:
         data.vocab_size is not used (the vocabulary is the 256 byte values). Raises ConfigError naming the data.*
         key when seq_len cannot hold the template or an optional haystack corpus is missing.
         """
-        if not isinstance(data, DataConfig):
+        if not is_data_config(data):
             raise TypeError(f"SNIAH.from_config expects a DataConfig, got {type(data).__name__}")
         try:
             return cls(seq_len=data.seq_len, haystack=data.niah_haystack, depth=data.niah_depth)

