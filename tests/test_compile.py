@@ -117,7 +117,7 @@ def test_segment_major_order_equals_the_block_order_with_a_partial_group_and_car
     falls back to the block-by-block order and each block's own compiled segment), the logits, the loss summed over
     the calls, every gradient and the final state equal the eager model's in float64. This tests the order and the
     state plumbing: the "compiled" functions here are the traced functions themselves (tracing is the test above)."""
-    from titans.models.mac import _segment_through
+    from titans.models.mac_fast import _segment_through
 
     cfg = tiny_config("MAC")
     cfg.n_layers = 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from titans.config import VARIANTS, ModelConfig
-from titans.models.backbone import LMState, TitansLM, model_signature, num_parameters
+from titans.models.backbone import LMState, TitansLM, detach_state, model_signature, num_parameters
 from titans.models.baseline import build_baseline
 from titans.models.lmm import build_lmm
 from titans.models.mac import build_mac
@@ -40,4 +40,13 @@ def build_model(cfg: ModelConfig) -> TitansLM:
     return MODELS[variant](cfg)
 
 
-__all__ = ["MODELS", "LMState", "TitansLM", "build_model", "canonical_variant", "model_signature", "num_parameters"]
+__all__ = [
+    "MODELS",
+    "LMState",
+    "TitansLM",
+    "build_model",
+    "canonical_variant",
+    "detach_state",
+    "model_signature",
+    "num_parameters",
+]

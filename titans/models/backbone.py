@@ -17,11 +17,12 @@ it runs after these defaults.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -57,6 +58,24 @@ class LMState:
     batch_size: int | None = None
 
 
+def detach_state(state: Any) -> Any:
+    """A copy of a model's streaming state with every tensor detached (truncated back-propagation through time).
+
+    Works on any nesting of dataclasses, lists, tuples and dicts: every model's state is built from those.
+    """
+    if isinstance(state, torch.Tensor):
+        return state.detach()
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        return dataclasses.replace(
+            state, **{f.name: detach_state(getattr(state, f.name)) for f in dataclasses.fields(state) if f.init}
+        )
+    if isinstance(state, list | tuple):
+        return type(state)(detach_state(item) for item in state)
+    if isinstance(state, dict):
+        return {key: detach_state(value) for key, value in state.items()}
+    return state
+
+
 def model_signature(cfg: ModelConfig, n_prefix: int) -> str:
     """A readable identity of a model configuration, e.g. "MAG(d_model=64, n_heads=4, n_layers=2, vocab=14) #3fa1c2d0".
 
@@ -64,10 +83,8 @@ def model_signature(cfg: ModelConfig, n_prefix: int) -> str:
     `checkpoint_every` only change how the same function is computed, so states pass freely between such models.
     The readable part is what error messages show.
     """
-    fields = asdict(cfg) if is_dataclass(cfg) else dict(vars(cfg))
-    memory = fields.get("memory")
-    if isinstance(memory, dict):
-        fields["memory"] = {k: v for k, v in memory.items() if k not in _COMPUTE_ONLY_MEMORY_FIELDS}
+    fields = asdict(cfg)
+    fields["memory"] = {k: v for k, v in fields["memory"].items() if k not in _COMPUTE_ONLY_MEMORY_FIELDS}
     digest = hashlib.sha1(json.dumps([fields, n_prefix], sort_keys=True, default=str).encode()).hexdigest()[:8]
     return (
         f"{cfg.variant}(d_model={cfg.d_model}, n_heads={cfg.n_heads}, n_layers={cfg.n_layers}, "
@@ -320,8 +337,9 @@ class TitansLM(nn.Module):
                     if step == 0:
                         # The first call checked every guard (or compiled). Later calls get the previous step's outputs
                         # and a token of the same shape: the same shapes, strides and dtypes by construction, and the
-                        # parameters cannot change inside this loop, so re-checking ~150 tensor guards per token (~10%
-                        # of a step) is skipped; guards that tell apart other compilations (batch sizes) still run.
+                        # parameters cannot change inside this loop, so re-checking every tensor guard per token (a
+                        # measurable share of a step) is skipped; guards that tell apart other compilations (batch
+                        # sizes) still run.
                         guards.enter_context(_skip_guard_checks())
                 elif fixed is not None:
                     logits, fixed = self._fixed_step(next_token, fixed)
@@ -341,7 +359,7 @@ class TitansLM(nn.Module):
         position as a tensor, so one compilation serves a whole generation and every later one with the same batch
         size and dtype. Its results equal the eager step's (tests/test_compile.py). It applies when every block has a
         fixed-shape decode (all five variants do) and the memory writes normally (no stats probe, writes on).
-        The first generation pays the compilation (under a minute on 2 CPU cores with an empty inductor cache);
+        The first generation pays the compilation (once per inductor cache; timed in benchmarks/README.md);
         inductor on CPU needs a C++ compiler. backend: torch.compile's ("aot_eager" for tests).
         """
         options = compile_options(backend, self.head.weight.device.type)
