@@ -15,7 +15,8 @@ import pytest
 from titans import cli
 from titans.checkpoint import load_checkpoint
 from titans.models import TitansLM
-from titans.train import TrainingDivergedError, read_metrics, train
+from titans.run import read_metrics
+from titans.train import TrainingDivergedError, train
 
 REPO = Path(__file__).resolve().parent.parent
 

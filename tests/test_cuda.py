@@ -21,7 +21,8 @@ from titans.checkpoint import list_checkpoints
 from titans.config import load_config
 from titans.models import build_model
 from titans.models.layers import Attention, reference_attention
-from titans.train import read_metrics, train
+from titans.run import read_metrics
+from titans.train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -25,19 +25,11 @@ import torch.multiprocessing as mp
 
 from titans.checkpoint import list_checkpoints, load_checkpoint
 from titans.config import load_config
-from titans.distributed import (
-    DistInfo,
-    all_reduce_mean,
-    check_batch_divisible,
-    cleanup,
-    init_distributed,
-    print0,
-    rank_rows,
-    row_seed,
-    sample_rows,
-)
+from titans.data import check_batch_divisible, rank_rows, row_seed, sample_rows
+from titans.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed, print0
+from titans.run import read_metrics
 from titans.tasks import make_task
-from titans.train import read_metrics, train
+from titans.train import train
 
 pytestmark = pytest.mark.distributed
 

@@ -16,7 +16,6 @@ from torch import nn
 from titans import cli
 from titans.config import ConfigError, DataConfig, ModelConfig, load_config
 from titans.long_eval import (
-    detach_state,
     greedy_continue,
     long_eval,
     mqar_length_sweep,
@@ -25,7 +24,7 @@ from titans.long_eval import (
     stream_bits_per_byte,
     stream_logits,
 )
-from titans.models import build_model
+from titans.models import build_model, detach_state
 from titans.tasks import MQAR, SNIAH, TextTask, make_task
 from titans.tasks.base import IGNORE_INDEX
 from titans.tasks.niah import NOISE_LINE

@@ -1,10 +1,11 @@
-"""Robustness (issue 7): bad input fails early and clearly, divergence is caught, interruption loses nothing,
-nothing leaks, and long streams run in bounded memory.
+"""Robustness of the model and its inputs: bad input fails early and clearly, the inner loop stays finite, and long
+streams run in bounded memory.
 
 Covered elsewhere and not repeated here:
-    tests/test_config.py      every config key's type/range error, and the hypothesis properties (random YAML text,
-                              random YAML documents, random overrides: a RunConfig or a ConfigError, nothing else);
-                              extended below: file and overrides agree, and loaded configs round-trip
+    tests/test_training_robustness.py  training: divergence is caught, interruption loses nothing, nothing leaks
+    tests/test_config.py      every config key's type/range error, impossible combinations, and the hypothesis
+                              properties (random YAML text, random YAML documents, random overrides: a RunConfig or
+                              a ConfigError, nothing else; file and overrides agree; loaded configs round-trip)
     tests/test_checkpoint.py  SIGKILL in the middle of a save leaves every checkpoint loadable; corrupt files skipped
     tests/test_train.py       NaN loss stops with the knobs and keeps the last good checkpoint, or skips the step;
                               SIGINT/SIGTERM (raised in-process) checkpoint and resume exactly; crash-resume exactness
@@ -12,31 +13,14 @@ Covered elsewhere and not repeated here:
 
 from __future__ import annotations
 
-import gc
-import json
-import math
-import shutil
-import signal
-import subprocess
-import sys
-import time
-import weakref
-from pathlib import Path
-
 import pytest
 import torch
-import yaml
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from titans.checkpoint import checkpoint_path, find_latest_checkpoint, list_checkpoints, load_checkpoint
-from titans.config import ConfigError, MemoryConfig, ModelConfig, _all_keys, load_config, save_config
+from titans.config import ConfigError, MemoryConfig, ModelConfig
 from titans.memory import NeuralMemory
 from titans.models import TitansLM, build_model
 from titans.tasks.base import IGNORE_INDEX
-from titans.train import TrainingDivergedError, read_metrics, train
 
-REPO = Path(__file__).resolve().parent.parent
 V = 12
 VARIANTS = ["baseline", "LMM", "MAC", "MAG", "MAL"]
 
@@ -196,69 +180,8 @@ def test_state_passes_between_models_of_the_same_configuration():
     assert tiny_model("LMM", memory=MemoryConfig(chunk_size=8)).signature != model.signature
 
 
-def test_impossible_configs_name_the_key_and_the_fix():
-    # heads not dividing d_model, odd head widths, memory heads, window < 1 ...: tests/test_config.py
-    with pytest.raises(ConfigError) as error:
-        load_config(None, ["model.memory.forgetting=false", "model.memory.channelwise_forget=true"])
-    assert "model.memory.channelwise_forget = true needs model.memory.forgetting = true" in str(error.value)
-    assert "set model.memory.forgetting=true or model.memory.channelwise_forget=false" in str(error.value)
-    with pytest.raises(ConfigError, match="model.d_model = 30 is not divisible by model.n_heads = 4"):
-        load_config(None, ["model.d_model=30"])
-    # A vocabulary of billions is refused by the config, not by an out-of-memory kill in the task or the embedding.
-    with pytest.raises(ConfigError, match="data.vocab_size = 4617739213 exceeds the 1,048,576 ids"):
-        load_config(None, ["data.vocab_size=4617739213.0"])
-    with pytest.raises(ConfigError, match="model.vocab_size = 2000000 exceeds the 1,048,576 ids"):
-        load_config(None, ["model.vocab_size=2000000"])
-    # bfloat16 autocast is no longer refused on the CPU (it is tested below).
-    assert load_config(None, ["training.dtype=bfloat16", "training.device=cpu"]).training.dtype == "bfloat16"
-
-
-# Extends tests/test_config.py's properties (each path alone: a RunConfig or a ConfigError) with agreement: the same
-# values given as a YAML file or as key=value overrides load to the same config or fail with the same message, and a
-# config that loads survives save_config/load_config unchanged.
-
-_SECTIONS = {"model", "data", "training", "model.memory"}
-_LEAVES = [key for key in _all_keys() if key not in _SECTIONS]
-_PLAUSIBLE = st.one_of(
-    st.integers(min_value=-2, max_value=130),
-    st.floats(min_value=-1, max_value=2, allow_nan=False),
-    st.booleans(),
-    st.none(),
-    st.sampled_from(["MAC", "mag", "LMM", "copy_task", "needle_haystack", "bfloat16", "cpu", "gelu", "3e-4", "x"]),
-    st.lists(st.floats(min_value=0, max_value=1), min_size=2, max_size=2),
-)
-
-
-def _load_or_error(path, overrides):
-    try:
-        return load_config(path, overrides)
-    except ConfigError as error:
-        return f"ConfigError: {error}"
-
-
-@settings(max_examples=60, deadline=None)
-@given(values=st.dictionaries(st.sampled_from(_LEAVES), _PLAUSIBLE, max_size=4))
-def test_yaml_file_and_overrides_agree_and_loaded_configs_round_trip(tmp_path_factory, values):
-    folder = tmp_path_factory.mktemp("agree")
-    tree: dict = {}
-    for dotted, value in values.items():
-        *sections, leaf = dotted.split(".")
-        node = tree
-        for part in sections:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    # In the overrides' order, so that both paths meet the same first bad value.
-    (folder / "c.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
-    from_file = _load_or_error(folder / "c.yaml", [])
-    from_overrides = _load_or_error(None, [f"{key}={yaml.safe_dump(value)}" for key, value in values.items()])
-    assert from_file == from_overrides
-    if not isinstance(from_file, str):
-        save_config(from_file, folder / "saved.yaml")
-        assert load_config(folder / "saved.yaml") == from_file
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# Numerical safety: bf16 autocast, bounded inner step size, NaN/Inf in the loss or the gradient.
+# Numerical safety: bf16 autocast, bounded inner step size (NaN/Inf in training: tests/test_training_robustness.py).
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -330,236 +253,8 @@ def test_inner_grad_clip_from_the_config_keeps_raw_huge_inputs_finite(scale):
         MemoryConfig(inner_grad_clip=0)
 
 
-TINY_RUN = [
-    "model.variant=LMM",
-    "model.d_model=16",
-    "model.n_heads=2",
-    "model.n_layers=1",
-    "model.memory.chunk_size=4",
-    "data.dataset=copy_task",
-    "data.seq_len=16",
-    "data.copy_length=3",
-    "data.num_samples=60",
-    "training.batch_size=8",
-    "training.learning_rate=3e-3",
-    "training.warmup_steps=2",
-    "training.device=cpu",
-    "training.progress=false",
-    "training.threads=1",
-]
-
-
-def test_read_metrics_skips_a_line_cut_short_and_can_drop_wall_clock_fields(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    records = [{"kind": "train", "step": 1, "loss": 2.5, "step_s": 0.01}, {"kind": "eval", "step": 1, "loss": 2.0}]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "train", "st')
-    assert read_metrics(path) == records
-    assert read_metrics(path, wall_clock=False) == [{"kind": "train", "step": 1, "loss": 2.5}, records[1]]
-    assert read_metrics(tmp_path / "missing.jsonl") == []
-
-
-def deterministic_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl without wall-clock fields: what a resumed run must reproduce bit for bit."""
-    return read_metrics(path, wall_clock=False)
-
-
-def tiny_run(tmp_path: Path, *overrides: str):
-    return load_config(None, [*TINY_RUN, f"training.out_dir={tmp_path}", *overrides])
-
-
-class Probe(torch.nn.Module):
-    """Wraps the model train() builds. At training forward call `nan_grad_call` (1-based) the loss stays finite but
-    its gradient becomes NaN; every call records what state it was given ("fresh", "detached" or "attached": the
-    probe must not keep the state itself) and, at the calls in `count_at`, the number of live tensors (a leak shows
-    up as a count that grows with the step)."""
-
-    def __init__(self, model: torch.nn.Module, nan_grad_call: int = 0, count_at: tuple[int, ...] = ()) -> None:
-        super().__init__()
-        self.model, self.nan_grad_call, self.count_at = model, nan_grad_call, count_at
-        self.calls, self.states, self.live_tensors = 0, [], {}
-        # Tensors that already existed (earlier tests' objects, some freed lazily, e.g. by torch.compile's caches)
-        # are left out of the counts, so that only what this run creates and keeps is compared.
-        gc.collect()
-        self.preexisting = {id(o): weakref.ref(o) for o in gc.get_objects() if isinstance(o, torch.Tensor)}
-
-    def _preexisting(self, tensor: torch.Tensor) -> bool:
-        ref = self.preexisting.get(id(tensor))
-        return ref is not None and ref() is tensor
-
-    def forward(self, idx, targets=None, state=None):
-        if self.model.training:
-            self.calls += 1
-            if state is None:
-                self.states.append("fresh")
-            else:
-                graph = any(t.requires_grad or t.grad_fn is not None for t in _tensors(state))
-                self.states.append("attached" if graph else "detached")
-            if self.calls in self.count_at:
-                gc.collect()
-                self.live_tensors[self.calls] = sum(
-                    isinstance(o, torch.Tensor) and not self._preexisting(o) for o in gc.get_objects()
-                )
-        logits, loss, state = self.model(idx, targets, state)
-        if self.model.training and self.calls == self.nan_grad_call:
-            loss.register_hook(lambda grad: grad * float("nan"))
-        return logits, loss, state
-
-
-def test_nan_gradient_stops_with_the_knobs_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr("titans.train.build_model", lambda cfg: Probe(build_model(cfg), nan_grad_call=4))
-    cfg = tiny_run(tmp_path, "training.max_steps=8", "training.checkpoint_every=3", "training.run_name=nan")
-    with pytest.raises(TrainingDivergedError) as error:
-        train(cfg)
-    message = str(error.value)
-    assert "the gradient norm is NaN/Inf at step 4; the update was not applied" in message
-    knobs = ("training.learning_rate", "training.gradient_clip", "model.memory.max_lr", "model.memory.inner_grad_clip")
-    for knob in (*knobs, "training.nan_policy"):
-        assert knob in message
-    good = checkpoint_path(tmp_path / "nan", 3)
-    assert f"last good checkpoint: {good} (continue with --resume)" in message
-    assert find_latest_checkpoint(tmp_path / "nan") == good
-    assert all(torch.isfinite(t).all() for t in load_checkpoint(good)["model"].values())
-    # the step that diverged left no record behind
-    assert [r["step"] for r in read_metrics(tmp_path / "nan" / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3]
-
-
-def test_nan_gradient_skip_says_so_and_the_run_finishes_finite(tmp_path, monkeypatch, capsys):
-    probe = {}
-
-    def build(cfg):
-        probe["model"] = Probe(build_model(cfg), nan_grad_call=2)
-        return probe["model"]
-
-    monkeypatch.setattr("titans.train.build_model", build)
-    result = train(tiny_run(tmp_path, "training.max_steps=4", "training.nan_policy=skip", "training.run_name=skip"))
-    assert (result["steps"], result["skipped_steps"]) == (4, 1)
-    assert "step 2: gradient norm is NaN/Inf, update skipped (training.nan_policy=skip" in capsys.readouterr().out
-    assert all(torch.isfinite(p).all() for p in probe["model"].parameters())
-
-
-def test_bf16_training_on_cpu_runs_and_learns(tmp_path):
-    result = train(tiny_run(tmp_path, "training.max_steps=12", "training.dtype=bfloat16", "training.run_name=bf16"))
-    losses = [r["loss"] for r in read_metrics(Path(result["run_dir"]) / "metrics.jsonl") if r["kind"] == "train"]
-    assert len(losses) == 12 and all(math.isfinite(loss) for loss in losses)
-    assert sum(losses[-3:]) < sum(losses[:3])
-    assert math.isfinite(result["test_loss"])
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# Interruption: a real SIGTERM to `python main.py`, then --resume, equals an uninterrupted run; a corrupt newest
-# checkpoint falls back to the previous one.
-
-# MAC: the checkpoint must carry the memory's parameters; one thread so both processes compute bit-identically.
-SUBPROCESS_RUN = {
-    "model": {"variant": "MAC", "d_model": 16, "n_heads": 2, "n_layers": 1, "segment_len": 8, "window": 8},
-    "data": {"dataset": "copy_task", "seq_len": 24, "copy_length": 5, "num_samples": 100},
-    "training": {
-        "batch_size": 8,
-        "learning_rate": 3e-3,
-        "warmup_steps": 3,
-        "max_steps": 30,
-        "eval_every": 10,
-        "checkpoint_every": 12,
-        "device": "cpu",
-        "progress": False,
-        "threads": 1,
-    },
-}
-
-
-def start_main(config: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "main.py"), "--config", str(config), *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def finish(process: subprocess.Popen) -> dict:
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def test_sigterm_to_main_py_then_resume_equals_an_uninterrupted_run(tmp_path):
-    configs = {}
-    for name in ("whole", "cut"):
-        raw = json.loads(json.dumps(SUBPROCESS_RUN))
-        raw["training"].update(out_dir=str(tmp_path), run_name=name)
-        configs[name] = tmp_path / f"{name}.yaml"
-        configs[name].write_text(yaml.safe_dump(raw))
-    whole = start_main(configs["whole"])  # the reference runs alongside the interrupted one
-    cut = start_main(configs["cut"])
-    metrics = tmp_path / "cut" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while not (metrics.exists() and metrics.read_text().count('"kind": "train"') >= 3):
-        assert cut.poll() is None and time.time() < deadline, "the run ended or stalled before 3 steps"
-        time.sleep(0.005)
-    cut.send_signal(signal.SIGTERM)
-    stopped = finish(cut)
-
-    assert stopped["interrupted"] and 3 <= stopped["steps"] < 30
-    assert load_checkpoint(stopped["checkpoint"])["step"] == stopped["steps"]
-    resumed = finish(start_main(configs["cut"], "--resume"))
-    reference = finish(whole)
-
-    assert not resumed["interrupted"] and resumed["steps"] == reference["steps"] == 30
-    # Every step's loss, learning rate and gradient norm and every evaluation, bit for bit.
-    assert deterministic_metrics(metrics) == deterministic_metrics(tmp_path / "whole" / "metrics.jsonl")
-    assert resumed["copy_accuracy"] == reference["copy_accuracy"]
-
-
-def test_resume_skips_a_corrupt_newest_checkpoint_and_a_partial_save(tmp_path):
-    cfg = tiny_run(tmp_path, "training.max_steps=6", "training.checkpoint_every=2", "training.run_name=ref")
-    reference = train(cfg)
-    run = tmp_path / "crashed"
-    shutil.copytree(reference["run_dir"], run)
-    newest = checkpoint_path(run, 6)
-    newest.write_bytes(newest.read_bytes()[:100])  # cut short, as by a full disk
-    (run / "ckpt_00000008.pt.tmp-4242").write_bytes(b"half a save")  # what a kill -9 mid-save leaves
-
-    resumed = train(cfg, resume=run)
-
-    assert [step for step, _ in list_checkpoints(run)] == [6, 4, 2]
-    assert not any(".tmp-" in p.name for p in run.iterdir())
-    # It resumed from step 4 and rewrote steps 5 and 6 exactly as the reference did.
-    reference_metrics = deterministic_metrics(Path(reference["run_dir"]) / "metrics.jsonl")
-    assert deterministic_metrics(run / "metrics.jsonl") == reference_metrics
-    assert resumed["steps"] == 6 and load_checkpoint(newest)["step"] == 6
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# No leaks, bounded streams.
-
-
-@pytest.mark.parametrize("mode", ["fresh-batches", "text-tbptt"])
-def test_training_carries_no_graph_between_batches_and_leaks_no_tensors(tmp_path, monkeypatch, mode):
-    probe = {}
-
-    def build(cfg):
-        probe["model"] = Probe(build_model(cfg), count_at=(6, 24))
-        return probe["model"]
-
-    monkeypatch.setattr("titans.train.build_model", build)
-    if mode == "text-tbptt":
-        # Byte-level text with data.text_carry_state: each step continues the previous step's streams.
-        corpus = tmp_path / "corpus.txt"
-        corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400)))
-        extra = ["data.dataset=text", f"data.path={corpus}", "data.vocab_size=256", "data.num_samples=40"]
-    else:
-        extra = ["data.fresh_samples=true"]
-    train(tiny_run(tmp_path, "training.max_steps=24", "training.batch_size=4", "training.run_name=leak", *extra))
-
-    states = probe["model"].states
-    if mode == "text-tbptt":
-        # Step 1 starts the streams; every later step continues them with a state cut from the autograd graph.
-        assert states == ["fresh"] + ["detached"] * 23
-    else:
-        assert states == ["fresh"] * 24  # every batch starts a fresh memory
-    # Nothing accumulates: as many live tensors after 6 steps (optimizer state made) as after 24.
-    assert probe["model"].live_tensors[24] == probe["model"].live_tensors[6]
+# Bounded streams.
 
 
 def state_bytes(state: object) -> int:

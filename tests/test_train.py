@@ -20,8 +20,9 @@ from titans.checkpoint import list_checkpoints, load_checkpoint
 from titans.config import ConfigError, load_config
 from titans.evaluate import evaluate
 from titans.models import build_model
+from titans.run import read_metrics
 from titans.tasks import make_task
-from titans.train import TrainingDivergedError, lr_multiplier, optimizer_groups, read_metrics, train
+from titans.train import TrainingDivergedError, lr_multiplier, optimizer_groups, train
 
 # 100 samples: 80 train / 20 test examples, 10 optimizer steps per epoch of 8.
 TINY = [

@@ -23,7 +23,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -32,16 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from titans.checkpoint import load_checkpoint, resolve_resume_path
-from titans.config import VARIANTS, ConfigError, RunConfig, load_config
+from titans.checkpoint import resolve_resume_path
+from titans.config import VARIANTS, ConfigError, load_config
+from titans.data import make_datasets
 from titans.evaluate import evaluate
-from titans.models import TitansLM, build_model, num_parameters
+from titans.models import num_parameters
 from titans.plots import plot_comparison
+from titans.run import load_trained, read_metrics
 from titans.system import ALLOCATORS, AllocatorError, cpu_compiler, pin_malloc_mmap_threshold, switch_allocator
-from titans.tasks import Task, make_task
-from titans.train import TrainingDivergedError, make_datasets, read_metrics, resolve_device, train
+from titans.tasks import make_task
+from titans.train import TrainingDivergedError, train
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 # `titans bench NAME ...` runs one script with ARGS; plain `titans bench ...` runs the CPU pair with the same ARGS
@@ -62,39 +62,6 @@ def print_json(result: dict[str, Any]) -> None:
         return value
 
     print(json.dumps(clean(result)), flush=True)
-
-
-def config_from_checkpoint(state: dict[str, Any], overrides: Sequence[str]) -> RunConfig:
-    """The run's resolved config stored in a checkpoint, with `key=value` overrides applied and validated."""
-    # load_config is the one validating path from YAML to RunConfig, so the stored dict goes through a file.
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "config.yaml"
-        path.write_text(yaml.safe_dump(state["config"], sort_keys=False))
-        return load_config(path, overrides)
-
-
-def load_trained(checkpoint: str, overrides: Sequence[str]) -> tuple[RunConfig, Task, TitansLM, Path]:
-    """(cfg, task, model in eval mode on cfg.training.device, checkpoint path) from a ckpt file or run directory.
-
-    overrides may change the task (e.g. data.seq_len for longer inputs) but not the model's parameter shapes.
-    """
-    path = resolve_resume_path(checkpoint)
-    state = load_checkpoint(path)
-    cfg = config_from_checkpoint(state, overrides)
-    task = make_task(cfg.data)
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = task.vocab_size
-    model = build_model(cfg.model)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:
-        first_line = str(error).splitlines()[0]
-        raise ConfigError(
-            f"the overrides {list(overrides)} give a model whose parameters do not match {path} ({first_line}); "
-            "override only data.* and training.* keys when evaluating a checkpoint"
-        ) from error
-    model.to(resolve_device(cfg.training.device)).eval()
-    return cfg, task, model, path
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -383,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ALLOCATORS,
         default="system",
         help="malloc for the whole process, preloaded by re-executing the command (default: the C library's). "
-        "jemalloc trained the compiled MAC about 10%% faster on CPU (benchmarks/README.md); children of "
+        "jemalloc trained the compiled MAC faster on CPU (measured in benchmarks/README.md); children of "
         "compare and torchrun's workers inherit it",
     )
 
@@ -435,8 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="decode with a torch.compile'd step (model.compile_decode): ~4x the eager tokens/s, after a "
-        "compilation of under a minute on CPU",
+        help="decode with a torch.compile'd step (model.compile_decode): several times the eager tokens/s, after "
+        "a one-time compilation (timings in benchmarks/README.md)",
     )
     p.add_argument("overrides", **overrides)
     p.set_defaults(func=cmd_generate)

@@ -1,16 +1,17 @@
-"""Data-parallel training under torchrun: process group, per-rank data, gradient sync and full checkpoints.
+"""Data-parallel training under torchrun: the process group, collectives, model wrapping, full state dicts.
 
     torchrun --standalone --nproc_per_node=2 -m titans train --config config.yaml
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
         -m titans train --config config.yaml        # one such command per node (node_rank 0, 1, ...)
 
-The model code stays single-device; everything rank-aware lives here and in train.py (torchtitan's rule).
+The model code stays single-device; everything rank-aware lives here, in titans/data.py (each rank's rows) and in
+train.py (torchtitan's rule).
 The design goal is that the world size changes throughput, never results:
 
 - `training.batch_size` is the global micro-batch: each of the W ranks trains on a contiguous 1/W of its rows
-  (`rank_rows`), so the union over ranks is exactly the single-process micro-batch.
-- Fresh samples are drawn row by row from a generator seeded by (seed, step, global row) (`row_seed`), so a rank's
-  rows are distinct from every other rank's, reproducible, and identical to the rows one process would draw.
+  (`titans.data.rank_rows`), so the union over ranks is exactly the single-process micro-batch.
+- Fresh samples are drawn row by row from a generator seeded by (seed, step, global row) (`titans.data.row_seed`),
+  so a rank's rows are distinct from every other rank's, reproducible, and identical to the rows one process would draw.
 - Each rank's loss is weighted by its share of the step's scored tokens (see train.py), so the all-reduced gradient
   is the gradient of the global token mean, whatever the ranks' token counts.
 - Checkpoints hold full (unsharded) state dicts in the single-process format, so any world size can resume them.
@@ -29,10 +30,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-
-from titans.tasks.base import Batch, Task
-
-_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -185,70 +182,6 @@ def barrier() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Data: which rows of the global batch this rank trains on, and how fresh rows are drawn.
-
-
-def rank_rows(num_rows: int, micro_batch_size: int, rank: int, world_size: int) -> list[range]:
-    """This rank's global row indices for each micro-step of a step over `num_rows` rows.
-
-    The step's rows are cut into micro-batches of `micro_batch_size` (the last may be shorter), and each
-    micro-batch into `world_size` contiguous parts of near-equal size; rank r gets part r. With micro-batches
-    divisible by the world size, rank r's part of micro-batch k is rows [k*B + r*B/W, k*B + (r+1)*B/W). A part can
-    be empty when a short last micro-batch has fewer rows than there are ranks.
-    Returns ceil(num_rows / micro_batch_size) ranges, the same count on every rank (each rank must take part in
-    every micro-step's gradient all-reduce).
-    """
-    if num_rows < 1 or micro_batch_size < 1:
-        raise ValueError(f"num_rows and micro_batch_size must be >= 1, got {num_rows} and {micro_batch_size}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    parts = []
-    for start in range(0, num_rows, micro_batch_size):
-        size = min(micro_batch_size, num_rows - start)
-        parts.append(range(start + size * rank // world_size, start + size * (rank + 1) // world_size))
-    return parts
-
-
-def _mix64(x: int) -> int:
-    # splitmix64's finaliser: nearby inputs (consecutive steps or rows) give unrelated 64-bit outputs.
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def row_seed(seed: int, step: int, row: int) -> int:
-    """The generator seed of fresh-sample row `row` of optimizer step `step` (0-based), in [0, 2**63).
-
-    A function of the global row, not of the rank that draws it: any world size draws the same rows.
-    """
-    if min(seed, step, row) < 0:
-        raise ValueError(f"seed, step and row must be >= 0, got seed={seed}, step={step}, row={row}")
-    return _mix64(_mix64(_mix64(seed) ^ step) ^ row) >> 1
-
-
-def sample_rows(task: Task, seed: int, step: int, rows: range) -> Batch:
-    """Fresh examples for global rows `rows` of step `step`: row i is task.sample(1, Generator(row_seed(...))).
-
-    Returns a Batch with inputs / targets [len(rows), T]. Stateless, so resuming needs no generator state.
-    """
-    if len(rows) == 0:
-        raise ValueError(f"sample_rows needs at least one row, got {rows}")
-    parts = [task.sample(1, torch.Generator().manual_seed(row_seed(seed, step, row))) for row in rows]
-    return Batch(torch.cat([p.inputs for p in parts]), torch.cat([p.targets for p in parts]))
-
-
-def check_batch_divisible(batch_size: int, world_size: int) -> None:
-    """training.batch_size is the global micro-batch; every rank must get the same number of rows of it."""
-    if batch_size % world_size != 0:
-        raise ValueError(
-            f"training.batch_size={batch_size} is the global batch and must be divisible by the {world_size} "
-            f"processes (each gets batch_size / world_size rows); set training.batch_size to a multiple of "
-            f"{world_size} or change --nproc_per_node"
-        )
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Model wrapping, gradient sync and full state dicts.
 
 
@@ -362,7 +295,6 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "broadcast_object",
-    "check_batch_divisible",
     "cleanup",
     "distributed",
     "full_state_dicts",
@@ -372,9 +304,6 @@ __all__ = [
     "launch_world_size",
     "load_full_state_dicts",
     "print0",
-    "rank_rows",
-    "row_seed",
-    "sample_rows",
     "unwrap_model",
     "wrap_model",
 ]

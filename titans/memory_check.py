@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
+from titans.data import make_datasets
 from titans.evaluate import evaluate
 from titans.memory import NeuralMemory
 from titans.models import TitansLM
-from titans.train import make_datasets
+from titans.run import load_trained
 
 
 def memory_modules(model: TitansLM) -> list[NeuralMemory]:
@@ -59,8 +60,6 @@ def _set_updates(model: TitansLM, enabled: bool) -> None:
 
 def memory_check(checkpoint: str, repeats: int = 4, block: int | None = None, samples: int = 256) -> dict[str, Any]:
     """The three measurements above for the model in `checkpoint` (file or run directory)."""
-    from titans.cli import load_trained  # the CLI owns checkpoint loading; imported here to avoid a cycle
-
     start = time.time()
     cfg, task, model, path = load_trained(checkpoint, [])
     layers = memory_modules(model)

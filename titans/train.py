@@ -1,40 +1,35 @@
-"""The training loop: `train(cfg)` reads top to bottom, nanoGPT style.
+"""The training loop: `train(cfg)` reads top to bottom, nanoGPT style; one optimizer step is `train_step`.
 
     python main.py --config config.yaml training.max_epochs=5          # the seed's usage
     python -m titans train --config config.yaml model.variant=MAG
     python -m titans train --config config.yaml --resume                # continue runs/<run_name>/ exactly
     torchrun --standalone --nproc_per_node=2 -m titans train --config config.yaml    # data-parallel, same results
 
-Outline: device and threads -> task -> model (seeded) -> data (fixed set reshuffled per epoch, or fresh batches)
--> AdamW + warmup/cosine schedule -> resume -> loop (micro-batches, NaN/Inf guard, clip, step, eval, checkpoint)
--> final eval, plots, one result dict.
+Outline: run directory -> task -> model (seeded) -> data -> AdamW + warmup/cosine schedule -> resume -> loop
+(train_step, then evaluate, then checkpoint, each deciding whether it acts this step) -> final eval, plots, one
+result dict. The pieces live by concern: titans/data.py (the three data modes and each process's rows), titans/run.py
+(the run directory, metrics log, checkpoints), titans/distributed.py (the process group).
 
-Everything a run writes lives in `<training.out_dir>/<training.run_name>/`: config.yaml (resolved), metrics.jsonl
-(one record per step and per evaluation), ckpt_<step>.pt, loss.png and <metric>.png.
+SIGINT/SIGTERM make the loop finish its current step, save a checkpoint and return.
 
-Exact resume: a checkpoint holds the model, optimizer, scheduler, step, the current epoch's shuffle order and every
-RNG state, so training from a checkpoint yields the same losses, bit for bit, as the uninterrupted run (same device
-and thread count). SIGINT/SIGTERM make the loop finish its current step, save a checkpoint and return.
-
-Under torchrun every process runs this same loop (titans/distributed.py has the rank-aware pieces):
-training.batch_size is the global micro-batch, split across the ranks; gradients are all-reduced once per optimizer
-step; losses are reduced so every rank takes the same decisions (NaN guard, stop on a signal); rank 0 alone writes
-files and evaluates (every rank under FSDP). Results match a single process on the whole batch up to float
-summation order, and a checkpoint resumes under any world size.
+Under torchrun every process runs this same loop: training.batch_size is the global micro-batch, split across the
+ranks; gradients are all-reduced once per optimizer step; losses are reduced so every rank takes the same decisions
+(NaN guard, stop on a signal); rank 0 alone writes files and evaluates (every rank under FSDP). Results match a single
+process on the whole batch up to float summation order, and a checkpoint resumes under any world size.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import json
 import math
 import os
 import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,98 +37,32 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from titans.checkpoint import (
-    checkpoint_path,
-    find_latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    prune_checkpoints,
-    remove_partial_saves,
-    resolve_resume_path,
-    restore_rng_state,
-    rng_state,
-    save_checkpoint,
-)
-from titans.config import FLEX_ON_CPU_ERROR, ConfigError, RunConfig, config_to_dict, save_config
+from titans.checkpoint import checkpoint_path, list_checkpoints
+from titans.config import FLEX_ON_CPU_ERROR, ConfigError, RunConfig, save_config
+from titans.data import TrainData, check_batch_divisible
 from titans.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
     broadcast_object,
-    check_batch_divisible,
     distributed,
-    full_state_dicts,
     gradient_sync,
     is_sharded,
     launch_world_size,
-    load_full_state_dicts,
     print0,
-    rank_rows,
-    sample_rows,
+    unwrap_model,
     wrap_model,
 )
 from titans.evaluate import evaluate
-from titans.long_eval import detach_state
 from titans.models import build_model, num_parameters
 from titans.plots import plot_run
+from titans.run import MetricsLog, RunDir, TrainingCheckpoints, open_run_dir
 from titans.system import cpu_compiler, loaded_allocator
 from titans.tasks import make_task
-from titans.tasks.base import IGNORE_INDEX, Batch, Task
-
-KEEP_CHECKPOINTS = 3  # older ones are pruned; more than one survives a corrupt newest file
 
 
 class TrainingDivergedError(RuntimeError):
     """The loss or the gradient became NaN/Inf and training.nan_policy is 'stop'."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cpu' / 'cuda' / 'cuda:1' as given (cuda must exist)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"training.device={name!r} but CUDA is not available here; use training.device=cpu or auto")
-    return device
-
-
-def make_datasets(cfg: RunConfig, task: Task) -> tuple[Batch, Batch]:
-    """(train, test) examples: data.num_samples drawn once from a generator seeded with cfg.seed and split by
-    `cfg.data.split_sizes()`, the first `test` of them held out (the seed's meaning of num_samples).
-
-    A task over a real corpus (one with `iter_segments`, e.g. text) is tested on its held-out "valid" split instead:
-    `test` rows of seq_len bytes from evenly spaced places, so no test window overlaps the training text. `titans
-    eval` rebuilds the same split, so a checkpoint is always scored on examples it never trained on.
-    """
-    n_train, n_test = cfg.data.split_sizes()
-    data = task.sample(cfg.data.num_samples, torch.Generator().manual_seed(cfg.seed))
-    if hasattr(task, "iter_segments"):
-        return data[n_test:], next(iter(task.iter_segments("valid", task.seq_len, n_test)))
-    return data[n_test:], data[:n_test]
-
-
-def default_run_name(cfg: RunConfig) -> str:
-    """`<variant>-<dataset>-<yyyymmdd-HHMMSS>`, the run directory name when training.run_name is null."""
-    return f"{cfg.model.variant}-{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def find_resume_dir(cfg: RunConfig) -> Path:
-    """The run directory `--resume` (no path) continues: out_dir/run_name, or with run_name null the newest
-    `<variant>-<dataset>-*` run under out_dir that has a valid checkpoint."""
-    out_dir = Path(cfg.training.out_dir)
-    if cfg.training.run_name is not None:
-        return out_dir / cfg.training.run_name
-    prefix = f"{cfg.model.variant}-{cfg.data.dataset}-"
-    candidates = sorted(
-        (d for d in out_dir.glob(prefix + "*") if d.is_dir() and find_latest_checkpoint(d) is not None),
-        key=lambda d: d.name,
-    )
-    if not candidates:
-        raise FileNotFoundError(
-            f"--resume: no run directory {out_dir / (prefix + '*')} with a checkpoint; pass the run directory or a "
-            "ckpt_*.pt path, or set training.run_name"
-        )
-    return candidates[-1]
 
 
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -172,39 +101,7 @@ def _divergence_message(cfg: RunConfig, what: str, step: int, run_dir: Path) -> 
     )
 
 
-def _format_eval(epoch: int, step: int, train_loss: float, metrics: dict[str, float], metric: str) -> str:
-    # The seed's line, e.g. "Epoch  10: Train Loss 1.8234, Test Loss 1.7456, copy_accuracy: 0.3750", plus the step.
-    return (
-        f"Epoch {epoch:3d} (step {step:6d}): Train Loss {train_loss:.4f}, Test Loss {metrics['test_loss']:.4f}, "
-        f"{metric}: {metrics[metric]:.4f}"
-    )
-
-
-# Fields of a metrics record that measure time, so differ between runs; every other field is deterministic.
-WALL_CLOCK_FIELDS = frozenset({"step_s"})
-
-
-def read_metrics(path: str | os.PathLike, wall_clock: bool = True) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file, in order; a line cut short by a crash is skipped.
-
-    wall_clock=False drops WALL_CLOCK_FIELDS: what is left is what a resumed run reproduces bit for bit.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            # A line cut short by a crash mid-write; everything after the checkpoint is rewritten anyway.
-            continue
-    if not wall_clock:
-        records = [{k: v for k, v in r.items() if k not in WALL_CLOCK_FIELDS} for r in records]
-    return records
-
-
-class _StopFlag:
+class StopFlag:
     """Turns SIGINT/SIGTERM into a flag the loop polls, so a run stops between steps with a checkpoint.
 
     A second signal of the same kind gets the default behaviour back (Ctrl-C twice still kills at once).
@@ -215,7 +112,7 @@ class _StopFlag:
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> _StopFlag:
+    def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -230,6 +127,40 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+def check_runtime(cfg: RunConfig, device: torch.device) -> None:
+    """Raise ConfigError for a setting this machine cannot run, before any work: the CLI reports it as one line."""
+    t = cfg.training
+    if t.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError as error:
+            raise ConfigError(
+                "training.tensorboard=true needs the tensorboard package: pip install tensorboard, "
+                "or set training.tensorboard=false"
+            ) from error
+    if t.compile and device.type == "cpu" and cpu_compiler() is None:
+        raise ConfigError(
+            "training.compile=true needs a C++ compiler for torch.compile's CPU kernels (g++ or clang++ on PATH, or "
+            "$CXX); install one (e.g. apt install g++) or set training.compile=false"
+        )
+    if cfg.model.attention_impl == "flex" and device.type == "cpu":
+        raise ConfigError(FLEX_ON_CPU_ERROR)
+
+
+def build_optimizer(
+    module: nn.Module, cfg: RunConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over `optimizer_groups`, and its schedule: linear warmup, then cosine decay to min_lr_ratio."""
+    t = cfg.training
+    optimizer = torch.optim.AdamW(
+        optimizer_groups(module, t.weight_decay), lr=t.learning_rate, betas=tuple(t.betas), weight_decay=t.weight_decay
+    )
+    schedule = functools.partial(
+        lr_multiplier, warmup_steps=t.warmup_steps, total_steps=total_steps, min_lr_ratio=t.min_lr_ratio
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
 def train(cfg: RunConfig, resume: str | os.PathLike | bool | None = None) -> dict[str, Any]:
     """Train cfg.model on cfg.data's task with cfg.training; returns the run's results.
 
@@ -237,7 +168,7 @@ def train(cfg: RunConfig, resume: str | os.PathLike | bool | None = None) -> dic
         True = continue from the newest valid checkpoint in this run's own directory;
         a path = continue from that ckpt_*.pt file, or the newest valid one in that run directory.
     Returns {"variant", "task", <task.metric>, "test_loss", "train_loss", "chance", "params", "steps", "epochs",
-        "skipped_steps", "interrupted", "wall_s", "device", "run_dir", "checkpoint"}.
+        "skipped_steps", "interrupted", "wall_s", "device", "allocator", "run_dir", "checkpoint"}.
     Raises TrainingDivergedError on a NaN/Inf loss or gradient when training.nan_policy == 'stop'.
 
     Launched by torchrun (WORLD_SIZE > 1), every process calls train() and gets the same result dict; the process
@@ -250,59 +181,17 @@ def train(cfg: RunConfig, resume: str | os.PathLike | bool | None = None) -> dic
 
 
 def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: DistInfo) -> dict[str, Any]:
-    # ---- setup: a private copy of the config, device, threads, output directory
+    # ---- setup: a private copy of the config; settings this machine cannot run fail here, before any work
     start_time = time.time()
     cfg = copy.deepcopy(cfg)
     t = cfg.training
-    device, is_main, world_size = dist_info.device, dist_info.is_main, dist_info.world_size
+    device, is_main = dist_info.device, dist_info.is_main
+    check_runtime(cfg, device)
     if t.threads:
         torch.set_num_threads(t.threads)
-    autocast_dtype = torch.bfloat16 if t.dtype == "bfloat16" else None
-    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-    writer = None
-    if t.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as error:
-            # A config problem in effect: the CLI reports ConfigError as one line, before any training starts.
-            raise ConfigError(
-                "training.tensorboard=true needs the tensorboard package: pip install tensorboard, "
-                "or set training.tensorboard=false"
-            ) from error
 
-    if t.compile and device.type == "cpu" and cpu_compiler() is None:
-        raise ConfigError(
-            "training.compile=true needs a C++ compiler for torch.compile's CPU kernels (g++ or clang++ on PATH, or "
-            "$CXX); install one (e.g. apt install g++) or set training.compile=false"
-        )
-
-    if cfg.model.attention_impl == "flex" and device.type == "cpu":
-        raise ConfigError(FLEX_ON_CPU_ERROR)
-
-    resume_path = None
-    if resume is True:
-        resume_path = resolve_resume_path(find_resume_dir(cfg))
-    elif resume:
-        resume_path = resolve_resume_path(resume)
-    # A resumed run keeps writing next to its checkpoint, wherever the config's out_dir now points.
-    if resume_path is not None:
-        run_dir = resume_path.parent
-        t.run_name = run_dir.name
-    else:
-        # Rank 0's name: the default one holds the time, which may tick between the ranks' clocks.
-        t.run_name = broadcast_object(t.run_name or default_run_name(cfg))
-        run_dir = Path(t.out_dir) / t.run_name
-    metrics_path = run_dir / "metrics.jsonl"
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_saves(run_dir)
-    if resume_path is None and is_main:
-        stale = list_checkpoints(run_dir)
-        if stale or metrics_path.exists():
-            print(f"starting fresh in {run_dir}: removing {len(stale)} old checkpoint(s) and metrics (use --resume)")
-        for _, path in stale:
-            path.unlink()
-        metrics_path.unlink(missing_ok=True)
+    # ---- the run directory, and the checkpoint to continue from (titans/run.py)
+    run = open_run_dir(cfg, resume, is_main)
 
     # ---- task and model; the model's vocabulary comes from the task
     task = make_task(cfg.data)
@@ -311,285 +200,235 @@ def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: D
     # The same seed on every rank: identical initial weights (DDP also broadcasts rank 0's at wrapping).
     torch.manual_seed(cfg.seed)
     module = build_model(cfg.model).to(device)
-    n_params = num_parameters(module)
     if t.compile:
-        # before wrapping: the compiled steps live inside the single-device model
-        module.compile_blocks()
+        module.compile_blocks()  # before wrapping: the compiled steps live inside the single-device model
     # DDP or FSDP2 when launched with several processes; `module` stays the single-device model inside.
     model = wrap_model(module, t.parallel, dist_info)
     if is_main:
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run.path / "config.yaml")
 
-    # ---- data: a fixed train/test split; training batches come from it reshuffled per epoch, or fresh
-    train_set, test_set = make_datasets(cfg, task)
-    if t.eval_samples:
-        test_set = test_set[: t.eval_samples]
-    examples_per_step = t.batch_size * t.grad_accum_steps
-    steps_per_epoch = math.ceil(len(train_set) / examples_per_step)
-    # Text with data.text_carry_state: step s trains on segment s (mod the epoch) of examples_per_step contiguous
-    # rows of the train split, each micro-batch carrying its detached memory state to the next step (truncated BPTT).
-    # Checkpoints hold no activations, so a resumed run restarts the carried state empty at its step.
-    stream = cfg.data.dataset == "text" and cfg.data.text_carry_state
-    carried: dict[int, Any] = {}
-    if stream:
-        steps_per_epoch = task.corpus.num_segments("train", task.seq_len, examples_per_step)
-    total_steps = t.max_steps if t.max_steps is not None else t.max_epochs * steps_per_epoch
-    # A separate stream for the shuffles, so the data set itself never depends on it. It advances identically on every
-    # rank: all ranks see one permutation and take their rows of it. Fresh samples are drawn per (step, global row).
-    data_generator = torch.Generator().manual_seed(cfg.seed + 1)
-    epoch_order = None
+    # ---- data: a fixed split reshuffled per epoch, fresh rows, or a text stream (titans/data.py)
+    data = TrainData(cfg, task, dist_info.rank, dist_info.world_size)
+    total_steps = t.max_steps if t.max_steps is not None else t.max_epochs * data.steps_per_epoch
 
     # ---- optimizer: AdamW with linear warmup then cosine decay to min_lr_ratio * learning_rate
-    optimizer = torch.optim.AdamW(
-        optimizer_groups(module, t.weight_decay), lr=t.learning_rate, betas=tuple(t.betas), weight_decay=t.weight_decay
-    )
-    schedule = functools.partial(
-        lr_multiplier, warmup_steps=t.warmup_steps, total_steps=total_steps, min_lr_ratio=t.min_lr_ratio
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    optimizer, scheduler = build_optimizer(module, cfg, total_steps)
 
-    # ---- resume: weights, optimizer, schedule, position in the data and every RNG
+    # ---- resume: weights, optimizer, schedule, position in the data and every RNG; metrics rewound to the step
+    checkpoints = TrainingCheckpoints(run, cfg, model, optimizer, scheduler, data, is_main)
+    log = MetricsLog(run, task.metric, is_main, t.tensorboard)
     step, skipped_steps = 0, 0
-    records = []
-    if resume_path is not None:
-        # On the CPU: RNG states must stay CPU tensors; load_state_dict copies weights to the model's device.
-        state = load_checkpoint(resume_path, map_location="cpu")
-        try:
-            # Full state dicts: a checkpoint from any world size (or FSDP) loads into any other.
-            load_full_state_dicts(model, optimizer, state["model"], state["optimizer"])
-        except RuntimeError as error:
-            raise ValueError(
-                f"checkpoint {resume_path} does not fit the configured model ({error}); resume with the run's own "
-                f"config ({run_dir / 'config.yaml'}) or start a fresh run"
-            ) from error
-        scheduler.load_state_dict(state["scheduler"])
-        step, skipped_steps, epoch_order = state["step"], state["skipped_steps"], state["epoch_order"]
-        restore_rng_state(state["rng"], data_generator)
-        # Records written after this checkpoint belong to the lost future; the resumed run rewrites them.
-        records = [r for r in read_metrics(metrics_path) if r["step"] <= step]
-        # Every rank has read the old file before rank 0 rewrites it.
-        barrier()
-        if is_main:
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        print0(f"resumed from {resume_path} at step {step}")
+    if run.resume_from is not None:
+        step, skipped_steps = checkpoints.restore()
+        log.rewind(step)
+        print0(f"resumed from {run.resume_from} at step {step}")
 
-    if t.tensorboard and is_main:
-        writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    print0(_header(cfg, task, module, dist_info, data, total_steps, run))
 
-    def checkpoint(epoch: int) -> Path:
-        # Gathering is collective under FSDP, so every rank calls this; rank 0 alone writes the file.
-        model_state, optimizer_state = full_state_dicts(model, optimizer)
-        path = checkpoint_path(run_dir, step)
-        if not is_main:
-            return path
-        save_checkpoint(
-            {
-                "model": model_state,
-                "optimizer": optimizer_state,
-                "scheduler": scheduler.state_dict(),
-                "step": step,
-                "epoch": epoch,
-                "skipped_steps": skipped_steps,
-                "epoch_order": epoch_order,
-                "config": config_to_dict(cfg),
-                "rng": rng_state(data_generator),
-            },
-            path,
-        )
-        prune_checkpoints(run_dir, KEEP_CHECKPOINTS)
-        return path
-
-    def run_eval(epoch: int, train_loss: float) -> dict[str, Any]:
-        # The whole test set on one rank (the unwrapped module, no collectives), so the numbers do not depend on the
-        # world size; an FSDP forward needs every rank, so there each rank evaluates the whole set.
-        metrics = None
-        if is_main or is_sharded(model):
-            metrics = evaluate(model if is_sharded(model) else module, task, test_set, t.batch_size, autocast_dtype)
-        metrics = broadcast_object(metrics)
-        record = {"kind": "eval", "step": step, "epoch": epoch, "train_loss": train_loss, **metrics}
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        records.append(record)
-        if is_main:
-            tqdm.write(_format_eval(epoch, step, train_loss, metrics, task.metric))
-        if writer is not None:
-            for name, value in metrics.items():
-                writer.add_scalar(f"eval/{name}", value, step)
-        return record
-
-    processes = f" x {world_size} processes ({t.parallel})" if world_size > 1 else ""
-    print0(
-        f"training {cfg.model.variant} on {task.name}: {n_params:,} parameters, device {device}{processes}, "
-        f"{total_steps} steps ({steps_per_epoch} per epoch of {len(train_set)} examples), run dir {run_dir}"
-    )
-    show_bar = is_main and t.progress and sys.stdout.isatty() and sys.stderr.isatty()
-    bar = tqdm(total=total_steps, initial=step, disable=not show_bar, dynamic_ncols=True, unit="step")
-    last_eval = next((r for r in reversed(records) if r["kind"] == "eval"), None)
-    # The train loss printed at an evaluation averages the steps since the previous one, resumed runs included.
-    window_losses = [
-        r["loss"]
-        for r in records
-        if r["kind"] == "train" and not r.get("skipped") and (last_eval is None or r["step"] > last_eval["step"])
-    ]
-    interrupted, saved = None, resume_path
+    # ---- the loop: train_step, then evaluate, then checkpoint, each deciding whether it acts this step
+    model.train()
     # Agreed by all ranks once per step, so every rank stops after the same step when any of them is signalled.
     stop_requested = False
-
-    # ---- the loop: one iteration is one optimizer step over grad_accum_steps micro-batches
-    model.train()
-    # Only rank 0 writes metrics.jsonl; the other ranks keep the same records in memory.
-    with _StopFlag() as stop, open(metrics_path if is_main else os.devnull, "a") as metrics_file:
+    show_bar = is_main and t.progress and sys.stdout.isatty() and sys.stderr.isatty()
+    bar = tqdm(total=total_steps, initial=step, disable=not show_bar, dynamic_ncols=True, unit="step")
+    with StopFlag() as stop, log, bar:
         while step < total_steps and not stop_requested:
             step_start = time.perf_counter()
-            epoch, index_in_epoch = divmod(step, steps_per_epoch)
-            # The step's global batch is rows [first, first + step_rows) of the epoch order (or fresh rows); this
-            # rank trains on its contiguous 1/world_size of every micro-batch of it.
-            first = index_in_epoch * examples_per_step
-            if stream:
-                if index_in_epoch == 0:
-                    carried.clear()  # each epoch reads the rows from their first byte, with a fresh memory
-                segment = task.corpus.segment("train", task.seq_len, examples_per_step, index_in_epoch)
-                step_rows = examples_per_step
-            elif cfg.data.fresh_samples:
-                step_rows = examples_per_step
-            else:
-                if index_in_epoch == 0 or epoch_order is None:
-                    epoch_order = torch.randperm(len(train_set), generator=data_generator)
-                step_rows = min(examples_per_step, len(train_set) - first)
-            micro_batches = []
-            for rows in rank_rows(step_rows, t.batch_size, dist_info.rank, world_size):
-                # A rank whose share of a short last micro-batch is empty still joins the all-reduce: it runs one
-                # row with weight 0 (its scored-token count below).
-                real = len(rows) > 0
-                rows = rows if real else range(rows.start, rows.start + 1)
-                if stream:
-                    micro = segment[rows.start : rows.stop]
-                elif cfg.data.fresh_samples:
-                    micro = sample_rows(task, cfg.seed, step, rows)
-                else:
-                    micro = train_set[epoch_order[first + rows.start : first + rows.stop]]
-                scored = int((micro.targets != IGNORE_INDEX).sum()) if real else 0
-                micro_batches.append((micro, scored, rows.start))
-            # The model's loss is a mean over a micro-batch's scored tokens; weighting each by its share of the whole
-            # step's scored tokens (summed over ranks) makes the total the step's token mean, however unevenly the
-            # tokens fall across micro-batches and ranks.
-            local_tokens = float(sum(scored for _, scored, _ in micro_batches))
-            step_tokens = all_reduce_sum(torch.tensor(local_tokens, device=device)).item()
-
-            step_loss = torch.zeros((), dtype=torch.float64, device=device)
-            for index, (micro, scored, row) in enumerate(micro_batches):
-                micro = micro.to(device)
-                # All-reduce the accumulated gradients only in the last micro-step's backward.
-                with gradient_sync(model, enabled=index == len(micro_batches) - 1):
-                    with autocast:
-                        _, loss, new_state = model(micro.inputs, micro.targets, state=carried.get(row))
-                    if stream:
-                        carried[row] = detach_state(new_state)
-                    share = loss * (scored / max(step_tokens, 1.0))
-                    # DDP and FSDP average gradients over ranks; the shares are meant to be summed, hence * world_size.
-                    (share * world_size).backward()
-                step_loss += share.detach()
-            # One reduction gives every rank the step's loss and whether any rank was signalled to stop.
-            agreed = all_reduce_sum(torch.stack([step_loss, step_loss.new_tensor(stop.signal_name is not None)]))
-            step_loss, stop_requested = agreed[0].item(), agreed[1].item() > 0
-            # clip_grad_norm_ returns the pre-clip norm; with max_norm=inf it only measures.
-            max_norm = t.gradient_clip if t.gradient_clip else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            # Under FSDP the norm is a replicated DTensor; full_tensor() makes it a plain one.
-            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-
-            finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
-            if not finite and t.nan_policy == "stop":
-                bar.close()
-                what = "the loss" if not math.isfinite(step_loss) else "the gradient norm"
-                raise TrainingDivergedError(_divergence_message(cfg, what, step + 1, run_dir))
-            lr = scheduler.get_last_lr()[0]
-            if finite:
-                optimizer.step()
-            else:
-                skipped_steps += 1
-                # Said once per skipped step: a run that skips every step should not look healthy in the log.
-                what = "loss" if not math.isfinite(step_loss) else "gradient norm"
-                if is_main:
-                    tqdm.write(
-                        f"step {step + 1}: {what} is NaN/Inf, update skipped (training.nan_policy=skip, "
-                        f"{skipped_steps} skipped so far); if it repeats, lower training.learning_rate or "
-                        "model.memory.max_lr"
-                    )
-            # The schedule advances either way, so the learning rate stays a function of the step alone.
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            epoch, index_in_epoch = divmod(step, data.steps_per_epoch)
+            result = train_step(model, data, step, optimizer, scheduler, cfg, dist_info, stop, run)
+            stop_requested = result.stop_requested
             step += 1
+            skipped_steps += not result.applied
+            if not result.applied and is_main:
+                # Said once per skipped step: a run that skips every step should not look healthy in the log.
+                tqdm.write(result.skip_message(step, skipped_steps))
             bar.update()
+            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
+            log.log(result.record(step, epoch, time.perf_counter() - step_start))
 
-            record = {
-                "kind": "train",
-                "step": step,
-                "epoch": epoch,
-                "loss": step_loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                # wall seconds of this step (data, forward, backward, optimizer): throughput without a benchmark
-                "step_s": round(time.perf_counter() - step_start, 4),
-            }
-            if not finite:
-                record["skipped"] = True
-            else:
-                window_losses.append(step_loss)
-            metrics_file.write(json.dumps(record) + "\n")
-            records.append(record)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-            if writer is not None:
-                writer.add_scalar("train/loss", step_loss, step)
-                writer.add_scalar("train/lr", lr, step)
-
-            end_of_epoch = index_in_epoch == steps_per_epoch - 1
+            # evaluate: every eval_every steps, or at the end of each epoch when eval_every is 0
+            end_of_epoch = index_in_epoch == data.steps_per_epoch - 1
             if (t.eval_every > 0 and step % t.eval_every == 0) or (t.eval_every == 0 and end_of_epoch):
-                train_loss = sum(window_losses) / len(window_losses) if window_losses else float("nan")
-                last_eval = run_eval(epoch, train_loss)
-                window_losses = []
+                run_evaluation(model, task, data, cfg, log, step, epoch, is_main)
+            # checkpoint: every checkpoint_every steps (and once more at the end)
             if t.checkpoint_every > 0 and step % t.checkpoint_every == 0:
-                metrics_file.flush()
-                saved = checkpoint(epoch)
+                log.flush()
+                checkpoints.save(step, epoch, skipped_steps)
         bar.close()
 
-        final_epoch = max(0, step - 1) // steps_per_epoch
+        # ---- the end: a final evaluation and checkpoint, unless the last step had them (or a signal stopped it)
+        final_epoch = max(0, step - 1) // data.steps_per_epoch
         # From the agreed flag, so that every rank makes the same collective calls (evaluation, checkpoint) below.
         interrupted = (stop.signal_name or "a signal to another process") if stop_requested else None
-        if interrupted is None and (last_eval is None or last_eval["step"] != step):
-            train_loss = sum(window_losses) / len(window_losses) if window_losses else float("nan")
-            last_eval = run_eval(final_epoch, train_loss)
-        metrics_file.flush()
-        if saved is None or saved != checkpoint_path(run_dir, step):
-            saved = checkpoint(final_epoch)
-    if writer is not None:
-        writer.close()
+        if interrupted is None and (log.last_eval is None or log.last_eval["step"] != step):
+            run_evaluation(model, task, data, cfg, log, step, final_epoch, is_main)
+        log.flush()
+        if checkpoints.latest != checkpoint_path(run.path, step):
+            checkpoints.save(step, final_epoch, skipped_steps)
     # Plotted once at the end: rendering costs more than a tiny model's evaluation.
     if is_main:
-        plot_run(records, run_dir, task.metric, task.chance)
+        plot_run(log.records, run.path, task.metric, task.chance)
     # No rank returns before rank 0 has written the final checkpoint and plots.
     barrier()
     if interrupted is not None:
-        print0(f"{interrupted} received: stopped at step {step}, checkpoint {saved}; continue with --resume {run_dir}")
+        print0(
+            f"{interrupted} received: stopped at step {step}, checkpoint {checkpoints.latest}; continue with --resume "
+            f"{run.path}"
+        )
 
+    summary = {"steps": step, "epochs": step / data.steps_per_epoch, "skipped_steps": skipped_steps}
+    summary.update({"interrupted": interrupted is not None, "wall_s": round(time.time() - start_time, 2)})
+    summary["device"] = str(device)
+    return _result(cfg, task, module, log, run, checkpoints, summary)
+
+
+def _header(
+    cfg: RunConfig, task: Any, module: nn.Module, dist_info: DistInfo, data: TrainData, total_steps: int, run: RunDir
+) -> str:
+    """The line a run starts with: what trains on what, where, for how long, and where its files go."""
+    world_size = dist_info.world_size
+    processes = f" x {world_size} processes ({cfg.training.parallel})" if world_size > 1 else ""
+    return (
+        f"training {cfg.model.variant} on {task.name}: {num_parameters(module):,} parameters, device "
+        f"{dist_info.device}{processes}, {total_steps} steps ({data.steps_per_epoch} per epoch of "
+        f"{len(data.train_set)} examples), run dir {run.path}"
+    )
+
+
+def _result(
+    cfg: RunConfig,
+    task: Any,
+    module: nn.Module,
+    log: MetricsLog,
+    run: RunDir,
+    checkpoints: TrainingCheckpoints,
+    summary: dict[str, Any],
+) -> dict[str, Any]:
+    """The run's result dict (documented in `train`): the last evaluation's numbers, then `summary`."""
     result = {"variant": cfg.model.variant, "task": task.name}
+    last_eval = log.last_eval
     if last_eval is not None:
-        result[task.metric] = last_eval[task.metric]
-        result["test_loss"] = last_eval["test_loss"]
-        result["train_loss"] = last_eval["train_loss"]
+        result.update({k: last_eval[k] for k in (task.metric, "test_loss", "train_loss")})
+    result.update({"chance": task.chance, "params": num_parameters(module), **summary})
     result.update(
         {
-            "chance": task.chance,
-            "params": n_params,
-            "steps": step,
-            "epochs": step / steps_per_epoch,
-            "skipped_steps": skipped_steps,
-            "interrupted": interrupted is not None,
-            "wall_s": round(time.time() - start_time, 2),
-            "device": str(device),
             "allocator": loaded_allocator(),  # what the process ran on (`titans --allocator`)
-            "run_dir": str(run_dir),
-            "checkpoint": str(saved),
+            "run_dir": str(run.path),
+            "checkpoint": str(checkpoints.latest),
         }
     )
     return result
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports: the token-mean loss over every process and micro-batch, the pre-clip global
+    gradient norm, the learning rate it used, whether the update was applied (False: skipped by nan_policy=skip,
+    `non_finite` names what was NaN/Inf), and whether any process was signalled to stop."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    applied: bool
+    non_finite: str | None
+    stop_requested: bool
+
+    def record(self, step: int, epoch: int, seconds: float) -> dict[str, Any]:
+        """The metrics.jsonl record of this step; `step` counts optimizer steps done, this one included."""
+        record = {"kind": "train", "step": step, "epoch": epoch, "loss": self.loss, "lr": self.lr}
+        # step_s: wall seconds of this step (data, forward, backward, optimizer): throughput without a benchmark
+        record.update({"grad_norm": self.grad_norm, "step_s": round(seconds, 4)})
+        if not self.applied:
+            record["skipped"] = True
+        return record
+
+    def skip_message(self, step: int, skipped_steps: int) -> str:
+        return (
+            f"step {step}: {self.non_finite} is NaN/Inf, update skipped (training.nan_policy=skip, {skipped_steps} "
+            "skipped so far); if it repeats, lower training.learning_rate or model.memory.max_lr"
+        )
+
+
+def train_step(
+    model: nn.Module,
+    data: TrainData,
+    step: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: RunConfig,
+    dist_info: DistInfo,
+    stop: StopFlag,
+    run: RunDir,
+) -> StepResult:
+    """Optimizer step `step` (0-based) over this process's micro-batches of it: token-weighted backward, one
+    all-reduce of the loss and the stop flag, gradient clipping, then the update unless the NaN policy skips it.
+
+    Raises TrainingDivergedError on a non-finite loss or gradient norm when training.nan_policy is 'stop'.
+    """
+    t = cfg.training
+    device, world_size = dist_info.device, dist_info.world_size
+    micro_batches = data.micro_batches(step)
+    # The model's loss is a mean over a micro-batch's scored tokens; weighting each by its share of the whole step's
+    # scored tokens (summed over ranks) makes the total the step's token mean, however unevenly the tokens fall
+    # across micro-batches and ranks.
+    local_tokens = float(sum(micro.scored for micro in micro_batches))
+    step_tokens = all_reduce_sum(torch.tensor(local_tokens, device=device)).item()
+
+    # ---- forward and backward of each micro-batch; gradients accumulate
+    step_loss = torch.zeros((), dtype=torch.float64, device=device)
+    for index, micro in enumerate(micro_batches):
+        batch = micro.batch.to(device)
+        # All-reduce the accumulated gradients only in the last micro-step's backward.
+        with gradient_sync(model, enabled=index == len(micro_batches) - 1):
+            with _autocast(device, t.dtype):
+                _, loss, new_state = model(batch.inputs, batch.targets, state=data.carried_state(micro))
+            data.carry(micro, new_state)
+            share = loss * (micro.scored / max(step_tokens, 1.0))
+            # DDP and FSDP average gradients over ranks; the shares are meant to be summed, hence * world_size.
+            (share * world_size).backward()
+        step_loss += share.detach()
+
+    # ---- one reduction gives every rank the step's loss and whether any rank was signalled to stop
+    agreed = all_reduce_sum(torch.stack([step_loss, step_loss.new_tensor(stop.signal_name is not None)]))
+    loss, stop_requested = agreed[0].item(), agreed[1].item() > 0
+
+    # ---- clip: clip_grad_norm_ returns the pre-clip norm; with max_norm=inf it only measures
+    max_norm = t.gradient_clip if t.gradient_clip else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    # Under FSDP the norm is a replicated DTensor; full_tensor() makes it a plain one.
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+
+    # ---- the NaN policy, then the update; the schedule advances either way (the lr is a function of the step)
+    non_finite = None if math.isfinite(loss) else "loss"
+    if non_finite is None and not math.isfinite(grad_norm):
+        non_finite = "gradient norm"
+    if non_finite is not None and t.nan_policy == "stop":
+        raise TrainingDivergedError(_divergence_message(cfg, f"the {non_finite}", step + 1, run.path))
+    lr = scheduler.get_last_lr()[0]
+    if non_finite is None:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, grad_norm, lr, non_finite is None, non_finite, stop_requested)
+
+
+def _autocast(device: torch.device, dtype: str) -> AbstractContextManager:
+    """The forward pass's autocast: bfloat16 with training.dtype=bfloat16, else nothing (float32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+
+
+def run_evaluation(
+    model: nn.Module, task: Any, data: TrainData, cfg: RunConfig, log: MetricsLog, step: int, epoch: int, is_main: bool
+) -> None:
+    """Evaluate on the test split and log the record (which prints the evaluation line).
+
+    The whole test set on one rank (the unwrapped module, no collectives), so the numbers do not depend on the world
+    size; an FSDP forward needs every rank, so there each rank evaluates the whole set.
+    """
+    metrics = None
+    if is_main or is_sharded(model):
+        autocast_dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" else None
+        evaluated = model if is_sharded(model) else unwrap_model(model)
+        metrics = evaluate(evaluated, task, data.test_set, cfg.training.batch_size, autocast_dtype)
+    metrics = broadcast_object(metrics)
+    log.log({"kind": "eval", "step": step, "epoch": epoch, "train_loss": log.train_loss_since_eval(), **metrics})
