@@ -1,11 +1,9 @@
 """Matrix products laid out for the CPU's fast GEMM path inside torch.compile'd code.
 
-On CPU, torch's matmul of small batched matrices runs about three times slower when the right operand is a
-transposed view (its last axis not contiguous) than when it is contiguous: for [16, 16, 64] x [16, 64, 16],
-11 us contiguous against 37 us transposed (2 cores, torch 2.13, MKL); for a [128, 176] x [176, 64] product 27 us
-against 43 us. The memory's chunk math multiplies by transposes everywhere (h W^T, h a^T, g a with g^T on the left),
-and autograd turns every product A B into backward products with B^T and A^T, so a compiled training segment issues
-thousands of such calls.
+On CPU, torch's matmul of small batched matrices runs several times slower when the right operand is a transposed view
+(its last axis not contiguous) than when it is contiguous (measured in benchmarks/README.md). The memory's chunk math
+multiplies by transposes everywhere (h W^T, h a^T, g a with g^T on the left), and autograd turns every product A B into
+backward products with B^T and A^T, so a compiled training segment issues thousands of such calls.
 
 `matmul(a, b)` is a @ b, and when traced by torch.compile it copies a transposed right operand into a contiguous one
 first, in the forward and in its own backward (the copy is one fused pass over a small matrix, much cheaper than

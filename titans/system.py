@@ -22,10 +22,9 @@ def pin_malloc_mmap_threshold(threshold_bytes: int = 4 << 20) -> bool:
     glibc raises its mmap threshold dynamically after large blocks are freed, after which multi-MB tensors come
     from the heap and freed ones stay in the process: the memory scan's many same-sized temporaries then inflate
     RSS to several times the live tensor memory. Setting the threshold explicitly switches that adaptation off.
-    Measured (dim-256 memory, batch 4, 512 tokens, 3 x forward + backward): peak RSS +3,065 MB with glibc's default,
-    +563 MB pinned at 64 KiB, +630 MB at 4 MiB. The threshold must not be small: at 64 KiB every mid-sized
-    temporary is an mmap/munmap pair, and the default MAC copy run's training step took 0.63 s instead of 0.28 s
-    (0.28 s at 4 MiB, the default here). Returns whether the setting was applied (only on Linux with glibc).
+    The threshold must not be small either: at 64 KiB every mid-sized temporary is an mmap/munmap pair, which slows
+    a training step down; 4 MiB keeps the peak RSS low at full speed (both measured in benchmarks/README.md).
+    Returns whether the setting was applied (only on Linux with glibc).
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -56,9 +55,8 @@ def compile_options(backend: str, device_type: str) -> dict | None:
     """torch.compile options for this project's compiled paths (training segments and chunks, the decode step).
 
     On CPU, inductor's C++ wrapper: the glue between the generated kernels (a few hundred kernel and small-matmul
-    calls per compiled segment or decode step) becomes C++ instead of Python. Measured on 2 CPU cores: MAC training
-    5.8k -> 6.9k tokens/s (d_model 64, batch 4, T 1024), decoding 390 -> 456 tokens/s. A cold compilation takes
-    longer (about 2 minutes for a MAC training segment, forward and backward); a warm cache loads in seconds.
+    calls per compiled segment or decode step) becomes C++ instead of Python, which speeds up both MAC training and
+    decoding on CPU (benchmarks/README.md). A cold compilation takes longer; a warm cache loads in seconds.
     """
     return {"cpp_wrapper": True} if backend == "inductor" and device_type == "cpu" else None
 
