@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from titans import cli
+from titans import cli, compare
 from titans.checkpoint import load_checkpoint
 from titans.models import TitansLM
 from titans.run import read_metrics
@@ -68,7 +68,8 @@ def test_main_py_trains_a_seed_style_config_and_ends_with_one_json_line(trained)
     for key in ("copy_accuracy", "test_loss", "train_loss", "chance", "params", "wall_s", "run_dir"):
         assert key in result
     assert result["chance"] == pytest.approx(0.1)
-    assert any(line.startswith("Epoch   0 (step      6): Train Loss") for line in lines)
+    # Epochs count from 1 in the evaluation line, as in the JSON: the end of the first epoch is "Epoch 1".
+    assert any(line.startswith("Epoch   1 (step      6): Train Loss") for line in lines)
     run_dir = work / result["run_dir"]
     assert run_dir == work / "runs" / "seed"
     # work / path is path itself when path is absolute
@@ -155,7 +156,7 @@ def test_compare_trains_each_variant_and_reports_a_table_plot_and_json(tmp_path,
             raise TrainingDivergedError("the loss is NaN/Inf at step 3")
         return train(cfg, resume)
 
-    monkeypatch.setattr(cli, "train", train_or_diverge)
+    monkeypatch.setattr(compare, "train", train_or_diverge)  # `titans compare` lives in titans/compare.py
     overrides = [*TINY_RUN, f"training.out_dir={tmp_path}", "training.run_name=cmp", "training.progress=false"]
     code = cli.main(["compare", "--config", str(tmp_path / "seed.yaml"), "--variants", "baseline,mag", *overrides])
     out = capsys.readouterr().out

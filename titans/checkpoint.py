@@ -5,14 +5,18 @@ step, epoch, resolved config, RNG states, data position). Saving writes a tempor
 flushes and fsyncs it, then `os.replace`s it into place, so a crash or SIGKILL mid-save leaves either the old set
 of checkpoints or the new one, never a half-written file under a checkpoint name. There is no `latest` pointer
 file (a pointer can go stale in the instant between two renames); `find_latest_checkpoint` instead picks the
-highest step that loads and validates, skipping corrupt files.
+highest step that loads and validates, skipping corrupt files (a resumed run renames them `<name>.corrupt`:
+`set_aside_corrupt`). A file that is not a checkpoint, or a damaged one, raises `CheckpointError` with a one-line
+message.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,16 @@ import torch
 CHECKPOINT_PATTERN = re.compile(r"^ckpt_(\d+)\.pt$")
 # Keys every checkpoint must carry to resume a run; a file without them is treated as corrupt.
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "config", "rng")
+# A checkpoint that does not load is renamed `<name>.corrupt` on resume (CHECKPOINT_PATTERN no longer matches it).
+CORRUPT_SUFFIX = ".corrupt"
+NOT_A_CHECKPOINT = (
+    "is not a titans checkpoint (ckpt_*.pt written by `titans train`); pass a run directory or a ckpt_*.pt file"
+)
+
+
+class CheckpointError(ValueError):
+    """A file that is not a titans checkpoint, or one that is truncated or corrupt; the message is one line that names
+    the file and what to pass instead (the CLI prints it without a traceback)."""
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
@@ -123,20 +137,47 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Load and validate a checkpoint written by `save_checkpoint`.
 
     Uses the safe unpickler (`weights_only=True`): a checkpoint holds only tensors and plain Python values.
-    Raises FileNotFoundError for a missing file and ValueError for a file that is truncated, corrupt or not a
-    titans checkpoint.
+    Raises FileNotFoundError for a missing file and CheckpointError (a ValueError) for a file that is truncated,
+    corrupt or not a titans checkpoint; its message is one line and never passes on torch's advice to load the file
+    with `weights_only=False`.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; pass a ckpt_*.pt file or a run directory that holds one")
+    _check_format(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError... for damaged files
-        raise ValueError(f"checkpoint {path} is unreadable ({type(error).__name__}: {error})") from error
+    except pickle.UnpicklingError as error:
+        # The safe unpickler refused an object no titans checkpoint holds.
+        raise CheckpointError(f"{path} {NOT_A_CHECKPOINT}") from error
+    except Exception as error:  # torch raises RuntimeError, EOFError... for damaged files
+        # torch's first sentence says what failed; the rest is advice about torch.save.
+        reason = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable, truncated or corrupt ({reason}); pass its run directory (the newest "
+            "checkpoint that loads is used) or an older ckpt_*.pt file"
+        ) from error
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path} is not a titans checkpoint: expected keys {REQUIRED_KEYS}, found {found}")
+        missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
+        raise CheckpointError(f"{path} {NOT_A_CHECKPOINT} (it lacks the keys {missing}; found {found})")
     return state
+
+
+def _check_format(path: Path) -> None:
+    """Raise CheckpointError unless `path` starts like a `torch.save` zip file (the only format titans writes)."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path} ({error.strerror}); pass a readable ckpt_*.pt file") from error
+    if magic != b"PK\x03\x04":
+        raise CheckpointError(f"{path} {NOT_A_CHECKPOINT}")
+    # An intact zip without torch's data.pkl is some other archive; a truncated one has no directory to read.
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                raise CheckpointError(f"{path} {NOT_A_CHECKPOINT}")
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -156,15 +197,37 @@ def find_latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The highest-step checkpoint in `run_dir` that loads and validates, or None if there is none.
 
     Corrupt or truncated files (a disk filled up, a copy was cut short) are skipped, so a run falls back to the
-    previous good checkpoint instead of failing to resume.
+    previous good checkpoint instead of failing to resume. Read-only: `set_aside_corrupt` moves skipped files away.
     """
     for _, path in list_checkpoints(run_dir):
         try:
             load_checkpoint(path)
-        except ValueError:
+        except (ValueError, OSError):  # OSError: gone since it was listed (another process set it aside)
             continue
         return path
     return None
+
+
+def set_aside_corrupt(resume_from: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """Rename every checkpoint in `resume_from`'s directory with a higher step than it that does not load to
+    `<name>.corrupt`, so that no later resume picks it up again (nothing is deleted); returns (old path, new path)
+    for each. Called by the process that resumes a run, which owns its directory.
+    """
+    resume_from = Path(resume_from)
+    match = CHECKPOINT_PATTERN.match(resume_from.name)
+    if match is None:  # not a file of a run directory: its neighbours are none of this run's business
+        return []
+    moved = []
+    for step, path in list_checkpoints(resume_from.parent):
+        if step <= int(match.group(1)):
+            continue
+        try:
+            load_checkpoint(path)
+        except ValueError:
+            target = path.with_name(path.name + CORRUPT_SUFFIX)
+            os.replace(path, target)
+            moved.append((path, target))
+    return moved
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
@@ -195,14 +258,20 @@ def remove_partial_saves(run_dir: str | os.PathLike) -> list[Path]:
     return partial
 
 
-def resolve_resume_path(resume: str | os.PathLike) -> Path:
-    """A checkpoint file from `--resume`'s argument: a ckpt file as is, or the newest valid one in a run directory."""
+def resolve_resume_path(resume: str | os.PathLike, flag: str | None = "--resume") -> Path:
+    """A checkpoint file from `--resume`'s argument: a ckpt file as is, or the newest valid one in a run directory.
+
+    flag: the option the path came from, named in the errors; None for a command's positional CHECKPOINT argument
+    (eval, generate, long-eval, memory-check).
+    """
     resume = Path(resume)
     if resume.is_file():
         return resume
     if resume.is_dir():
         latest = find_latest_checkpoint(resume)
         if latest is None:
-            raise FileNotFoundError(f"no valid checkpoint (ckpt_*.pt) in {resume}; nothing to resume from")
+            fix = "nothing to resume from" if flag == "--resume" else "pass a run directory written by `titans train`"
+            raise FileNotFoundError(f"no valid checkpoint (ckpt_*.pt) in {resume}; {fix}")
         return latest
-    raise FileNotFoundError(f"--resume {resume}: no such file or directory; pass a ckpt_*.pt file or a run directory")
+    given = f"{flag} {resume}" if flag else str(resume)
+    raise FileNotFoundError(f"{given}: no such file or directory; pass a ckpt_*.pt file or a run directory")

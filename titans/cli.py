@@ -20,27 +20,25 @@ import argparse
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from titans.checkpoint import resolve_resume_path
+from titans.checkpoint import CheckpointError, resolve_resume_path
+from titans.cli_args import ArgumentParser, length_list, non_negative_float, non_negative_int, positive_int
+from titans.compare import compare
 from titans.config import VARIANTS, ConfigError, load_config
 from titans.data import make_datasets
 from titans.evaluate import evaluate
 from titans.models import num_parameters
-from titans.plots import plot_comparison
-from titans.run import load_trained, read_metrics
+from titans.run import load_trained
 from titans.system import ALLOCATORS, AllocatorError, cpu_compiler, pin_malloc_mmap_threshold, switch_allocator
-from titans.tasks import make_task
+from titans.tasks import Task
 from titans.train import TrainingDivergedError, train
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -98,130 +96,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-class _ChildRuns:
-    """`titans train` child processes of a parallel compare; a signal to the parent is passed on to every child.
-
-    A child stopped by SIGINT/SIGTERM saves a checkpoint and reports `interrupted` (as `titans train` does), and no
-    further child starts, so stopping a comparison never leaves orphaned training processes behind.
-    """
-
-    def __init__(self) -> None:
-        self.running: set[subprocess.Popen] = set()
-        self.stopped = threading.Event()
-        self.lock = threading.Lock()
-
-    def forward_signal(self, signum: int, frame: Any) -> None:
-        self.stopped.set()
-        with self.lock:
-            for proc in self.running:
-                proc.send_signal(signum)
-
-    def train(self, config: str | None, overrides: list[str], log_path: Path) -> dict[str, Any]:
-        """Train in a child process whose output goes to log_path; its JSON result, or {"error": ...}."""
-        command = [sys.executable, "-m", "titans", "train", *(["--config", config] if config else []), *overrides]
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "w") as log:
-            with self.lock:
-                if self.stopped.is_set():
-                    return {"error": "not started: the comparison was interrupted"}
-                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-                self.running.add(proc)
-            code = proc.wait()
-            with self.lock:
-                self.running.discard(proc)
-        lines = log_path.read_text().strip().splitlines()
-        if code == 0 and lines:
-            try:
-                return json.loads(lines[-1])
-            except json.JSONDecodeError:
-                pass
-        return {"error": f"exit code {code}: {lines[-1] if lines else 'no output'} (full log: {log_path})"}
-
-
-def _train_children(
-    children: _ChildRuns,
-    args: argparse.Namespace,
-    per_variant: dict[str, list[str]],
-    extra: list[str],
-    logs: dict[str, Path],
-    threads: int,
-) -> dict[str, dict[str, Any]]:
-    """Run every variant's training in a child process, `args.jobs` at a time; results by variant."""
-    results: dict[str, dict[str, Any]] = {}
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(children.train, args.config, [*o, *extra], logs[v]): v for v, o in per_variant.items()}
-        print(f"training {len(futures)} variants, {args.jobs} at a time, {threads} thread(s) each", flush=True)
-        for future in as_completed(futures):
-            variant = futures[future]
-            results[variant] = {"variant": variant, **future.result()}
-            outcome = results[variant].get("error") or f"{results[variant].get('wall_s', 0):.0f} s"
-            print(f"=== {variant} done ({outcome}); log: {logs[variant]}", flush=True)
-    return results
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
-    base = load_config(args.config, args.overrides)
-    name = base.training.run_name or f"compare-{base.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if args.jobs < 1:
-        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
-    by_variant: dict[str, dict[str, Any]] = {}
-    # Same file, overrides, seed and budget for every variant; only the variant and the run directory differ.
-    per_variant = {v: [*args.overrides, f"model.variant={v}", f"training.run_name={name}-{v}"] for v in args.variants}
-    for overrides in per_variant.values():
-        load_config(args.config, overrides)  # every variant's config is valid before anything trains
-    if args.jobs == 1:
-        for variant, overrides in per_variant.items():
-            print(f"=== {variant} ===", flush=True)
-            try:
-                by_variant[variant] = train(load_config(args.config, overrides))
-            except (NotImplementedError, TrainingDivergedError, ValueError) as error:
-                # One variant failing (diverged) still leaves the others' comparison worth reporting.
-                print(f"{variant} failed: {error}", file=sys.stderr)
-                by_variant[variant] = {"variant": variant, "error": str(error)}
-                continue
-            if by_variant[variant].get("interrupted"):
-                # SIGINT/SIGTERM stopped this variant (checkpoint saved): stop the comparison, not just one run
-                print(f"{variant} was interrupted; not training the remaining variants", file=sys.stderr)
-                break
-    else:
-        # One child process per variant, `jobs` at a time, the CPU threads split between them (unless set).
-        threads = base.training.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-        extra = [f"training.threads={threads}", "training.progress=false"]
-        logs = {v: Path(base.training.out_dir) / f"{name}-{v}.log" for v in per_variant}
-        children = _ChildRuns()
-        previous = {sig: signal.signal(sig, children.forward_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            by_variant.update(_train_children(children, args, per_variant, extra, logs, threads))
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-    results = [by_variant[v] for v in args.variants if v in by_variant]  # the order asked for
-    histories = {r["variant"]: read_metrics(Path(r["run_dir"]) / "metrics.jsonl") for r in results if "error" not in r}
+    summary, code = compare(args)
+    print_json(summary)
+    return code
 
-    task = make_task(base.data)
-    metric = task.metric
-    print(f"\n{'variant':<10}{metric:>18}{'test_loss':>12}{'params':>10}{'steps':>8}{'wall_s':>9}")
-    for r in results:
-        if "error" in r:
-            print(f"{r['variant']:<10}  failed: {r['error'][:80]}")
+
+def parse_prompt(text: str, task: Task) -> torch.Tensor | None:
+    """Token ids from `--prompt`: ids, the task's special-token names (`task.token_names`, e.g. BOS, SEP, FILL) and
+    `X*N` for N copies of X, separated by spaces or commas; None if a word is neither."""
+    names = getattr(task, "token_names", {})
+    ids: list[int] = []
+    for word in text.replace(",", " ").split():
+        token, _, times = word.partition("*")
+        if token.upper() in names:
+            value = names[token.upper()]
+        elif token.lstrip("-").isdigit():
+            value = int(token)
         else:
-            print(
-                f"{r['variant']:<10}{r.get(metric, float('nan')):>18.4f}{r.get('test_loss', float('nan')):>12.4f}"
-                f"{r['params']:>10,}{r['steps']:>8}{r['wall_s']:>9.1f}"
-            )
-    plot = None
-    if histories:
-        plot = str(plot_comparison(histories, Path(base.training.out_dir) / f"{name}.png", metric, task.chance))
-        print(f"plot: {plot}")
-    m = base.model
-    print(
-        f"chance {task.chance:.4f}; attention window {m.window} (baseline: {m.baseline_attention} attention), "
-        f"MAC segment {m.segment_len}"
-    )
-    attention = {"window": m.window, "segment_len": m.segment_len, "baseline_attention": m.baseline_attention}
-    summary = {"task": task.name, "metric": metric, "chance": task.chance, **attention, "plot": plot}
-    print_json({**summary, "results": results})
-    return 1 if any("error" in r for r in results) else 0
+            return None
+        if times and not times.isdigit():
+            return None
+        ids.extend([value] * (int(times) if times else 1))
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -232,14 +129,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         prompt = encode(args.prompt).long()
     else:
-        try:
-            prompt = torch.tensor([int(tok) for tok in args.prompt.replace(",", " ").split()], dtype=torch.long)
-        except ValueError:
-            prompt = None
+        prompt = parse_prompt(args.prompt, task)
         decode = None
+    names = getattr(task, "token_names", {})
     if prompt is None or prompt.numel() == 0 or prompt.min() < 0 or prompt.max() >= task.vocab_size:
+        named = f", the names {', '.join(names)} and NAME*N for N copies" if names else ""
         print(
-            f"titans generate: --prompt must be token ids in [0, {task.vocab_size}) separated by spaces, "
+            f"titans generate: --prompt must be token ids in [0, {task.vocab_size}){named}, separated by spaces, "
             f"e.g. '3 1 7 2'; got {args.prompt!r}",
             file=sys.stderr,
         )
@@ -262,7 +158,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if decode is not None:
         print(decode(out.to(torch.uint8), errors="replace"))
     else:
-        print(" ".join(str(tok) for tok in out.tolist()))
+        id_names = {i: name for name, i in names.items()}
+        print(" ".join(id_names.get(tok, str(tok)) for tok in out.tolist()))
     print_json({"variant": cfg.model.variant, "task": task.name, "prompt": prompt.tolist(), "generated": new.tolist()})
     return 0
 
@@ -277,7 +174,9 @@ def cmd_long_eval(args: argparse.Namespace) -> int:
     is_text = cfg.data.dataset == "text"
     if cfg.data.dataset not in ("mqar", "niah", "text"):
         raise ConfigError(
-            f"long-eval covers data.dataset mqar, niah and text; {path} was trained on {cfg.data.dataset}"
+            f"long-eval covers data.dataset mqar, niah and text; {path} was trained on {cfg.data.dataset}, whose "
+            f"difficulty is set by its layout: evaluate it at other settings with `titans eval {args.checkpoint} "
+            "data.seq_len=N`"
         )
     lengths = None if is_text or args.lengths is None else resolve_lengths(args.lengths, task.seq_len)
     result = long_eval(
@@ -340,11 +239,11 @@ def variant_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="titans", description="Titans: train, evaluate and compare memory models.")
+    parser = ArgumentParser(prog="titans", description="Titans: train, evaluate and compare memory models.")
     commands = parser.add_subparsers(dest="command", required=True)
     overrides = {"nargs": "*", "metavar": "key=value", "help": "dotted config overrides, e.g. training.max_steps=100"}
     # options of the process itself, shared by every command that runs a model
-    process = argparse.ArgumentParser(add_help=False)
+    process = ArgumentParser(add_help=False)
     process.add_argument(
         "--allocator",
         choices=ALLOCATORS,
@@ -385,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--jobs",
-        type=int,
+        type=positive_int,
         default=1,
         help="variants trained at once, each in its own process with cpu_count/jobs threads (default 1)",
     )
@@ -395,9 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("generate", help="sample a continuation from a checkpoint", parents=[process])
     p.add_argument("checkpoint", help="ckpt_*.pt file or run directory")
     p.add_argument("--prompt", required=True, help="token ids ('3 1 7 2'), or text for byte-level text tasks")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=16)
+    p.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k likeliest tokens (default all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--compile",
@@ -416,18 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
         "long-eval", help="length extrapolation (mqar, niah) or streamed bits per byte (text)", parents=[process]
     )
     p.add_argument("checkpoint", help="ckpt_*.pt file or run directory")
-    p.add_argument(
-        "--lengths", help="mqar/niah: '1x,2x,4x,8x' (default: multiples of the trained length) or '1024,4096'"
-    )
-    p.add_argument("--samples", type=int, default=None, help="examples per length (default 256 mqar, 50 niah)")
-    p.add_argument(
-        "--batch-size", type=int, default=None, help="examples per forward (text: parallel rows, default 16)"
-    )
-    p.add_argument("--segment-len", type=int, default=1024, help="tokens per forward call when streaming long inputs")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="niah: bytes generated after the prompt")
+    lengths_help = "mqar/niah: '1x,2x,4x,8x' (default: multiples of the trained length) or '1024,4096'"
+    p.add_argument("--lengths", type=length_list, help=lengths_help)
+    count = {"type": positive_int, "default": None}
+    p.add_argument("--samples", **count, help="examples per length (default 256 mqar, 50 niah)")
+    p.add_argument("--batch-size", **count, help="examples per forward (text: parallel rows, default 16)")
+    p.add_argument("--segment-len", type=positive_int, default=1024, help="tokens per forward call on long inputs")
+    p.add_argument("--max-new-tokens", type=positive_int, default=16, help="niah: bytes generated after the prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--max-bytes", type=int, default=None, help="text: score only the first N bytes of each split")
+    p.add_argument("--threads", **count, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--max-bytes", **count, help="text: score only the first N bytes of each split")
     p.add_argument("--plot", help="write accuracy vs length to this PNG (mqar, niah)")
     p.add_argument("overrides", **overrides)
     p.set_defaults(func=cmd_long_eval)
@@ -461,7 +358,11 @@ def main(
         # Everything after `bench` belongs to the scripts, options included (argparse would claim --help etc.).
         args = argparse.Namespace(command="bench", func=cmd_bench, args=argv[1:])
     else:
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exit_:
+            # argparse has printed its one line (or --help); the code is returned, as for every other error
+            return exit_.code if isinstance(exit_.code, int) else 2
         try:
             # before any work: switching re-executes the process (see titans/system.py)
             switch_allocator(args.allocator, may_reexec)
@@ -476,6 +377,10 @@ def main(
         return 2
     except FileNotFoundError as error:
         print(f"titans: {error}", file=sys.stderr)
+        return 2
+    except CheckpointError as error:
+        # Not a checkpoint, or a damaged one: the message names the file and what to pass instead.
+        print(f"titans: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except TrainingDivergedError as error:
         print(f"titans: training diverged: {error}", file=sys.stderr)

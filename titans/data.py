@@ -85,6 +85,15 @@ class TrainData:
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.epoch_order: torch.Tensor | None = None
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step over all processes (the rate a progress line reports)."""
+        return self.examples_per_step * self.task.seq_len
+
+    def total_steps(self, max_steps: int | None, max_epochs: int) -> int:
+        """The run's optimizer steps: training.max_steps when set, else max_epochs whole epochs."""
+        return max_steps if max_steps is not None else max_epochs * self.steps_per_epoch
+
     def micro_batches(self, step: int) -> list[MicroBatch]:
         """This process's micro-batches of optimizer step `step` (0-based), grad_accum_steps of them (or fewer in a
         short last step of an epoch); the same count on every process."""

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,8 +37,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
+from titans.errors import ConfigError
+from titans.progress import Progress
 from titans.tasks.base import IGNORE_INDEX
 from titans.tasks.mqar import MQAR
 from titans.tasks.niah import SNIAH, answer_digit_accuracy, min_length, score_answer
@@ -49,10 +49,9 @@ DEFAULT_SEGMENT_LEN = 1024  # tokens per forward call when streaming long inputs
 DIGIT_METRIC = "niah_digit_accuracy"  # graded S-NIAH companion metric, see answer_digit_accuracy
 
 
-def _progress(total: int, enabled: bool, desc: str) -> tqdm:
-    # A bar only on an interactive terminal: logs and captured test output stay clean.
-    show = enabled and sys.stderr.isatty()
-    return tqdm(total=total, disable=not show, desc=desc, dynamic_ncols=True, unit="batch")
+def _progress(total: int, enabled: bool, desc: str) -> Progress:
+    # A bar on an interactive terminal, a heartbeat line every HEARTBEAT_S seconds when the output is redirected.
+    return Progress(total, "batch", desc, enabled=enabled)
 
 
 def _check_positive(name: str, value: Any) -> None:
@@ -188,13 +187,20 @@ def mqar_length_sweep(
     lengths = _lengths(lengths)
     _check_positive("samples", samples)
     _check_positive("batch_size", batch_size)
-    # Built up front, so an impossible length (vocab_size <= L) fails before any compute.
+    # Built up front, so an impossible length (vocab_size <= L) fails before any compute, as one line naming the fix.
+    longest = max(lengths)
+    if longest >= task.vocab_size:
+        raise ConfigError(
+            f"MQAR cannot be evaluated at length {longest}: its vocabulary (data.vocab_size={task.vocab_size}, "
+            f"fixed by the trained model) must exceed every length (Zoology's layout); evaluate at lengths below "
+            f"{task.vocab_size} (--lengths) or train with data.vocab_size > {longest}"
+        )
     tasks = []
     for length in lengths:
         try:
             tasks.append(dataclasses.replace(task, seq_len=length))
         except ValueError as error:
-            raise ValueError(f"MQAR cannot be evaluated at length {length}: {error}") from error
+            raise ConfigError(f"MQAR cannot be evaluated at length {length} (--lengths): {error}") from error
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -264,8 +270,9 @@ def niah_length_sweep(
     _check_positive("batch_size", batch_size)
     shortest = min_length(task.haystack)
     if min(lengths) < shortest:
-        raise ValueError(
-            f"S-NIAH length {min(lengths)} bytes cannot hold RULER's template, needle and answer; use >= {shortest}"
+        raise ConfigError(
+            f"S-NIAH length {min(lengths)} bytes (--lengths) cannot hold RULER's template, needle and answer; use "
+            f">= {shortest}"
         )
     device = next(model.parameters()).device
     was_training = model.training
@@ -337,10 +344,13 @@ def resolve_lengths(spec: str, trained_length: int) -> list[int]:
         except ValueError:
             length = 0
         if length < 1:
-            raise ValueError(f"evaluation lengths are ints or multiples like '4x' of the trained length, got {item!r}")
+            raise ConfigError(
+                f"--lengths: evaluation lengths are ints >= 1 or multiples like '4x' of the trained length "
+                f"({trained_length}), got {item!r}"
+            )
         lengths.append(length)
     if not lengths:
-        raise ValueError(f"no evaluation lengths in {spec!r}; use e.g. '1x,2x,4x,8x' or '1024,2048'")
+        raise ConfigError(f"--lengths: no evaluation lengths in {spec!r}; use e.g. '1x,2x,4x,8x' or '1024,2048'")
     return lengths
 
 
@@ -369,7 +379,9 @@ def long_eval(
     trained = task.seq_len
     if isinstance(task, TextTask):
         if lengths is not None or samples is not None:
-            raise ValueError("text evaluation streams whole splits: lengths and samples do not apply; omit them")
+            raise ConfigError(
+                "text evaluation streams whole splits: lengths and samples do not apply; omit --lengths and --samples"
+            )
         rows = batch_size or 16
         results = [
             stream_bits_per_byte(model, task, split, trained, rows, progress, max_bytes, carry_state)

@@ -61,6 +61,7 @@ def _set_updates(model: TitansLM, enabled: bool) -> None:
 def memory_check(checkpoint: str, repeats: int = 4, block: int | None = None, samples: int = 256) -> dict[str, Any]:
     """The three measurements above for the model in `checkpoint` (file or run directory)."""
     start = time.time()
+    _say(f"loading {checkpoint}")
     cfg, task, model, path = load_trained(checkpoint, [])
     layers = memory_modules(model)
     if not layers:
@@ -73,11 +74,13 @@ def memory_check(checkpoint: str, repeats: int = 4, block: int | None = None, sa
     test_set = test_set[:samples].to(device)
 
     # 1. writes during evaluation
+    _say("1/3: the memory's writes on 8 test examples")
     stats = _collect(model, test_set.inputs[:8])
     update_norm = [s["update_norm"].mean().item() for s in stats]
 
     # 2. surprise per repetition of a random block
     block = block or max(8, min(64, task.seq_len // repeats))
+    _say(f"2/3: surprise over a random {block}-token block repeated {repeats} times")
     gen = torch.Generator().manual_seed(0)
     pattern = torch.randint(0, task.vocab_size, (4, block), generator=gen).to(device)
     stats = _collect(model, pattern.repeat(1, repeats))
@@ -89,6 +92,7 @@ def memory_check(checkpoint: str, repeats: int = 4, block: int | None = None, sa
         per_repeat.append([round(surprise[r * block : (r + 1) * block].mean().item(), 4) for r in range(repeats)])
 
     # 3. metric with and without test-time updates
+    _say(f"3/3: {task.metric} on {len(test_set)} test examples with test-time updates, then without")
     with_updates = evaluate(model, task, test_set, cfg.training.batch_size)
     _set_updates(model, False)
     try:
@@ -105,7 +109,9 @@ def memory_check(checkpoint: str, repeats: int = 4, block: int | None = None, sa
         f"  {metric}: {with_updates[metric]:.4f} with test-time updates, {without_updates[metric]:.4f} without "
         f"(chance {task.chance:.4f})"
     )
-    plot = _plot(curves, block, repeats, Path(path).parent / "memory_check.png")
+    title = f"memory-check: {cfg.model.variant} on {task.name}, {Path(path).parent.name}"
+    segment = cfg.model.segment_len if cfg.model.variant == "MAC" else None
+    plot = _plot(curves, block, repeats, Path(path).parent / "memory_check.png", title, segment)
     falls = [reps[-1] < reps[0] for reps in per_repeat]
     return {
         "variant": cfg.model.variant,
@@ -122,7 +128,17 @@ def memory_check(checkpoint: str, repeats: int = 4, block: int | None = None, sa
     }
 
 
-def _plot(curves: list[torch.Tensor], block: int, repeats: int, path: Path) -> Path:
+def _say(text: str) -> None:
+    # Progress of a command that takes a minute: one line per stage, so a redirected run is never silent.
+    print(f"memory-check: {text}", flush=True)
+
+
+def _plot(
+    curves: list[torch.Tensor], block: int, repeats: int, path: Path, title: str, segment_len: int | None = None
+) -> Path:
+    """Surprise per position of the repeated block. Dotted lines mark the block's repetitions; for MAC, dashed lines
+    mark its segment boundaries, where the surprise can also drop: each segment retrieves from the memory committed
+    at the end of the previous one (Eq. 21), so what the memory learned reaches the writes there."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 3.5))
@@ -130,7 +146,12 @@ def _plot(curves: list[torch.Tensor], block: int, repeats: int, path: Path) -> P
     for i, curve in enumerate(curves):
         ax.plot(curve.cpu().numpy(), label=f"memory layer {i}", linewidth=1)
     for r in range(1, repeats):
-        ax.axvline(r * block, color="grey", linestyle=":", linewidth=0.8)
+        ax.axvline(r * block, color="grey", linestyle=":", linewidth=0.8, label="block repeats" if r == 1 else None)
+    if segment_len:
+        for i, edge in enumerate(range(segment_len, block * repeats, segment_len)):
+            label = "MAC segment boundary (retrieval reads the memory committed there)" if i == 0 else None
+            ax.axvline(edge, color="tab:red", linestyle="--", linewidth=0.6, alpha=0.6, label=label)
+    ax.set_title(title, fontsize=9)
     ax.set_xlabel(f"position (a random {block}-token block, repeated {repeats} times)")
     ax.set_ylabel("surprise  ||M(k_t) - v_t||^2")
     ax.set_yscale("log")

@@ -32,8 +32,11 @@ def plot_run(
     out_dir: str | os.PathLike,
     metric: str,
     chance: float | None = None,
+    title: str | None = None,
 ) -> list[Path]:
     """Write `loss.png` (train loss per step, test loss per evaluation) and `<metric>.png` into `out_dir`.
+
+    title: a heading on every figure (e.g. variant, task and run), so a copied PNG still says what it shows.
 
     Returns the paths written; a plot with no data (e.g. no evaluation yet) is skipped.
     """
@@ -45,6 +48,8 @@ def plot_run(
     eval_steps, test_losses = _series(records, "eval", "test_loss")
     if train_steps or eval_steps:
         fig = Figure(figsize=(6, 4), layout="constrained")
+        if title:
+            fig.suptitle(title, fontsize=10)
         ax = fig.add_subplot()
         if train_steps:
             ax.plot(train_steps, train_losses, lw=0.8, alpha=0.7, label="train loss (per step)")
@@ -61,6 +66,8 @@ def plot_run(
     metric_steps, metric_values = _series(records, "eval", metric)
     if metric_steps:
         fig = Figure(figsize=(6, 4), layout="constrained")
+        if title:
+            fig.suptitle(title, fontsize=10)
         ax = fig.add_subplot()
         ax.plot(metric_steps, metric_values, "o-", label=metric)
         if chance is not None:
@@ -80,11 +87,15 @@ def plot_comparison(
     path: str | os.PathLike,
     metric: str,
     chance: float | None = None,
+    title: str | None = None,
 ) -> Path:
-    """One PNG with two panels, test loss and `metric` against step, one line per variant in `histories`."""
+    """One PNG with two panels, test loss and `metric` against step, one line per variant in `histories`, under
+    `title`."""
     if not histories:
         raise ValueError("plot_comparison needs at least one variant's records, got none")
     fig = Figure(figsize=(11, 4), layout="constrained")
+    if title:
+        fig.suptitle(title, fontsize=10)
     loss_ax, metric_ax = fig.subplots(1, 2)
     for variant, records in histories.items():
         loss_ax.plot(*_series(records, "eval", "test_loss"), "o-", ms=3, label=variant)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from titans.checkpoint import (
+    CheckpointError,
     checkpoint_path,
     find_latest_checkpoint,
     list_checkpoints,
@@ -37,6 +39,7 @@ from titans.checkpoint import (
     restore_rng_state,
     rng_state,
     save_checkpoint,
+    set_aside_corrupt,
 )
 from titans.config import ConfigError, RunConfig, config_to_dict, load_config
 from titans.distributed import barrier, broadcast_object, full_state_dicts, load_full_state_dicts
@@ -112,8 +115,16 @@ def open_run_dir(cfg: RunConfig, resume: str | os.PathLike | bool | None, is_mai
         path = Path(t.out_dir) / t.run_name
     run = RunDir(path, resume_from)
     if is_main:
-        path.mkdir(parents=True, exist_ok=True)
+        _make_run_dir(path, t.out_dir)
         remove_partial_saves(path)
+    if resume_from is not None and is_main:
+        # The newer checkpoints that resolving skipped: said once, and moved where no later resume looks.
+        for old, moved in set_aside_corrupt(resume_from):
+            print(
+                f"titans: warning: {old} does not load (truncated, corrupt or not a checkpoint); renamed it to "
+                f"{moved.name} and resumed from {resume_from.name}",
+                file=sys.stderr,
+            )
     if resume_from is None and is_main:
         stale = list_checkpoints(path)
         if stale or run.metrics_path.exists():
@@ -122,6 +133,19 @@ def open_run_dir(cfg: RunConfig, resume: str | os.PathLike | bool | None, is_mai
             old.unlink()
         run.metrics_path.unlink(missing_ok=True)
     return run
+
+
+def _make_run_dir(path: Path, out_dir: str) -> None:
+    """Create the run directory, or raise ConfigError naming training.out_dir when it cannot be made or written."""
+    fix = "set training.out_dir to a writable directory (it is created if missing)"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        files = [p for p in (path, *path.parents) if p.exists() and not p.is_dir()]
+        why = f"{files[0]} is a file, not a directory" if files else f"cannot create {path} ({error.strerror})"
+        raise ConfigError(f"training.out_dir={out_dir!r}: {why}; {fix}") from error
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"training.out_dir={out_dir!r}: the run directory {path} is not writable; {fix}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -153,9 +177,12 @@ def read_metrics(path: str | os.PathLike, wall_clock: bool = True) -> list[dict[
 
 
 def format_eval(epoch: int, step: int, train_loss: float, metrics: dict[str, float], metric: str) -> str:
-    # The seed's line, e.g. "Epoch  10: Train Loss 1.8234, Test Loss 1.7456, copy_accuracy: 0.3750", plus the step.
+    """The seed's line, e.g. "Epoch  10: Train Loss 1.8234, Test Loss 1.7456, copy_accuracy: 0.3750", plus the step.
+
+    epoch: the record's 0-based epoch index; the line counts epochs from 1, as the result's `epochs` does (the end of
+    the first epoch is "Epoch 1" there and epochs = 1.0 in the JSON)."""
     return (
-        f"Epoch {epoch:3d} (step {step:6d}): Train Loss {train_loss:.4f}, Test Loss {metrics['test_loss']:.4f}, "
+        f"Epoch {epoch + 1:3d} (step {step:6d}): Train Loss {train_loss:.4f}, Test Loss {metrics['test_loss']:.4f}, "
         f"{metric}: {metrics[metric]:.4f}"
     )
 
@@ -284,8 +311,10 @@ class TrainingCheckpoints:
             # Full state dicts: a checkpoint from any world size (or FSDP) loads into any other.
             load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
         except RuntimeError as error:
-            raise ValueError(
-                f"checkpoint {path} does not fit the configured model ({error}); resume with the run's own "
+            # torch lists every mismatched tensor on its own line; the first names the problem.
+            detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+            raise CheckpointError(
+                f"checkpoint {path} does not fit the configured model ({detail}); resume with the run's own "
                 f"config ({self.run.path / 'config.yaml'}) or start a fresh run"
             ) from error
         self.scheduler.load_state_dict(state["scheduler"])
@@ -322,7 +351,7 @@ def load_trained(checkpoint: str, overrides: Sequence[str]) -> tuple[RunConfig, 
 
     overrides may change the task (e.g. data.seq_len for longer inputs) but not the model's parameter shapes.
     """
-    path = resolve_resume_path(checkpoint)
+    path = resolve_resume_path(checkpoint, flag=None)
     state = load_checkpoint(path)
     cfg = config_from_checkpoint(state, overrides)
     task = make_task(cfg.data)

@@ -25,7 +25,6 @@ import functools
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -54,8 +53,10 @@ from titans.distributed import (
     wrap_model,
 )
 from titans.evaluate import evaluate
+from titans.footprint import check_memory
 from titans.models import build_model, num_parameters
 from titans.plots import plot_run
+from titans.progress import Progress
 from titans.run import MetricsLog, RunDir, TrainingCheckpoints, open_run_dir
 from titans.system import cpu_compiler, loaded_allocator
 from titans.tasks import make_task
@@ -108,9 +109,12 @@ class StopFlag:
     Handlers can only be installed from the main thread; elsewhere (e.g. a worker thread) signals are left alone.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
+        self.announce = announce  # say on stderr how long the stop waits (rank 0 only under torchrun)
+        self.step_started = time.monotonic()  # the loop stamps each step's start
+        self.last_step_s: float | None = None  # and the previous step's duration
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
@@ -121,6 +125,18 @@ class StopFlag:
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal_name = signal.Signals(signum).name
         signal.signal(signum, self._previous[signum])
+        if self.announce:
+            # A step cannot be cut in the middle, so a long one (a long sequence, a cold compile) is announced.
+            if self.last_step_s is None:
+                wait = "the first step still runs"
+            else:
+                left = max(0.0, self.last_step_s - (time.monotonic() - self.step_started))
+                wait = f"about {left:.0f} s left of the current step (the last took {self.last_step_s:.1f} s)"
+            message = (
+                f"\ntitans: {self.signal_name} received: stopping after the current step ({wait}), then saving a "
+                "checkpoint; send it again to stop at once without one\n"
+            )
+            os.write(2, message.encode())  # stderr, safe inside a signal handler
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
@@ -145,6 +161,7 @@ def check_runtime(cfg: RunConfig, device: torch.device) -> None:
         )
     if cfg.model.attention_impl == "flex" and device.type == "cpu":
         raise ConfigError(FLEX_ON_CPU_ERROR)
+    check_memory(cfg, device, launch_world_size())  # a size no memory here can hold (titans/footprint.py)
 
 
 def build_optimizer(
@@ -202,14 +219,11 @@ def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: D
     module = build_model(cfg.model).to(device)
     if t.compile:
         module.compile_blocks()  # before wrapping: the compiled steps live inside the single-device model
-    # DDP or FSDP2 when launched with several processes; `module` stays the single-device model inside.
-    model = wrap_model(module, t.parallel, dist_info)
-    if is_main:
-        save_config(cfg, run.path / "config.yaml")
+    model = wrap_model(module, t.parallel, dist_info)  # DDP or FSDP2 under torchrun; `module` stays inside
 
     # ---- data: a fixed split reshuffled per epoch, fresh rows, or a text stream (titans/data.py)
     data = TrainData(cfg, task, dist_info.rank, dist_info.world_size)
-    total_steps = t.max_steps if t.max_steps is not None else t.max_epochs * data.steps_per_epoch
+    total_steps = data.total_steps(t.max_steps, t.max_epochs)
 
     # ---- optimizer: AdamW with linear warmup then cosine decay to min_lr_ratio * learning_rate
     optimizer, scheduler = build_optimizer(module, cfg, total_steps)
@@ -222,18 +236,19 @@ def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: D
         step, skipped_steps = checkpoints.restore()
         log.rewind(step)
         print0(f"resumed from {run.resume_from} at step {step}")
-
+    if is_main:  # after restore: a checkpoint that does not fit this config leaves the run's config.yaml as it was
+        save_config(cfg, run.path / "config.yaml")
     print0(_header(cfg, task, module, dist_info, data, total_steps, run))
 
     # ---- the loop: train_step, then evaluate, then checkpoint, each deciding whether it acts this step
     model.train()
     # Agreed by all ranks once per step, so every rank stops after the same step when any of them is signalled.
     stop_requested = False
-    show_bar = is_main and t.progress and sys.stdout.isatty() and sys.stderr.isatty()
-    bar = tqdm(total=total_steps, initial=step, disable=not show_bar, dynamic_ncols=True, unit="step")
-    with StopFlag() as stop, log, bar:
+    # A bar on a terminal, else a heartbeat line every training.heartbeat_s seconds (titans/progress.py).
+    progress = Progress(total_steps, "step", "", step, is_main and t.progress, t.heartbeat_s, data.tokens_per_step)
+    with StopFlag(announce=is_main) as stop, log, progress:
         while step < total_steps and not stop_requested:
-            step_start = time.perf_counter()
+            step_start, stop.step_started = time.perf_counter(), time.monotonic()
             epoch, index_in_epoch = divmod(step, data.steps_per_epoch)
             result = train_step(model, data, step, optimizer, scheduler, cfg, dist_info, stop, run)
             stop_requested = result.stop_requested
@@ -242,9 +257,9 @@ def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: D
             if not result.applied and is_main:
                 # Said once per skipped step: a run that skips every step should not look healthy in the log.
                 tqdm.write(result.skip_message(step, skipped_steps))
-            bar.update()
-            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
-            log.log(result.record(step, epoch, time.perf_counter() - step_start))
+            progress.update(epoch=epoch + 1, loss=result.loss, lr=result.lr)
+            stop.last_step_s = time.perf_counter() - step_start
+            log.log(result.record(step, epoch, stop.last_step_s))
 
             # evaluate: every eval_every steps, or at the end of each epoch when eval_every is 0
             end_of_epoch = index_in_epoch == data.steps_per_epoch - 1
@@ -254,7 +269,7 @@ def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: D
             if t.checkpoint_every > 0 and step % t.checkpoint_every == 0:
                 log.flush()
                 checkpoints.save(step, epoch, skipped_steps)
-        bar.close()
+        progress.close()
 
         # ---- the end: a final evaluation and checkpoint, unless the last step had them (or a signal stopped it)
         final_epoch = max(0, step - 1) // data.steps_per_epoch
@@ -267,18 +282,19 @@ def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: D
             checkpoints.save(step, final_epoch, skipped_steps)
     # Plotted once at the end: rendering costs more than a tiny model's evaluation.
     if is_main:
-        plot_run(log.records, run.path, task.metric, task.chance)
+        plot_run(
+            log.records, run.path, task.metric, task.chance, f"{cfg.model.variant} on {task.name}: {run.path.name}"
+        )
     # No rank returns before rank 0 has written the final checkpoint and plots.
     barrier()
     if interrupted is not None:
         print0(
-            f"{interrupted} received: stopped at step {step}, checkpoint {checkpoints.latest}; continue with --resume "
-            f"{run.path}"
+            f"{interrupted} received: stopped at step {step}, checkpoint {checkpoints.latest}; continue with "
+            f"--resume {run.path}"
         )
 
     summary = {"steps": step, "epochs": step / data.steps_per_epoch, "skipped_steps": skipped_steps}
-    summary.update({"interrupted": interrupted is not None, "wall_s": round(time.time() - start_time, 2)})
-    summary["device"] = str(device)
+    summary.update(interrupted=interrupted is not None, wall_s=round(time.time() - start_time, 2), device=str(device))
     return _result(cfg, task, module, log, run, checkpoints, summary)
 
 

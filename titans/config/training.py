@@ -81,7 +81,11 @@ class TrainingConfig:
     """Also write TensorBoard event files."""
 
     progress: bool = True
-    """Show a progress bar."""
+    """Show progress: a bar on a terminal; with output redirected (a log file, CI, nohup), a plain line after the
+    first step and then every heartbeat_s seconds (step, loss, tokens/s, ETA)."""
+
+    heartbeat_s: float = 30.0
+    """Seconds between progress lines when the output is not a terminal; 0 = none."""
 
     threads: int | None = None
     """torch CPU threads; null = torch's default."""
@@ -98,6 +102,7 @@ class TrainingConfig:
         for name in ("max_steps", "eval_samples", "threads"):
             value = getattr(self, name)
             _require(value is None or value >= 1, f"{p}{name} must be >= 1 or null, got {value}")
+        _require(self.heartbeat_s >= 0, f"{p}heartbeat_s must be >= 0 (0 = no progress lines), got {self.heartbeat_s}")
         for name in ("warmup_steps", "eval_every", "checkpoint_every"):
             _require(getattr(self, name) >= 0, f"{p}{name} must be >= 0, got {getattr(self, name)}")
         _require(self.learning_rate > 0, f"{p}learning_rate must be > 0, got {self.learning_rate}")

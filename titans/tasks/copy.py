@@ -67,6 +67,8 @@ class CopyTask:
         self.copy_length, self.copy_gap = length, gap
         self.content_size = data.vocab_size
         self.bos, self.sep, self.fill, self.pad = range(data.vocab_size, data.vocab_size + 4)
+        # Names of the special ids, which `titans generate --prompt` accepts (e.g. "BOS 3 1 7 FILL*35 SEP").
+        self.token_names = {"BOS": self.bos, "SEP": self.sep, "FILL": self.fill, "PAD": self.pad}
         self.vocab_size = data.vocab_size + 4
         self.sep_position = 1 + length + gap  # index of [SEP] in the example
         self.dependency_distance = length + gap + 1  # copy position - source position

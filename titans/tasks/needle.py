@@ -64,6 +64,8 @@ class NeedleTask:
         self.content_size = data.vocab_size
         self.buckets = data.needle_buckets
         self.bos, self.needle, self.query_token = range(data.vocab_size, data.vocab_size + 3)
+        # Names of the special ids, which `titans generate --prompt` accepts.
+        self.token_names = {"BOS": self.bos, "NEEDLE": self.needle, "QUERY": self.query_token}
         self.dependency_distance = distance
         if self.query == "position":
             self.answer_ids = tuple(range(data.vocab_size + 3, data.vocab_size + 3 + self.buckets))

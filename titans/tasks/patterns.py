@@ -58,6 +58,7 @@ class PatternTask:
         self.period_min, self.period_max = low, high
         self.content_size = data.vocab_size
         self.sep = data.vocab_size
+        self.token_names = {"SEP": self.sep}  # accepted by `titans generate --prompt`
         self.vocab_size = data.vocab_size + 1
         self.dependency_distance = low + 1  # the shortest unit: every scored token repeats one unit back
         self.answer_ids = tuple(range(self.vocab_size))

