@@ -24,8 +24,6 @@ import copy
 import functools
 import math
 import os
-import signal
-import threading
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -58,6 +56,7 @@ from titans.models import build_model, num_parameters
 from titans.plots import plot_run
 from titans.progress import Progress
 from titans.run import MetricsLog, RunDir, TrainingCheckpoints, open_run_dir
+from titans.stop import StopFlag
 from titans.system import cpu_compiler, loaded_allocator
 from titans.tasks import make_task
 
@@ -100,47 +99,6 @@ def _divergence_message(cfg: RunConfig, what: str, step: int, run_dir: Path) -> 
         f"{cfg.model.memory.inner_grad_clip}), or set training.nan_policy=skip to skip such steps. "
         f"{last_good}"
     )
-
-
-class StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop polls, so a run stops between steps with a checkpoint.
-
-    A second signal of the same kind gets the default behaviour back (Ctrl-C twice still kills at once).
-    Handlers can only be installed from the main thread; elsewhere (e.g. a worker thread) signals are left alone.
-    """
-
-    def __init__(self, announce: bool = True) -> None:
-        self.signal_name: str | None = None
-        self._previous: dict[int, Any] = {}
-        self.announce = announce  # say on stderr how long the stop waits (rank 0 only under torchrun)
-        self.step_started = time.monotonic()  # the loop stamps each step's start
-        self.last_step_s: float | None = None  # and the previous step's duration
-
-    def __enter__(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal_name = signal.Signals(signum).name
-        signal.signal(signum, self._previous[signum])
-        if self.announce:
-            # A step cannot be cut in the middle, so a long one (a long sequence, a cold compile) is announced.
-            if self.last_step_s is None:
-                wait = "the first step still runs"
-            else:
-                left = max(0.0, self.last_step_s - (time.monotonic() - self.step_started))
-                wait = f"about {left:.0f} s left of the current step (the last took {self.last_step_s:.1f} s)"
-            message = (
-                f"\ntitans: {self.signal_name} received: stopping after the current step ({wait}), then saving a "
-                "checkpoint; send it again to stop at once without one\n"
-            )
-            os.write(2, message.encode())  # stderr, safe inside a signal handler
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def check_runtime(cfg: RunConfig, device: torch.device) -> None:
