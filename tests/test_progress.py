@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,31 @@ def test_heartbeat_line_reports_rate_and_time_left(monkeypatch, capsys) -> None:
 @pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (59.4, "59s"), (61, "1m01s"), (3600 * 2 + 5 * 60, "2h05m")])
 def test_durations_read_at_a_glance(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
+
+
+def test_a_signal_during_training_announces_the_wait_then_stops_with_a_checkpoint(tmp_path: Path) -> None:
+    log = tmp_path / "train.log"
+    command = [sys.executable, "-m", "titans", "train", "--config", str(ROOT / "config.yaml"), *TINY]
+    command += ["training.max_steps=100000", "training.heartbeat_s=0.000001", "training.run_name=stop"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        deadline = time.time() + 120
+        while not re.search(r"^step 2/", log.read_text(), flags=re.M):  # two steps done: a step time is known
+            assert time.time() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    # Said at once, on stderr: how long the current step still runs, and that a second signal stops without waiting.
+    assert re.search(
+        r"SIGTERM received: stopping after the current step \(about \d+ s left; the last step took", err
+    ), err + log.read_text()
+    result = json.loads(log.read_text().strip().splitlines()[-1])
+    assert result["interrupted"] is True and (tmp_path / result["checkpoint"]).is_file()

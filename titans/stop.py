@@ -39,10 +39,10 @@ class StopFlag:
         if self.announce:
             # A step cannot be cut in the middle, so a long one (a long sequence, a cold compile) is announced.
             if self.last_step_s is None:
-                wait = "the first step still runs"
+                wait = "the first step is still running"
             else:
                 left = max(0.0, self.last_step_s - (time.monotonic() - self.step_started))
-                wait = f"about {left:.0f} s left of the current step (the last took {self.last_step_s:.1f} s)"
+                wait = f"about {left:.0f} s left; the last step took {self.last_step_s:.1f} s"
             message = (
                 f"\ntitans: {self.signal_name} received: stopping after the current step ({wait}), then saving a "
                 "checkpoint; send it again to stop at once without one\n"
