@@ -114,3 +114,15 @@ def test_a_signal_during_training_announces_the_wait_then_stops_with_a_checkpoin
     ), err + log.read_text()
     result = json.loads(log.read_text().strip().splitlines()[-1])
     assert result["interrupted"] is True and (tmp_path / result["checkpoint"]).is_file()
+
+
+def test_the_rate_leaves_out_the_first_steps_one_time_costs(monkeypatch, capsys) -> None:
+    clock = iter([0.0, 10.0, 11.0, 12.0])  # start; the first step takes 10 s (a build, a compile), then 1 s each
+    monkeypatch.setattr("titans.progress.time.monotonic", lambda: next(clock))
+    progress = Progress(total=10, unit="step", every_s=1.0)
+    progress.heartbeat = True
+    for _ in range(3):
+        progress.update()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "step 1/10: 10.00 s/step, ETA 1m30s"  # only the first step is known yet
+    assert lines[-1] == "step 3/10: 1.00 s/step, ETA 7s"  # measured from the end of the first step

@@ -53,6 +53,9 @@ class Progress:
         self.done = self.first_done = initial
         self.start = self.last_line = time.monotonic()
         self.said = False
+        # The rate is measured from the first update on once it can be: the first unit often pays one-time costs
+        # (a C++ build, compilation, warm caches) that would make every later ETA too long.
+        self.rate_from: tuple[float, int] | None = None
 
     def __enter__(self) -> Progress:
         return self
@@ -70,6 +73,8 @@ class Progress:
         if fields:
             self.bar.set_postfix({k: _short(v) for k, v in fields.items()})
         now = time.monotonic()
+        if self.rate_from is None:
+            self.rate_from = (now, self.done)
         if self.heartbeat and (not self.said or now - self.last_line >= self.every_s):
             self.said, self.last_line = True, now
             print(self.line(now, fields), flush=True)
@@ -80,6 +85,8 @@ class Progress:
         epoch = fields.get("epoch")
         parts = [f"{k} {_short(v)}" for k, v in fields.items() if k != "epoch"]
         elapsed, units = now - self.start, self.done - self.first_done
+        if self.rate_from is not None and self.done > self.rate_from[1] and now > self.rate_from[0]:
+            elapsed, units = now - self.rate_from[0], self.done - self.rate_from[1]
         if units > 0 and elapsed > 0:
             if self.tokens_per_unit:
                 parts.append(f"{units * self.tokens_per_unit / elapsed:,.0f} tokens/s")
