@@ -17,7 +17,7 @@ from titans.config import (
     ModelConfig,
     RunConfig,
     TrainingConfig,
-    _all_keys,
+    all_keys,
     config_to_dict,
     load_config,
     save_config,
@@ -207,7 +207,7 @@ def test_unreadable_inputs_raise_config_error(tmp_path):
 
 # Property: whatever text or overrides arrive, the loader returns a RunConfig or raises ConfigError, nothing else.
 
-_KEYS = _all_keys()
+_KEYS = all_keys()
 _scalars = st.one_of(
     st.none(),
     st.booleans(),
@@ -297,7 +297,7 @@ def test_impossible_configs_name_the_key_and_the_fix():
 # config that loads survives save_config/load_config unchanged.
 
 _SECTIONS = {"model", "data", "training", "model.memory"}
-_LEAVES = [key for key in _all_keys() if key not in _SECTIONS]
+_LEAVES = [key for key in all_keys() if key not in _SECTIONS]
 _PLAUSIBLE = st.one_of(
     st.integers(min_value=-2, max_value=130),
     st.floats(min_value=-1, max_value=2, allow_nan=False),

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from titans.config import _all_keys
+from titans.config import all_keys
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -38,7 +38,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def unrecognized_hint(unknown: Sequence[str], argv: Sequence[str]) -> str:
     """The error for arguments argparse did not recognise, with the dotted override each `--flag` probably meant."""
-    keys = _all_keys()
+    keys = all_keys()
     hints = []
     for arg in unknown:
         if not arg.startswith("--"):

@@ -15,7 +15,7 @@ Modules: `model`, `data`, `training` (the sections), `run` (`RunConfig`), `coerc
 """
 
 from titans.config.data import DataConfig
-from titans.config.load import _all_keys, config_to_dict, load_config, save_config
+from titans.config.load import all_keys, config_to_dict, load_config, save_config
 from titans.config.model import MAX_VOCAB, VARIANTS, MemoryConfig, ModelConfig
 from titans.config.run import FLEX_ON_CPU_ERROR, RunConfig
 from titans.config.training import TrainingConfig
@@ -31,7 +31,7 @@ __all__ = [
     "ModelConfig",
     "RunConfig",
     "TrainingConfig",
-    "_all_keys",
+    "all_keys",
     "config_to_dict",
     "load_config",
     "save_config",

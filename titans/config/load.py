@@ -21,13 +21,14 @@ from titans.config.run import RunConfig
 from titans.errors import ConfigError
 
 
-def _all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+def all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted config key, sections included (e.g. "model", "model.memory.chunk_size"), in source order."""
     keys = []
     for f in fields(cls):
         hint = _hints(cls)[f.name]
         keys.append(prefix + f.name)
         if is_dataclass(hint):
-            keys.extend(_all_keys(hint, f"{prefix}{f.name}."))
+            keys.extend(all_keys(hint, f"{prefix}{f.name}."))
     return keys
 
 
@@ -38,7 +39,7 @@ def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
     if sibling is not None:
         guess = prefix + sibling
     else:
-        everywhere = _all_keys()
+        everywhere = all_keys()
         same_leaf = [k for k in everywhere if k.rsplit(".", 1)[-1] == key]
         guess = same_leaf[0] if same_leaf else _close(dotted, everywhere, cutoff=0.75)
     hint = f" (did you mean {guess!r}?)" if guess else ""
