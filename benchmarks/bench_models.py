@@ -522,6 +522,8 @@ def measure_isolated(args: argparse.Namespace, case: ModelCase) -> dict[str, Any
     payload["budget_s"] = args.budget
     command = [sys.executable, str(SCRIPT), "--worker", json.dumps(payload)]
     env = worker_env(args.omp_wait_policy, case.malloc, args.huge_pages, args.allocator)
+    if case.compile:  # said before, not after: a cold compilation is minutes of otherwise silent work
+        print(f"  {case.label()}: compiling (the first call builds the kernels; seconds with a warm cache)", flush=True)
     result = run_isolated(command, args.timeout, args.mem_cap_gb, env)
     row = {**asdict(case), **result, "load": load_average()}
     status = result.get("error") or f"{result['tokens_per_s']:.0f} tok/s, +{result['peak_delta_mb']:.0f} MB"
@@ -730,8 +732,12 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     print()
+    if not rows:  # --peer-only: no per-variant sweep, so no table of it
+        print("(per-variant sweep skipped: --peer-only)")
     print(
-        format_table(
+        ""
+        if not rows
+        else format_table(
             rows,
             [
                 ("variant", "variant", ""),

@@ -126,3 +126,15 @@ def test_the_rate_leaves_out_the_first_steps_one_time_costs(monkeypatch, capsys)
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "step 1/10: 10.00 s/step, ETA 1m30s"  # only the first step is known yet
     assert lines[-1] == "step 3/10: 1.00 s/step, ETA 7s"  # measured from the end of the first step
+
+
+def test_work_that_is_usually_quick_speaks_only_once_it_is_slow(monkeypatch, capsys) -> None:
+    # evaluate() uses this form: silent for a quick evaluation, a line once it has run every_s seconds (a busy machine).
+    clock = iter([0.0, 5.0, 31.0])
+    monkeypatch.setattr("titans.progress.time.monotonic", lambda: next(clock))
+    progress = Progress(total=4, unit="batch", desc="evaluating", every_s=30.0, bar=False, announce_first=False)
+    progress.heartbeat = True
+    progress.update()
+    assert capsys.readouterr().out == ""  # 5 s in: quiet
+    progress.update()
+    assert capsys.readouterr().out.startswith("evaluating batch 2/4: ")  # 31 s in: says where it is

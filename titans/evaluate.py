@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from titans.progress import Progress
 from titans.tasks.base import IGNORE_INDEX, Batch, Task
 
 
@@ -43,8 +44,10 @@ def evaluate(
     autocast = (
         torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     )
+    # Quiet unless slow: a line every HEARTBEAT_S seconds once an evaluation has run that long (a loaded machine).
+    progress = Progress(-(-len(batch) // batch_size), "batch", "evaluating", bar=False, announce_first=False)
     try:
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, progress:
             for start in range(0, len(batch), batch_size):
                 part = batch[start : start + batch_size].to(device)
                 logits, _, _ = model(part.inputs)
@@ -56,6 +59,7 @@ def evaluate(
                 total_tokens += int((part.targets != IGNORE_INDEX).sum())
                 # Scored once on the whole batch below so every task metric is exact whatever its averaging.
                 all_logits.append(logits.cpu())
+                progress.update()
     finally:
         model.train(was_training)
     if total_tokens == 0:

@@ -31,8 +31,9 @@ class Progress:
     """Progress through `total` units (steps, lengths, examples).
 
     enabled=False shows nothing (a non-main rank, or progress turned off). On a terminal (stdout and stderr both ttys)
-    this is a tqdm bar; otherwise, with every_s > 0, a heartbeat line on stdout at the first update and then at most
-    every `every_s` seconds. tokens_per_unit adds a tokens/s figure. Use as a context manager (closes the bar).
+    this is a tqdm bar (unless bar=False); otherwise, with every_s > 0, a heartbeat line on stdout at the first update
+    (unless announce_first=False) and then at most every `every_s` seconds. tokens_per_unit adds a tokens/s figure.
+    Use as a context manager (closes the bar).
     """
 
     def __init__(
@@ -44,15 +45,18 @@ class Progress:
         enabled: bool = True,
         every_s: float = HEARTBEAT_S,
         tokens_per_unit: int | None = None,
+        bar: bool = True,
+        announce_first: bool = True,
     ) -> None:
-        terminal = enabled and sys.stdout.isatty() and sys.stderr.isatty()
+        terminal = enabled and bar and sys.stdout.isatty() and sys.stderr.isatty()
         self.bar = tqdm(total=total, initial=initial, disable=not terminal, dynamic_ncols=True, unit=unit, desc=desc)
         self.heartbeat = enabled and not terminal and every_s > 0
         self.total, self.unit, self.desc, self.every_s = total, unit, desc, every_s
         self.tokens_per_unit = tokens_per_unit
         self.done = self.first_done = initial
         self.start = self.last_line = time.monotonic()
-        self.said = False
+        # announce_first=False: the first line only once every_s has passed (work that is usually quick stays quiet)
+        self.said = not announce_first
         # The rate is measured from the first update on once it can be: the first unit often pays one-time costs
         # (a C++ build, compilation, warm caches) that would make every later ETA too long.
         self.rate_from: tuple[float, int] | None = None
