@@ -33,6 +33,7 @@ DELTA_RULE = [
 ROWS = {
     "lmm": [],
     "delta": DELTA_RULE,
+    "lmm-noclip": ["model.memory.inner_grad_clip=null"],
     "lmm-theta0.25": ["model.memory.theta_init=0.25"],
     "lmm-theta0.25-noclip": ["model.memory.theta_init=0.25", "model.memory.inner_grad_clip=null"],
     "lmm-theta0.25-depth1": ["model.memory.theta_init=0.25", "model.memory_layers=1"],
