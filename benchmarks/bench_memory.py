@@ -42,6 +42,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from titans.progress import HEARTBEAT_S  # noqa: E402
 from titans.system import ALLOCATORS, AllocatorError, allocator_env  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
@@ -156,11 +157,16 @@ def run_isolated(
     """Run a worker command that prints one JSON line last; return that dict, or {"error": why}.
 
     A watchdog polls the worker's RSS and kills it above mem_cap_gb (the machine is shared; a runaway
-    configuration must not take everyone's memory) or after timeout_s.
+    configuration must not take everyone's memory) or after timeout_s. A worker that runs long gets a line every
+    HEARTBEAT_S seconds, so a benchmark's output is never silent for a minute.
     """
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     start, max_seen, error = time.monotonic(), 0.0, None
+    said = start
     while proc.poll() is None:
+        if time.monotonic() - said >= HEARTBEAT_S:
+            said = time.monotonic()
+            print(f"    ... still measuring ({said - start:.0f} s)", flush=True)
         max_seen = max(max_seen, _rss_mb(proc.pid))
         if max_seen > mem_cap_gb * 1024:
             error = f"killed: RSS passed the {mem_cap_gb:g} GB cap (--mem-cap-gb)"

@@ -693,10 +693,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.vs_transformer:
         args.variants = [v for v in VS_VARIANTS]
     cases = train_sweep(args.quick, args.seq_lens, ["MAC"] if args.peer_only else args.variants)
-    print(
-        f"bench_models: {len(cases)} training configurations, {args.threads} threads, torch {torch.__version__}",
-        flush=True,
-    )
+    if args.vs_transformer:
+        what = f"{len(VS_VARIANTS)} models against a same-size Transformer at d_model 256 and 64"
+    elif args.peer_only:
+        what = "MAC against titans-pytorch"
+    else:
+        what = f"{len(cases)} training configurations"
+    print(f"bench_models: {what}, {args.threads} threads, torch {torch.__version__}", flush=True)
     gate: dict[str, float] = {}
     for variant in args.variants:
         if variant.startswith("baseline"):

@@ -95,7 +95,11 @@ class Progress:
             if self.tokens_per_unit:
                 parts.append(f"{units * self.tokens_per_unit / elapsed:,.0f} tokens/s")
             parts.append(f"{elapsed / units:.2f} s/{self.unit}")
-            parts.append(f"ETA {format_duration((self.total - self.done) * elapsed / units)}")
+            if self.rate_from is not None and self.done == self.rate_from[1] and self.done - self.first_done == 1:
+                # Only the first unit is timed, one-time costs (a build, a compile) included: no forecast from it.
+                parts.append("ETA from the next line")
+            else:
+                parts.append(f"ETA {format_duration((self.total - self.done) * elapsed / units)}")
         return head + (f" (epoch {epoch})" if epoch is not None else "") + ": " + ", ".join(parts)
 
 
