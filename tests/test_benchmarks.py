@@ -17,14 +17,7 @@ sys.path.insert(0, str(BENCH))
 import bench_memory  # noqa: E402
 import bench_models  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # One intra-op thread: with libgomp's default spinning, 2 threads on a busy 2-core machine are many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize(

@@ -34,13 +34,7 @@ from titans.train import train
 VARIANTS = ["baseline", "LMM", "MAC", "MAG", "MAL"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine spinning workers slow them down.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_model(variant: str, vocab_size: int = 256, dtype: torch.dtype = torch.float64) -> nn.Module:

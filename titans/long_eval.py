@@ -59,24 +59,6 @@ def _check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def detach_state(state: Any) -> Any:
-    """A copy of a model's streaming state with every tensor detached (truncated back-propagation through time).
-
-    Works on any nesting of dataclasses, lists, tuples and dicts: every model's state is built from those.
-    """
-    if isinstance(state, torch.Tensor):
-        return state.detach()
-    if dataclasses.is_dataclass(state) and not isinstance(state, type):
-        return dataclasses.replace(
-            state, **{f.name: detach_state(getattr(state, f.name)) for f in dataclasses.fields(state) if f.init}
-        )
-    if isinstance(state, list | tuple):
-        return type(state)(detach_state(item) for item in state)
-    if isinstance(state, dict):
-        return {key: detach_state(value) for key, value in state.items()}
-    return state
-
-
 @torch.no_grad()
 def stream_logits(
     model: nn.Module, idx: torch.Tensor, segment_len: int = DEFAULT_SEGMENT_LEN, state: Any = None

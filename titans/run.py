@@ -247,12 +247,13 @@ class MetricsLog:
     def train_loss_since_eval(self) -> float:
         """Mean loss of the applied steps since the last evaluation (NaN if none): the train loss an evaluation
         line shows."""
-        last = self.last_eval
-        losses = [
-            r["loss"]
-            for r in self.records
-            if r["kind"] == "train" and not r.get("skipped") and (last is None or r["step"] > last["step"])
-        ]
+        losses = []
+        for record in reversed(self.records):  # back to the last evaluation only: a long run has many records
+            if record["kind"] == "eval":
+                break
+            if record["kind"] == "train" and not record.get("skipped"):
+                losses.append(record["loss"])
+        losses.reverse()  # summed in step order, as always
         return sum(losses) / len(losses) if losses else float("nan")
 
 

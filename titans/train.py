@@ -386,9 +386,15 @@ def train_step(
     return StepResult(loss, grad_norm, lr, non_finite is None, non_finite, stop_requested)
 
 
+def _autocast_dtype(dtype: str) -> torch.dtype | None:
+    """training.dtype as the forward pass's autocast dtype: bfloat16, or None (float32, no autocast)."""
+    return torch.bfloat16 if dtype == "bfloat16" else None
+
+
 def _autocast(device: torch.device, dtype: str) -> AbstractContextManager:
-    """The forward pass's autocast: bfloat16 with training.dtype=bfloat16, else nothing (float32)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    """The forward pass's autocast for training.dtype (train_step; evaluation passes the dtype to `evaluate`)."""
+    autocast_dtype = _autocast_dtype(dtype)
+    return torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
 
 
 def run_evaluation(
@@ -401,8 +407,7 @@ def run_evaluation(
     """
     metrics = None
     if is_main or is_sharded(model):
-        autocast_dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" else None
         evaluated = model if is_sharded(model) else unwrap_model(model)
-        metrics = evaluate(evaluated, task, data.test_set, cfg.training.batch_size, autocast_dtype)
+        metrics = evaluate(evaluated, task, data.test_set, cfg.training.batch_size, _autocast_dtype(cfg.training.dtype))
     metrics = broadcast_object(metrics)
     log.log({"kind": "eval", "step": step, "epoch": epoch, "train_loss": log.train_loss_since_eval(), **metrics})
