@@ -1,4 +1,4 @@
-"""memory-check end to end on a tiny checkpoint: writes, surprise per repetition, and the no-update ablation."""
+"""memory-check end to end on tiny checkpoints of every memory variant: writes, surprise, rule ablations."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import math
 import pytest
 
 from titans.config import load_config
+from titans.memory_ablations import ABLATIONS
 from titans.memory_check import memory_check
 from titans.train import train
 
 
-@pytest.mark.parametrize("variant", ["LMM", "MAC"])
+@pytest.mark.parametrize("variant", ["LMM", "MAC", "MAG", "MAL"])
 def test_memory_check_reports_updates_surprise_and_ablation(tmp_path, variant: str) -> None:
     cfg = load_config(
         None,
@@ -41,6 +42,23 @@ def test_memory_check_reports_updates_surprise_and_ablation(tmp_path, variant: s
     assert all(len(r) == 3 and all(math.isfinite(x) for x in r) for r in result["surprise_per_repeat"])
     assert 0.0 <= result["copy_accuracy_without_updates"] <= 1.0
     assert (tmp_path / "run" / "memory_check.png").stat().st_size > 0
+
+    # the update-rule ablations: every row for a depth-2 memory with momentum and forgetting
+    table = result["ablations"]
+    assert list(table) == list(ABLATIONS)
+    for name, row in table.items():
+        assert 0.0 <= row["metric"] <= 1.0 and math.isfinite(row["test_loss"]), name
+        assert len(row["inner_loss_per_layer"]) == 2 and all(v >= 0 for v in row["inner_loss_per_layer"]), name
+    # the table's end points are the measurements above, taken another way
+    assert table["as trained"]["metric"] == pytest.approx(result["copy_accuracy_with_updates"])
+    assert table["frozen at M_0"]["metric"] == pytest.approx(result["copy_accuracy_without_updates"])
+    # writing lowers the inner loss on held-out data below M_0's, ascent raises it
+    assert (
+        table["as trained"]["inner_loss"]
+        < table["frozen at M_0"]["inner_loss"]
+        < table["ascent (theta x -1)"]["inner_loss"]
+    )
+    assert (tmp_path / "run" / "memory_ablations.png").stat().st_size > 0
 
 
 def test_memory_check_refuses_a_model_without_memory(tmp_path) -> None:

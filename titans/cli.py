@@ -210,7 +210,7 @@ def cmd_memory_check(args: argparse.Namespace) -> int:
     # Imported lazily: the check lives in its own module and is only needed by this command.
     from titans.memory_check import memory_check
 
-    print_json(memory_check(args.checkpoint))
+    print_json(memory_check(args.checkpoint, samples=args.samples, ablations=not args.no_ablations))
     return 0
 
 
@@ -236,6 +236,18 @@ def variant_list(text: str) -> list[str]:
     if not names or unknown:
         raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(VARIANTS)}, got {text!r}")
     return [canonical[name.lower()] for name in names]
+
+
+def _add_memory_check(commands: Any, process: argparse.ArgumentParser) -> None:
+    p = commands.add_parser("memory-check", help="check that the neural memory changes at test time", parents=[process])
+    p.add_argument("checkpoint", help="ckpt_*.pt file or run directory")
+    p.add_argument(
+        "--samples", type=positive_int, default=256, help="held-out examples each measurement evaluates (default 256)"
+    )
+    p.add_argument(
+        "--no-ablations", action="store_true", help="skip the update-rule ablations (theta scaled, ascent, ...)"
+    )
+    p.set_defaults(func=cmd_memory_check)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,9 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", **overrides)
     p.set_defaults(func=cmd_generate)
 
-    p = commands.add_parser("memory-check", help="check that the neural memory changes at test time", parents=[process])
-    p.add_argument("checkpoint", help="ckpt_*.pt file or run directory")
-    p.set_defaults(func=cmd_memory_check)
+    _add_memory_check(commands, process)
 
     p = commands.add_parser(
         "long-eval", help="length extrapolation (mqar, niah) or streamed bits per byte (text)", parents=[process]

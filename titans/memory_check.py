@@ -1,4 +1,4 @@
-"""Does the memory really learn at test time? Three measurements on a trained checkpoint.
+"""Does the memory really learn at test time? Four measurements on a trained checkpoint.
 
     titans memory-check runs/<run>/            # or a ckpt_*.pt file
 
@@ -9,8 +9,11 @@
    stores the block.
 3. Test-time updates matter: the task metric with updates on vs. with every write switched off (theta = 0, so the
    memory is read at M_0 only). A memory that does the work shows a clear drop.
-Prints the numbers, writes `memory_check.png` (surprise against position) next to the checkpoint, and returns a dict
-(the CLI prints it as one JSON line).
+4. Ablations of the update rule (titans/memory_ablations.py): the metric and the held-out inner loss with the step
+   theta scaled by 0, 0.5, 2 and -1 (gradient ascent), momentum off, forgetting off, the memory reset halfway, and
+   only the last memory layer written.
+Prints the numbers, writes `memory_check.png` (surprise against position) and `memory_ablations.png` next to the
+checkpoint, and returns a dict (the CLI prints it as one JSON line).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from titans.data import make_datasets
 from titans.evaluate import evaluate
 from titans.memory import NeuralMemory
+from titans.memory_ablations import plot_ablations, print_table, run_ablations
 from titans.models import TitansLM
 from titans.run import load_trained
 
@@ -58,8 +62,10 @@ def _set_updates(model: TitansLM, enabled: bool) -> None:
         layer.update_memory = enabled
 
 
-def memory_check(checkpoint: str, repeats: int = 4, block: int | None = None, samples: int = 256) -> dict[str, Any]:
-    """The three measurements above for the model in `checkpoint` (file or run directory)."""
+def memory_check(
+    checkpoint: str, repeats: int = 4, block: int | None = None, samples: int = 256, ablations: bool = True
+) -> dict[str, Any]:
+    """The measurements above for the model in `checkpoint` (file or run directory); ablations=False skips 4."""
     start = time.time()
     _say(f"loading {checkpoint}")
     cfg, task, model, path = load_trained(checkpoint, [])
@@ -74,13 +80,14 @@ def memory_check(checkpoint: str, repeats: int = 4, block: int | None = None, sa
     test_set = test_set[:samples].to(device)
 
     # 1. writes during evaluation
-    _say("1/3: the memory's writes on 8 test examples")
+    stages = 4 if ablations else 3
+    _say(f"1/{stages}: the memory's writes on 8 test examples")
     stats = _collect(model, test_set.inputs[:8])
     update_norm = [s["update_norm"].mean().item() for s in stats]
 
     # 2. surprise per repetition of a random block
     block = block or max(8, min(64, task.seq_len // repeats))
-    _say(f"2/3: surprise over a random {block}-token block repeated {repeats} times")
+    _say(f"2/{stages}: surprise over a random {block}-token block repeated {repeats} times")
     gen = torch.Generator().manual_seed(0)
     pattern = torch.randint(0, task.vocab_size, (4, block), generator=gen).to(device)
     stats = _collect(model, pattern.repeat(1, repeats))
@@ -92,13 +99,18 @@ def memory_check(checkpoint: str, repeats: int = 4, block: int | None = None, sa
         per_repeat.append([round(surprise[r * block : (r + 1) * block].mean().item(), 4) for r in range(repeats)])
 
     # 3. metric with and without test-time updates
-    _say(f"3/3: {task.metric} on {len(test_set)} test examples with test-time updates, then without")
+    _say(f"3/{stages}: {task.metric} on {len(test_set)} test examples with test-time updates, then without")
     with_updates = evaluate(model, task, test_set, cfg.training.batch_size)
     _set_updates(model, False)
     try:
         without_updates = evaluate(model, task, test_set, cfg.training.batch_size)
     finally:
         _set_updates(model, True)
+
+    table = {}
+    if ablations:
+        _say(f"4/{stages}: {task.metric} and the inner loss under 9 changes to the update rule")
+        table = run_ablations(model, layers, task, test_set, cfg.training.batch_size)
 
     metric = task.metric
     print(f"memory-check of {path} ({cfg.model.variant}, {task.name}, {len(layers)} memory layers)")
@@ -113,6 +125,14 @@ def memory_check(checkpoint: str, repeats: int = 4, block: int | None = None, sa
     segment = cfg.model.segment_len if cfg.model.variant == "MAC" else None
     plot = _plot(curves, block, repeats, Path(path).parent / "memory_check.png", title, segment)
     falls = [reps[-1] < reps[0] for reps in per_repeat]
+    ablation_plot = None
+    if table:
+        probe = min(32, len(test_set))
+        print(f"  the update rule changed at test time ({len(test_set)} examples; inner loss on the first {probe}):")
+        print_table(table, metric, task.chance)
+        ablation_plot = plot_ablations(
+            table, metric, task.chance, Path(path).parent / "memory_ablations.png", f"{title}: update-rule ablations"
+        )
     return {
         "variant": cfg.model.variant,
         "task": task.name,
@@ -124,6 +144,8 @@ def memory_check(checkpoint: str, repeats: int = 4, block: int | None = None, sa
         f"{metric}_without_updates": without_updates[metric],
         "chance": task.chance,
         "plot": str(plot),
+        "ablations": table,
+        "ablation_plot": str(ablation_plot) if ablation_plot else None,
         "wall_s": round(time.time() - start, 2),
     }
 

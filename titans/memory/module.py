@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from titans.matmul import Linear
+from titans.memory.ablation import MemoryAblation, ablate_gates
 from titans.memory.chunked import chunked_memory
 from titans.memory.fused import fused_memory
 from titans.memory.naive import naive_memory
@@ -173,6 +174,7 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"grad_clip must be > 0 or None (no clipping), got {grad_clip}")
         self.grad_clip = grad_clip  # max Frobenius norm of each token's inner gradient, per layer (None = off)
         self.update_memory = True  # False reads the memory without writing it (memory-check's ablation)
+        self.ablation: MemoryAblation | None = None  # memory-check's changes to the update rule (ablation.py)
         # when a list, every forward appends {"surprise", "update_norm"} [B, H, T] to it (memory-check's probe)
         self.stats_sink: list[dict[str, Tensor]] | None = None
         self.network = MemoryMLP(self.head_dim, depth, heads, expansion, activation, residual_norm)
@@ -268,6 +270,8 @@ class NeuralMemory(nn.Module):
         alpha = torch.sigmoid(per_head(self.to_alpha(x))) if self.to_alpha is not None else None
         if alpha is not None and self.channelwise_forget:
             alpha = list(alpha.split([d_out for d_out, _ in self.network.shapes], dim=-1))
+        if self.ablation is not None:
+            return ablate_gates(self.ablation, theta, eta, alpha, self.network.depth)
         return theta, eta, alpha
 
     def forward(
@@ -290,9 +294,45 @@ class NeuralMemory(nn.Module):
         if stats is None and self.stats_sink is not None:
             stats = {}
             self.stats_sink.append(stats)
-        if length == 1 and self.update_memory and not torch.is_grad_enabled():
+        if length == 1 and self.plain and not torch.is_grad_enabled():
             if not torch.is_autocast_enabled(x.device.type):
                 return self.decode_step(x, state, stats)
+        reset = self.ablation.reset_at if self.ablation is not None else None
+        position = state.memory.position
+        if reset is not None and position <= reset < position + length:
+            return self._forward_with_reset(x, state, stats, reset - position)
+        return self._forward(x, state, stats)
+
+    @property
+    def plain(self) -> bool:
+        """Writes on, not probed, not ablated: the fast paths (one-token decode, fixed-shape and compiled steps),
+        which implement none of those, may run."""
+        return self.update_memory and self.stats_sink is None and self.ablation is None
+
+    def _forward_with_reset(
+        self, x: Tensor, state: NeuralMemoryState, stats: dict[str, Tensor] | None, before: int
+    ) -> tuple[Tensor, NeuralMemoryState]:
+        """`MemoryAblation.reset_at` inside this call: `before` tokens, M and S back to M_0 and 0, then the rest."""
+        parts = [{}, {}] if stats is not None else [None, None]
+        outputs = []
+        if before > 0:
+            y, state = self._forward(x[:, :before], state, parts[0])
+            outputs.append(y)
+        fresh = MemoryState.initial(self.network, x.shape[0])
+        # the position is kept: chunk boundaries stay where they were, and the reset happens once per sequence
+        fresh = MemoryState(fresh.weights, fresh.momentum, fresh.anchor, state.memory.position)
+        y, state = self._forward(x[:, before:], NeuralMemoryState(fresh, state.conv), parts[1])
+        outputs.append(y)
+        if stats is not None:
+            for key in parts[1]:
+                stats[key] = torch.cat([p[key] for p in parts if p and key in p], dim=-1)
+        return torch.cat(outputs, dim=1), state
+
+    def _forward(
+        self, x: Tensor, state: NeuralMemoryState, stats: dict[str, Tensor] | None
+    ) -> tuple[Tensor, NeuralMemoryState]:
+        """`forward` after validation: the general path for any length."""
+        batch, length, _ = x.shape
         qkv, conv_state = self.conv(self.to_qkv(x), state.conv)
         # inner-loop arithmetic in float32 at least, even under autocast (bf16 inner updates drift)
         inner_dtype = torch.promote_types(x.dtype, torch.float32)

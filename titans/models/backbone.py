@@ -371,10 +371,10 @@ class TitansLM(nn.Module):
 
     def _fixed_states(self, state: LMState, capacity: int) -> list[Any] | None:
         """Every block's state in fixed-shape form (`block.fixed_state`), or None when some block has none or a memory
-        is probed (stats_sink) or read-only (update_memory False), which the fixed step does not implement.
+        is probed, read-only or ablated (`NeuralMemory.plain` false), which the fixed step does not implement.
         capacity: stream positions the decode may reach (full attention preallocates its cache to it)."""
         for module in self.modules():
-            if isinstance(module, NeuralMemory) and (module.stats_sink is not None or not module.update_memory):
+            if isinstance(module, NeuralMemory) and not module.plain:
                 return None
         if torch.is_autocast_enabled(self.head.weight.device.type):
             return None

@@ -110,8 +110,7 @@ class MACBlock(MACBlockFastPaths, nn.Module):
         if (
             x.shape[1] == 1
             and not torch.is_grad_enabled()
-            and self.memory.update_memory
-            and self.memory.stats_sink is None
+            and self.memory.plain
             and not torch.is_autocast_enabled(x.device.type)
         ):
             return self._decode(x, state)

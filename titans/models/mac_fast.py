@@ -174,7 +174,7 @@ class MACBlockFastPaths:
     def compilable(self, n: int, state: MACState) -> bool:
         """Whether n tokens at `state` may run as a compiled segment (`compile_segments`, MACLM's segment-major path):
         a whole segment from a segment boundary with gradients on (training), the memory at a chunk boundary, and
-        none of what the traced function leaves out (the memory's statistics sink, the naive reference)."""
+        none of what the traced function leaves out (a probed, read-only or ablated memory, the naive reference)."""
         chunk = self.memory.chunk_size
         return (
             torch.is_grad_enabled()
@@ -182,7 +182,7 @@ class MACBlockFastPaths:
             and state.position % self.segment_len == 0
             and state.memory.memory.position % chunk == 0
             and self.segment_len % chunk == 0
-            and self.memory.stats_sink is None
+            and self.memory.plain
             and self.memory.impl != "naive"
         )
 

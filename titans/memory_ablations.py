@@ -1,0 +1,144 @@
+"""memory-check's fourth measurement: the trained model under changes to its memory's update rule.
+
+Each row evaluates the same held-out examples with one change (titans/memory/ablation.py) and reports the task
+metric and the inner loss l(M_{t-1}; k_t, v_t) (Eq. 12) averaged over every held-out token each memory layer wrote
+from. The rows test two observations about test-time training with key-value binding (ICML 2026, "Test-Time
+Training with KV Binding Is Secretly Linear Attention"): that a larger inner step lowers the inner loss while the
+task gets worse (theta x 2), and that gradient ascent works about as well as descent (theta x -1).
+
+    as trained        the checkpoint as it is (theta x 1)
+    frozen at M_0     no write at all: the memory is read at its learned initial weights
+    theta x 0         no surprise writes; forgetting alone still decays M (Eq. 13)
+    theta x 0.5, x 2  the inner step halved / doubled (Eq. 14)
+    ascent            theta x -1: each write *raises* the inner loss
+    momentum off      eta = 0 (Eq. 14 without S_{t-1})
+    forgetting off    alpha = 0 (Eq. 13 keeps all of M_{t-1})
+    reset mid-seq     M and S back to M_0 and 0 halfway through the tokens the memory sees
+    last layer only   only the memory MLP's last layer is written (memories of depth >= 2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from titans.evaluate import evaluate
+from titans.memory import NeuralMemory
+from titans.memory.ablation import MemoryAblation
+from titans.tasks.base import Batch, Task
+
+# name -> the ablation for a memory of this depth that sees this many tokens per sequence (None: not applicable);
+# "frozen at M_0" is the layer's read-only switch (update_memory), not an ablation of the gates
+Factory = Callable[[NeuralMemory, int], MemoryAblation | None]
+ABLATIONS: dict[str, Factory] = {
+    "as trained": lambda layer, length: MemoryAblation(),
+    "frozen at M_0": lambda layer, length: None,
+    "theta x 0": lambda layer, length: MemoryAblation(theta_scale=0.0),
+    "theta x 0.5": lambda layer, length: MemoryAblation(theta_scale=0.5),
+    "theta x 2": lambda layer, length: MemoryAblation(theta_scale=2.0),
+    "ascent (theta x -1)": lambda layer, length: MemoryAblation(theta_scale=-1.0),
+    "momentum off": lambda layer, length: MemoryAblation(momentum=False) if layer.momentum else None,
+    "forgetting off": lambda layer, length: MemoryAblation(forgetting=False) if layer.forgetting else None,
+    "reset mid-sequence": lambda layer, length: MemoryAblation(reset_at=max(length // 2, 1)),
+    "last layer only": lambda layer, length: (
+        MemoryAblation(layers=(layer.network.depth - 1,)) if layer.network.depth >= 2 else None
+    ),
+}
+
+
+def applicable(name: str, layers: list[NeuralMemory], length: int) -> bool:
+    """Whether row `name` means something for these memory layers (momentum off needs momentum, and so on)."""
+    if name in ("as trained", "frozen at M_0"):
+        return True
+    return any(ABLATIONS[name](layer, length) is not None for layer in layers)
+
+
+def inner_loss(layers: list[NeuralMemory], model: torch.nn.Module, inputs: torch.Tensor) -> list[float]:
+    """Mean inner loss (surprise) per memory layer over every token of inputs [B, T] that the layer processed."""
+    for layer in layers:
+        layer.stats_sink = []
+    try:
+        with torch.no_grad():
+            model(inputs)
+        # MAC calls its memory once per segment: every piece counts
+        return [torch.cat([s["surprise"].flatten() for s in layer.stats_sink]).mean().item() for layer in layers]
+    finally:
+        for layer in layers:
+            layer.stats_sink = None
+
+
+def tokens_seen(layers: list[NeuralMemory], model: torch.nn.Module, inputs: torch.Tensor) -> int:
+    """How many tokens of one sequence the first memory layer processes (MAL/MAG: the persistent prefix too)."""
+    layer = layers[0]
+    layer.stats_sink = []
+    try:
+        with torch.no_grad():
+            model(inputs[:1])
+        return sum(s["surprise"].shape[-1] for s in layer.stats_sink)
+    finally:
+        layer.stats_sink = None
+
+
+def run_ablations(
+    model: torch.nn.Module, layers: list[NeuralMemory], task: Task, test_set: Batch, batch_size: int, probe: int = 32
+) -> dict[str, dict[str, Any]]:
+    """Every applicable row: {"metric", "test_loss", "inner_loss" (mean over layers), "inner_loss_per_layer"}.
+
+    The metric and test loss come from `evaluate` on all of `test_set`; the inner loss from its first `probe`
+    examples. Every layer gets the same change (a layer without momentum ignores "momentum off", and so on)."""
+    length = tokens_seen(layers, model, test_set.inputs)
+    probe_inputs = test_set.inputs[:probe]
+    results: dict[str, dict[str, Any]] = {}
+    for name, factory in ABLATIONS.items():
+        if not applicable(name, layers, length):
+            continue
+        for layer in layers:
+            layer.ablation = factory(layer, length) if name != "frozen at M_0" else None
+            layer.update_memory = name != "frozen at M_0"
+        try:
+            metrics = evaluate(model, task, test_set, batch_size)
+            per_layer = inner_loss(layers, model, probe_inputs)
+        finally:
+            for layer in layers:
+                layer.ablation, layer.update_memory = None, True
+        results[name] = {
+            "metric": metrics[task.metric],
+            "test_loss": metrics["test_loss"],
+            "inner_loss": sum(per_layer) / len(per_layer),
+            "inner_loss_per_layer": per_layer,
+        }
+    return results
+
+
+def print_table(results: dict[str, dict[str, Any]], metric: str, chance: float) -> None:
+    print(f"  {'update rule':22s} {metric:>16s} {'test loss':>10s} {'inner loss':>11s}   (chance {chance:.4f})")
+    for name, row in results.items():
+        print(f"  {name:22s} {row['metric']:16.4f} {row['test_loss']:10.4f} {row['inner_loss']:11.4g}")
+
+
+def plot_ablations(results: dict[str, dict[str, Any]], metric: str, chance: float, path: Path, title: str) -> Path:
+    """Two bar charts side by side: the task metric and the held-out inner loss under each update rule."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    names = list(results)
+    fig = Figure(figsize=(10, 4))
+    left, right = fig.subplots(1, 2)
+    left.barh(names, [results[n]["metric"] for n in names], color="tab:blue")
+    left.axvline(chance, color="grey", linestyle=":", label=f"chance {chance:.3g}")
+    left.set_xlabel(metric)
+    left.legend(fontsize=8, loc="lower right")
+    left.invert_yaxis()
+    right.barh(names, [results[n]["inner_loss"] for n in names], color="tab:orange")
+    right.set_xlabel("held-out inner loss ||M(k) - v||^2, mean over layers")
+    right.set_xscale("log")
+    right.xaxis.set_minor_formatter(NullFormatter())  # the log axis's minor labels overlap on a short span
+    right.invert_yaxis()
+    right.set_yticklabels([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
