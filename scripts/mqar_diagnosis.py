@@ -30,6 +30,7 @@ DELTA_RULE = [
     "model.memory.inner_grad_clip=null",
     "model.memory.theta_init=0.25",
 ]
+DEPTH2_CLIP = ["model.memory_layers=2", "model.memory.inner_grad_clip=1.0"]
 ROWS = {
     "lmm": [],
     "delta": DELTA_RULE,
@@ -38,10 +39,27 @@ ROWS = {
     "lmm-theta0.25-noclip": ["model.memory.theta_init=0.25", "model.memory.inner_grad_clip=null"],
     "lmm-theta0.25-depth1": ["model.memory.theta_init=0.25", "model.memory_layers=1"],
     "lmm-theta0.25-chunk4": ["model.memory.theta_init=0.25", "model.memory.chunk_size=4"],
+    "lmm-chunk1": ["model.memory.chunk_size=1"],
     "lmm-theta0.25-nomomentum": ["model.memory.theta_init=0.25", "model.memory.momentum=false"],
     "lmm-theta0.25-noforgetting": ["model.memory.theta_init=0.25", "model.memory.forgetting=false"],
     "delta-chunk16": [*DELTA_RULE, "model.memory.chunk_size=16"],
     "lmm-theta0.5": ["model.memory.theta_init=0.5"],
+    # one LMM default added to the control at a time: the control learns on every seed, so a row that stops
+    # learning names the default that holds the memory back
+    "delta+depth2": [*DELTA_RULE, "model.memory_layers=2"],
+    "delta+momentum": [*DELTA_RULE, "model.memory.momentum=true"],
+    "delta+forgetting": [*DELTA_RULE, "model.memory.forgetting=true"],
+    "delta+clip": [*DELTA_RULE, "model.memory.inner_grad_clip=1.0"],
+    "delta+theta0.05": [*DELTA_RULE, "model.memory.theta_init=0.05"],
+    # the LMM defaults rebuilt from the control one at a time, at theta_init 0.25 (the last step is lmm-theta0.25)
+    "delta+depth2+clip": [*DELTA_RULE, *DEPTH2_CLIP],
+    "delta+depth2+clip+momentum": [*DELTA_RULE, *DEPTH2_CLIP, "model.memory.momentum=true"],
+    "delta+depth2+clip+momentum+forgetting": [
+        *DELTA_RULE,
+        *DEPTH2_CLIP,
+        "model.memory.momentum=true",
+        "model.memory.forgetting=true",
+    ],
 }
 
 
