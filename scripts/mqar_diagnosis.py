@@ -40,6 +40,7 @@ ROWS = {
     "lmm-theta0.25-depth1": ["model.memory.theta_init=0.25", "model.memory_layers=1"],
     "lmm-theta0.25-chunk4": ["model.memory.theta_init=0.25", "model.memory.chunk_size=4"],
     "lmm-chunk1": ["model.memory.chunk_size=1"],
+    "lmm-chunk2": ["model.memory.chunk_size=2"],
     "lmm-theta0.25-nomomentum": ["model.memory.theta_init=0.25", "model.memory.momentum=false"],
     "lmm-theta0.25-noforgetting": ["model.memory.theta_init=0.25", "model.memory.forgetting=false"],
     "delta-chunk16": [*DELTA_RULE, "model.memory.chunk_size=16"],
