@@ -7,6 +7,7 @@ import torch
 
 from titans.memory import NeuralMemory
 from titans.memory.ablation import MemoryAblation
+from titans.memory_ablations import critique_verdict
 
 DT = torch.float64
 
@@ -131,3 +132,33 @@ def test_bad_ablations_are_refused() -> None:
     mem = make_memory()
     with pytest.raises(ValueError, match="beyond the memory's depth"):
         run(mem, torch.randn(1, 4, 16, dtype=DT), MemoryAblation(layers=(2,)))
+
+
+def _table(
+    trained: tuple[float, float], frozen: tuple[float, float], doubled: tuple[float, float], ascent: tuple[float, float]
+):
+    """The rows the verdict reads, from (test loss, inner loss) each."""
+    names = ("as trained", "frozen at M_0", "theta x 2", "ascent (theta x -1)")
+    return {
+        n: {"test_loss": t, "inner_loss": i}
+        for n, (t, i) in zip(names, (trained, frozen, doubled, ascent), strict=True)
+    }
+
+
+def test_the_critique_verdict_reads_the_table() -> None:
+    # the default copy run of docs/results.md: neither observation holds
+    copy = _table(trained=(0.015, 1.51), frozen=(8.586, 2.44), doubled=(1.874, 2.70), ascent=(7.229, 21.9))
+    assert critique_verdict(copy) == {
+        "larger_step_lowers_inner_loss_but_hurts_task": False,
+        "ascent_about_as_good_as_descent": False,
+    }
+    # a memory where both hold: doubling the step lowers the inner loss and raises the test loss, ascent nearly
+    # matches descent
+    both = _table(trained=(2.0, 1.0), frozen=(6.0, 1.5), doubled=(3.0, 0.8), ascent=(2.3, 5.0))
+    assert critique_verdict(both) == {
+        "larger_step_lowers_inner_loss_but_hurts_task": True,
+        "ascent_about_as_good_as_descent": True,
+    }
+    # a diverged ascent (NaN test loss) does not count as working
+    both["ascent (theta x -1)"]["test_loss"] = float("nan")
+    assert not critique_verdict(both)["ascent_about_as_good_as_descent"]

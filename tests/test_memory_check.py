@@ -59,6 +59,10 @@ def test_memory_check_reports_updates_surprise_and_ablation(tmp_path, variant: s
         < table["ascent (theta x -1)"]["inner_loss"]
     )
     assert (tmp_path / "run" / "memory_ablations.png").stat().st_size > 0
+    assert set(result["critique"]) == {
+        "larger_step_lowers_inner_loss_but_hurts_task",
+        "ascent_about_as_good_as_descent",
+    }
 
 
 def test_memory_check_refuses_a_model_without_memory(tmp_path) -> None:

@@ -113,6 +113,27 @@ def run_ablations(
     return results
 
 
+def critique_verdict(results: dict[str, dict[str, Any]]) -> dict[str, bool]:
+    """Whether the critique's two observations hold on this checkpoint, judged on the test loss (lower is better for
+    every task, so the verdict does not depend on the metric's direction):
+
+    larger_step_lowers_inner_loss_but_hurts_task: theta x 2 gives a lower held-out inner loss than as trained and a
+        higher test loss.
+    ascent_about_as_good_as_descent: ascent keeps at least 90 % of the test-loss improvement that the trained
+        (descent) writes make over the memory frozen at M_0.
+    """
+    trained, doubled = results["as trained"], results["theta x 2"]
+    ascent, frozen = results["ascent (theta x -1)"], results["frozen at M_0"]
+    gain = frozen["test_loss"] - trained["test_loss"]
+    return {
+        "larger_step_lowers_inner_loss_but_hurts_task": bool(
+            doubled["inner_loss"] < trained["inner_loss"] and doubled["test_loss"] > trained["test_loss"]
+        ),
+        # a NaN test loss (ascent diverged) compares false: ascent did not work
+        "ascent_about_as_good_as_descent": bool(frozen["test_loss"] - ascent["test_loss"] >= 0.9 * gain),
+    }
+
+
 def print_table(results: dict[str, dict[str, Any]], metric: str, chance: float) -> None:
     print(f"  {'update rule':22s} {metric:>16s} {'test loss':>10s} {'inner loss':>11s}   (chance {chance:.4f})")
     for name, row in results.items():

@@ -27,7 +27,7 @@ import torch
 from titans.data import make_datasets
 from titans.evaluate import evaluate
 from titans.memory import NeuralMemory
-from titans.memory_ablations import plot_ablations, print_table, run_ablations
+from titans.memory_ablations import critique_verdict, plot_ablations, print_table, run_ablations
 from titans.models import TitansLM
 from titans.run import load_trained
 
@@ -125,11 +125,17 @@ def memory_check(
     segment = cfg.model.segment_len if cfg.model.variant == "MAC" else None
     plot = _plot(curves, block, repeats, Path(path).parent / "memory_check.png", title, segment)
     falls = [reps[-1] < reps[0] for reps in per_repeat]
-    ablation_plot = None
+    ablation_plot, verdict = None, None
     if table:
         probe = min(32, len(test_set))
         print(f"  the update rule changed at test time ({len(test_set)} examples; inner loss on the first {probe}):")
         print_table(table, metric, task.chance)
+        verdict = critique_verdict(table)
+        print(
+            "  the KV-binding critique (judged on test loss): a larger step lowers the inner loss but hurts the task: "
+            f"{_yes(verdict['larger_step_lowers_inner_loss_but_hurts_task'])}; gradient ascent works about as well "
+            f"as descent: {_yes(verdict['ascent_about_as_good_as_descent'])}"
+        )
         ablation_plot = plot_ablations(
             table, metric, task.chance, Path(path).parent / "memory_ablations.png", f"{title}: update-rule ablations"
         )
@@ -145,9 +151,14 @@ def memory_check(
         "chance": task.chance,
         "plot": str(plot),
         "ablations": table,
+        "critique": verdict,
         "ablation_plot": str(ablation_plot) if ablation_plot else None,
         "wall_s": round(time.time() - start, 2),
     }
+
+
+def _yes(holds: bool) -> str:
+    return "holds" if holds else "does not hold"
 
 
 def _say(text: str) -> None:
