@@ -736,27 +736,26 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     if not rows:  # --peer-only: no per-variant sweep, so no table of it
-        print("(per-variant sweep skipped: --peer-only)")
-    print(
-        ""
-        if not rows
-        else format_table(
-            rows,
-            [
-                ("variant", "variant", ""),
-                ("T", "seq_len", "d"),
-                ("batch", "batch", "d"),
-                ("malloc", "malloc", ""),
-                ("tok/s", "tokens_per_s", ",.0f"),
-                ("s/step", "seconds", ".3f"),
-                ("reps", "repeats", "d"),
-                ("peak+MB", "peak_delta_mb", ",.0f"),
-                ("params", "parameters", ",d"),
-                ("load", "load", ".2f"),
-                ("note", "error", ""),
-            ],
+        print("(per-variant sweep skipped: --peer-only)\n")
+    else:
+        print(
+            format_table(
+                rows,
+                [
+                    ("variant", "variant", ""),
+                    ("T", "seq_len", "d"),
+                    ("batch", "batch", "d"),
+                    ("malloc", "malloc", ""),
+                    ("tok/s", "tokens_per_s", ",.0f"),
+                    ("s/step", "seconds", ".3f"),
+                    ("reps", "repeats", "d"),
+                    ("peak+MB", "peak_delta_mb", ",.0f"),
+                    ("params", "parameters", ",d"),
+                    ("load", "load", ".2f"),
+                    ("note", "error", ""),
+                ],
+            )
         )
-    )
     if vs_rows:
         print()
         print("memory variants vs a same-size Transformer (training, each model timed in turn in one process):")

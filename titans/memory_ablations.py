@@ -24,18 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from titans.evaluate import evaluate
 from titans.memory import NeuralMemory
 from titans.memory.ablation import MemoryAblation
 from titans.tasks.base import Batch, Task
 
-# name -> the ablation for a memory of this depth that sees this many tokens per sequence (None: not applicable);
-# "frozen at M_0" is the layer's read-only switch (update_memory), not an ablation of the gates
+# name -> the ablation for a memory layer that sees this many tokens per sequence (None: not applicable to it).
+# "frozen at M_0" as gates: no step and no decay leave M at M_0 (S stays 0), the same reads as the layer's read-only
+# switch `update_memory` that memory-check's third measurement uses (tested equal)
 Factory = Callable[[NeuralMemory, int], MemoryAblation | None]
 ABLATIONS: dict[str, Factory] = {
     "as trained": lambda layer, length: MemoryAblation(),
-    "frozen at M_0": lambda layer, length: None,
+    "frozen at M_0": lambda layer, length: MemoryAblation(theta_scale=0.0, forgetting=False),
     "theta x 0": lambda layer, length: MemoryAblation(theta_scale=0.0),
     "theta x 0.5": lambda layer, length: MemoryAblation(theta_scale=0.5),
     "theta x 2": lambda layer, length: MemoryAblation(theta_scale=2.0),
@@ -49,37 +51,24 @@ ABLATIONS: dict[str, Factory] = {
 }
 
 
-def applicable(name: str, layers: list[NeuralMemory], length: int) -> bool:
-    """Whether row `name` means something for these memory layers (momentum off needs momentum, and so on)."""
-    if name in ("as trained", "frozen at M_0"):
-        return True
-    return any(ABLATIONS[name](layer, length) is not None for layer in layers)
-
-
-def inner_loss(layers: list[NeuralMemory], model: torch.nn.Module, inputs: torch.Tensor) -> list[float]:
-    """Mean inner loss (surprise) per memory layer over every token of inputs [B, T] that the layer processed."""
+def collect_stats(layers: list[NeuralMemory], model: torch.nn.Module, idx: torch.Tensor) -> list[dict[str, Tensor]]:
+    """Run idx [B, T] once; per memory layer, surprise and update norm [B, H, T'] over every token it processed."""
     for layer in layers:
         layer.stats_sink = []
     try:
         with torch.no_grad():
-            model(inputs)
-        # MAC calls its memory once per segment: every piece counts
-        return [torch.cat([s["surprise"].flatten() for s in layer.stats_sink]).mean().item() for layer in layers]
+            model(idx)
+        # MAC calls its memory once per segment: join the pieces along time
+        return [
+            {
+                key: torch.cat([s[key] for s in layer.stats_sink if key in s], dim=-1)
+                for key in ("surprise", "update_norm")
+            }
+            for layer in layers
+        ]
     finally:
         for layer in layers:
             layer.stats_sink = None
-
-
-def tokens_seen(layers: list[NeuralMemory], model: torch.nn.Module, inputs: torch.Tensor) -> int:
-    """How many tokens of one sequence the first memory layer processes (MAL/MAG: the persistent prefix too)."""
-    layer = layers[0]
-    layer.stats_sink = []
-    try:
-        with torch.no_grad():
-            model(inputs[:1])
-        return sum(s["surprise"].shape[-1] for s in layer.stats_sink)
-    finally:
-        layer.stats_sink = None
 
 
 def run_ablations(
@@ -89,21 +78,22 @@ def run_ablations(
 
     The metric and test loss come from `evaluate` on all of `test_set`; the inner loss from its first `probe`
     examples. Every layer gets the same change (a layer without momentum ignores "momentum off", and so on)."""
-    length = tokens_seen(layers, model, test_set.inputs)
-    probe_inputs = test_set.inputs[:probe]
+    # tokens of one sequence the memory sees (MAL/MAG: the persistent prefix too), for the mid-sequence reset
+    length = collect_stats(layers[:1], model, test_set.inputs[:1])[0]["surprise"].shape[-1]
     results: dict[str, dict[str, Any]] = {}
     for name, factory in ABLATIONS.items():
-        if not applicable(name, layers, length):
+        changes = [factory(layer, length) for layer in layers]
+        if all(change is None for change in changes):  # e.g. momentum off for memories without momentum
             continue
-        for layer in layers:
-            layer.ablation = factory(layer, length) if name != "frozen at M_0" else None
-            layer.update_memory = name != "frozen at M_0"
+        for layer, change in zip(layers, changes, strict=True):
+            layer.ablation = change
         try:
             metrics = evaluate(model, task, test_set, batch_size)
-            per_layer = inner_loss(layers, model, probe_inputs)
+            stats = collect_stats(layers, model, test_set.inputs[:probe])
         finally:
             for layer in layers:
-                layer.ablation, layer.update_memory = None, True
+                layer.ablation = None
+        per_layer = [s["surprise"].mean().item() for s in stats]
         results[name] = {
             "metric": metrics[task.metric],
             "test_loss": metrics["test_loss"],

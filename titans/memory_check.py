@@ -27,34 +27,20 @@ import torch
 from titans.data import make_datasets
 from titans.evaluate import evaluate
 from titans.memory import NeuralMemory
-from titans.memory_ablations import critique_verdict, plot_ablations, print_table, run_ablations
+from titans.memory_ablations import (
+    ABLATIONS,
+    collect_stats,
+    critique_verdict,
+    plot_ablations,
+    print_table,
+    run_ablations,
+)
 from titans.models import TitansLM
 from titans.run import load_trained
 
 
 def memory_modules(model: TitansLM) -> list[NeuralMemory]:
     return [m for m in model.modules() if isinstance(m, NeuralMemory)]
-
-
-def _collect(model: TitansLM, idx: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    """Run idx [B, T] once; per memory layer, surprise and update norm [B, H, T'] over every token it processed."""
-    layers = memory_modules(model)
-    for layer in layers:
-        layer.stats_sink = []
-    try:
-        with torch.no_grad():
-            model(idx)
-        # MAC calls its memory once per segment: join the pieces along time
-        return [
-            {
-                key: torch.cat([s[key] for s in layer.stats_sink if key in s], dim=-1)
-                for key in ("surprise", "update_norm")
-            }
-            for layer in layers
-        ]
-    finally:
-        for layer in layers:
-            layer.stats_sink = None
 
 
 def _set_updates(model: TitansLM, enabled: bool) -> None:
@@ -82,7 +68,7 @@ def memory_check(
     # 1. writes during evaluation
     stages = 4 if ablations else 3
     _say(f"1/{stages}: the memory's writes on 8 test examples")
-    stats = _collect(model, test_set.inputs[:8])
+    stats = collect_stats(layers, model, test_set.inputs[:8])
     update_norm = [s["update_norm"].mean().item() for s in stats]
 
     # 2. surprise per repetition of a random block
@@ -90,7 +76,7 @@ def memory_check(
     _say(f"2/{stages}: surprise over a random {block}-token block repeated {repeats} times")
     gen = torch.Generator().manual_seed(0)
     pattern = torch.randint(0, task.vocab_size, (4, block), generator=gen).to(device)
-    stats = _collect(model, pattern.repeat(1, repeats))
+    stats = collect_stats(layers, model, pattern.repeat(1, repeats))
     per_repeat = []
     curves = []
     for s in stats:
@@ -109,7 +95,7 @@ def memory_check(
 
     table = {}
     if ablations:
-        _say(f"4/{stages}: {task.metric} and the inner loss under 9 changes to the update rule")
+        _say(f"4/{stages}: {task.metric} and the inner loss under {len(ABLATIONS) - 1} changes to the update rule")
         table = run_ablations(model, layers, task, test_set, cfg.training.batch_size)
 
     metric = task.metric

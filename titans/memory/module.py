@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
 import torch
@@ -318,9 +318,8 @@ class NeuralMemory(nn.Module):
         if before > 0:
             y, state = self._forward(x[:, :before], state, parts[0])
             outputs.append(y)
-        fresh = MemoryState.initial(self.network, x.shape[0])
         # the position is kept: chunk boundaries stay where they were, and the reset happens once per sequence
-        fresh = MemoryState(fresh.weights, fresh.momentum, fresh.anchor, state.memory.position)
+        fresh = replace(MemoryState.initial(self.network, x.shape[0]), position=state.memory.position)
         y, state = self._forward(x[:, before:], NeuralMemoryState(fresh, state.conv), parts[1])
         outputs.append(y)
         if stats is not None:
