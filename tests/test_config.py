@@ -144,6 +144,8 @@ def test_wrong_types_say_expected_and_got(override, expected):
         (["model.memory.heads=3"], "set model.memory.heads to a divisor of d_model"),
         (["model.memory.chunk_size=0"], "model.memory.chunk_size must be >= 1"),
         (["model.window=0"], "model.window must be >= 1"),
+        (["model.memory.theta_init=2"], "model.memory.theta_init must lie in (0, max_lr = 1.0)"),
+        (["model.memory.alpha_init=1"], "model.memory.alpha_init must lie in (0, 1) or be null"),
         (["data.vocab_size=1"], "data.vocab_size must be >= 2"),
         (["data.test_fraction=1.0"], "data.test_fraction must lie in (0, 1)"),
         (["data.num_samples=1"], "raise data.num_samples"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from titans.config import MemoryConfig, ModelConfig
@@ -56,3 +57,24 @@ def test_the_conv_carry_across_mac_segments_matches_the_kernel() -> None:
     kernel = MemoryConfig().conv_kernel
     text = row("The causal convs across a segment boundary")
     assert f"`memory.conv_kernel` = {kernel}" in text and f"the last {kernel - 1} tokens" in text
+
+
+def first_tokens_influence_on_last(memory: NeuralMemory, length: int) -> float:
+    """|d sum(y[T-16:]) / d x[:16]|: how far the memory's recurrence carries a perturbation of the first chunk."""
+    torch.manual_seed(0)
+    x = torch.randn(1, length, memory.dim, dtype=torch.float64, requires_grad=True)
+    y, _ = memory(x)
+    y[:, -16:].sum().backward()
+    return x.grad[:, :16].norm().item()
+
+
+@pytest.mark.parametrize(("alpha_init", "explodes"), [(None, False), (0.01, True)])
+def test_decay_under_the_layernorm_explodes_the_outer_gradient_unless_alpha_starts_small(alpha_init, explodes) -> None:
+    torch.manual_seed(0)
+    options = dict(heads=4, residual_norm=True, channelwise_forget=True, grad_clip=1.0, alpha_init=alpha_init)
+    memory = NeuralMemory(64, **options).double()
+    growth = first_tokens_influence_on_last(memory, 1024) / first_tokens_influence_on_last(memory, 256)
+    # The row states both numbers; the plain memory keeps 0.01 (test above), the residual + LN memory starts at 1e-4.
+    assert (growth > 1e3) if explodes else (growth < 2), growth
+    assert memory.alpha_init == (alpha_init or 1e-4)
+    assert "α = 0.01" in row("Residual + LayerNorm") and "initial value** is 1e-4" in row("Residual + LayerNorm")

@@ -72,6 +72,9 @@ class MemoryConfig:
     theta_init: float | None = None
     """theta_t starts near this, in (0, max_lr); null = min(0.05, max_lr / 2)."""
 
+    alpha_init: float | None = None
+    """alpha_t starts near this, in (0, 1); null = 0.01, or 1e-4 with residual_norm (the LayerNorm hides decay)."""
+
     def __post_init__(self) -> None:
         _coerce_fields(self)
         p = self._path
@@ -83,6 +86,10 @@ class MemoryConfig:
             self.theta_init is None or 0 < self.theta_init < self.max_lr,
             f"{p}theta_init must lie in (0, max_lr = {self.max_lr}), got {self.theta_init}; "
             f"lower {p}theta_init or raise {p}max_lr",
+        )
+        _require(
+            self.alpha_init is None or 0 < self.alpha_init < 1,
+            f"{p}alpha_init must lie in (0, 1) or be null (automatic), got {self.alpha_init}",
         )
         _require(self.conv_kernel >= 1, f"{p}conv_kernel must be >= 1 (1 = no mixing in time), got {self.conv_kernel}")
         ckpt = self.checkpoint_every

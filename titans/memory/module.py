@@ -148,6 +148,7 @@ class NeuralMemory(nn.Module):
         checkpoint_every: int | None = None,
         grad_clip: float | None = None,
         theta_init: float | None = None,
+        alpha_init: float | None = None,
     ) -> None:
         super().__init__()
         if dim % heads != 0:
@@ -165,6 +166,14 @@ class NeuralMemory(nn.Module):
         if not 0 < theta_init < max_lr:
             raise ValueError(f"theta_init must lie in (0, max_lr={max_lr}) or be None, got {theta_init}")
         self.theta_init = theta_init  # the inner step size theta_t starts near this (reset_gates)
+        if alpha_init is None:
+            # Under M(x) = x + LN(MLP(x)) decay does not forget: LN hides the weights' scale, so shrinking them only
+            # enlarges every later write relative to the state, and at 0.01 a token the outer gradient grows
+            # exponentially with the sequence length (docs/paper_alignment.md, "Residual + LayerNorm").
+            alpha_init = 1e-4 if residual_norm else 0.01
+        if not 0 < alpha_init < 1:
+            raise ValueError(f"alpha_init must lie in (0, 1) or be None, got {alpha_init}")
+        self.alpha_init = alpha_init  # the forgetting rate alpha_t starts near this (reset_gates)
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.chunk_size, self.impl, self.max_lr = chunk_size, impl, max_lr
         self.momentum, self.forgetting, self.channelwise_forget = momentum, forgetting, channelwise_forget
@@ -196,7 +205,7 @@ class NeuralMemory(nn.Module):
     def init_weights(self) -> None:
         """Memory-specific init, re-applied by TitansLM after its generic N(0, 0.02) pass over every nn.Linear."""
         self.conv.init_weights()
-        self.reset_gates(theta=self.theta_init)
+        self.reset_gates(theta=self.theta_init, alpha=self.alpha_init)
 
     def reset_gates(self, theta: float = 0.05, eta: float = 0.5, alpha: float = 0.01) -> None:
         """Start the gates near theta, eta and alpha (small input weights barely move them at initialisation).
@@ -236,6 +245,7 @@ class NeuralMemory(nn.Module):
             checkpoint_every=mem.checkpoint_every,
             grad_clip=mem.inner_grad_clip,
             theta_init=mem.theta_init,
+            alpha_init=mem.alpha_init,
         )
 
     def compile_chunks(self, enabled: bool = True, backend: str = "inductor") -> None:
