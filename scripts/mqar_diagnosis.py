@@ -61,6 +61,10 @@ ROWS = {
         "model.memory.momentum=true",
         "model.memory.forgetting=true",
     ],
+    # the same, one default at a time, with chunks of 16: which of them the chunk-start anchor costs most
+    "delta16+depth2+clip": [*DELTA_RULE, *DEPTH2_CLIP, "model.memory.chunk_size=16"],
+    "delta16+momentum": [*DELTA_RULE, "model.memory.momentum=true", "model.memory.chunk_size=16"],
+    "delta16+forgetting": [*DELTA_RULE, "model.memory.forgetting=true", "model.memory.chunk_size=16"],
 }
 
 

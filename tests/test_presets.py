@@ -197,3 +197,20 @@ def test_the_full_size_model_is_about_the_papers_170m(preset: Path) -> None:
         model = build_model(cfg.model)
     count = sum(p.numel() for p in model.parameters())
     assert abs(count / 170e6 - 1) <= 0.25, f"{preset.name}: {count / 1e6:.1f}M parameters, the paper's row is 170M"
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_the_initial_gates_the_preset_states_are_the_codes(preset: Path) -> None:
+    """theta_init and alpha_init are null (the project's choice); the comments say what that starts at, and must
+    follow when a default changes."""
+    from titans.memory import NeuralMemory  # the full-size memory of the preset, built small
+
+    cfg = load_config(preset, [*CORPUS, "model.d_model=32", "model.n_heads=4"])
+    memory = NeuralMemory.from_config(cfg.model)
+    comments = {
+        key: line.partition("#")[2] for line in preset.read_text().splitlines() for key in ("theta_init", "alpha_init")
+        if line.strip().startswith(f"{key}:")
+    }  # fmt: skip
+    for gate, value in (("theta", memory.theta_init), ("alpha", memory.alpha_init)):
+        stated = re.search(rf"{gate} starts at ([0-9.e-]+)", comments[f"{gate}_init"])
+        assert stated and float(stated.group(1)) == value, (preset.name, gate, value)
