@@ -65,6 +65,20 @@ ROWS = {
     "delta16+depth2+clip": [*DELTA_RULE, *DEPTH2_CLIP, "model.memory.chunk_size=16"],
     "delta16+momentum": [*DELTA_RULE, "model.memory.momentum=true", "model.memory.chunk_size=16"],
     "delta16+forgetting": [*DELTA_RULE, "model.memory.forgetting=true", "model.memory.chunk_size=16"],
+    # momentum is the one that stops it: is it the doubled step (sum of eta^j = 2 at eta 0.5) or the replay itself?
+    "delta16+theta0.5": [*DELTA_RULE, "model.memory.chunk_size=16", "model.memory.theta_init=0.5"],
+    "delta16+momentum+eta0.1": [
+        *DELTA_RULE,
+        "model.memory.momentum=true",
+        "model.memory.chunk_size=16",
+        "model.memory.eta_init=0.1",
+    ],
+    "lmm-theta0.25-eta0.1": ["model.memory.theta_init=0.25", "model.memory.eta_init=0.1"],
+    # within a chunk the writes interfere through their keys' overlaps, larger the smaller the head: one memory head
+    # of width 64 instead of four of 16
+    "delta16-heads1": [*DELTA_RULE, "model.memory.chunk_size=16", "model.memory.heads=1"],
+    "lmm-heads1": ["model.memory.heads=1"],
+    "lmm-theta0.25-heads1": ["model.memory.theta_init=0.25", "model.memory.heads=1"],
 }
 
 

@@ -146,6 +146,7 @@ def test_wrong_types_say_expected_and_got(override, expected):
         (["model.window=0"], "model.window must be >= 1"),
         (["model.memory.theta_init=2"], "model.memory.theta_init must lie in (0, max_lr = 1.0)"),
         (["model.memory.alpha_init=1"], "model.memory.alpha_init must lie in (0, 1) or be null"),
+        (["model.memory.eta_init=0"], "model.memory.eta_init must lie in (0, 1)"),
         (["data.vocab_size=1"], "data.vocab_size must be >= 2"),
         (["data.test_fraction=1.0"], "data.test_fraction must lie in (0, 1)"),
         (["data.num_samples=1"], "raise data.num_samples"),

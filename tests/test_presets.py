@@ -201,16 +201,14 @@ def test_the_full_size_model_is_about_the_papers_170m(preset: Path) -> None:
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_the_initial_gates_the_preset_states_are_the_codes(preset: Path) -> None:
-    """theta_init and alpha_init are null (the project's choice); the comments say what that starts at, and must
-    follow when a default changes."""
+    """The gates' starting points are the project's choice (the paper gives none); the comments say what they start
+    at, and must follow when a default changes."""
     from titans.memory import NeuralMemory  # the full-size memory of the preset, built small
 
     cfg = load_config(preset, [*CORPUS, "model.d_model=32", "model.n_heads=4"])
     memory = NeuralMemory.from_config(cfg.model)
-    comments = {
-        key: line.partition("#")[2] for line in preset.read_text().splitlines() for key in ("theta_init", "alpha_init")
-        if line.strip().startswith(f"{key}:")
-    }  # fmt: skip
-    for gate, value in (("theta", memory.theta_init), ("alpha", memory.alpha_init)):
+    lines = preset.read_text().splitlines()
+    comments = {line.strip().partition(":")[0]: line.partition("#")[2] for line in lines if "_init:" in line}
+    for gate, value in (("theta", memory.theta_init), ("eta", memory.eta_init), ("alpha", memory.alpha_init)):
         stated = re.search(rf"{gate} starts at ([0-9.e-]+)", comments[f"{gate}_init"])
         assert stated and float(stated.group(1)) == value, (preset.name, gate, value)

@@ -72,6 +72,9 @@ class MemoryConfig:
     theta_init: float | None = None
     """theta_t starts near this, in (0, max_lr); null = min(0.05, max_lr / 2)."""
 
+    eta_init: float = 0.5
+    """eta_t (the surprise momentum's decay) starts near this, in (0, 1)."""
+
     alpha_init: float | None = None
     """alpha_t starts near this, in (0, 1); null = 0.01, or 1e-4 with residual_norm (the LayerNorm hides decay)."""
 
@@ -87,6 +90,7 @@ class MemoryConfig:
             f"{p}theta_init must lie in (0, max_lr = {self.max_lr}), got {self.theta_init}; "
             f"lower {p}theta_init or raise {p}max_lr",
         )
+        _require(0 < self.eta_init < 1, f"{p}eta_init must lie in (0, 1), got {self.eta_init}")
         _require(
             self.alpha_init is None or 0 < self.alpha_init < 1,
             f"{p}alpha_init must lie in (0, 1) or be null (automatic), got {self.alpha_init}",

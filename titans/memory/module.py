@@ -149,6 +149,7 @@ class NeuralMemory(nn.Module):
         grad_clip: float | None = None,
         theta_init: float | None = None,
         alpha_init: float | None = None,
+        eta_init: float = 0.5,
     ) -> None:
         super().__init__()
         if dim % heads != 0:
@@ -174,6 +175,9 @@ class NeuralMemory(nn.Module):
         if not 0 < alpha_init < 1:
             raise ValueError(f"alpha_init must lie in (0, 1) or be None, got {alpha_init}")
         self.alpha_init = alpha_init  # the forgetting rate alpha_t starts near this (reset_gates)
+        if not 0 < eta_init < 1:
+            raise ValueError(f"eta_init must lie in (0, 1), got {eta_init}")
+        self.eta_init = eta_init  # the momentum decay eta_t starts near this (reset_gates)
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.chunk_size, self.impl, self.max_lr = chunk_size, impl, max_lr
         self.momentum, self.forgetting, self.channelwise_forget = momentum, forgetting, channelwise_forget
@@ -205,7 +209,7 @@ class NeuralMemory(nn.Module):
     def init_weights(self) -> None:
         """Memory-specific init, re-applied by TitansLM after its generic N(0, 0.02) pass over every nn.Linear."""
         self.conv.init_weights()
-        self.reset_gates(theta=self.theta_init, alpha=self.alpha_init)
+        self.reset_gates(theta=self.theta_init, eta=self.eta_init, alpha=self.alpha_init)
 
     def reset_gates(self, theta: float = 0.05, eta: float = 0.5, alpha: float = 0.01) -> None:
         """Start the gates near theta, eta and alpha (small input weights barely move them at initialisation).
@@ -246,6 +250,7 @@ class NeuralMemory(nn.Module):
             grad_clip=mem.inner_grad_clip,
             theta_init=mem.theta_init,
             alpha_init=mem.alpha_init,
+            eta_init=mem.eta_init,
         )
 
     def compile_chunks(self, enabled: bool = True, backend: str = "inductor") -> None:
