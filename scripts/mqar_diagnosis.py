@@ -79,6 +79,13 @@ ROWS = {
     "delta16-heads1": [*DELTA_RULE, "model.memory.chunk_size=16", "model.memory.heads=1"],
     "lmm-heads1": ["model.memory.heads=1"],
     "lmm-theta0.25-heads1": ["model.memory.theta_init=0.25", "model.memory.heads=1"],
+    # the last layer's inner gradient at the current weights, the first's at the chunk start (naive_memory's
+    # exact_last_layer): the token-to-token correction kept where the delta rule has it, chunks of 16
+    "lmm-theta0.25-exactlast": [
+        "model.memory.theta_init=0.25",
+        "model.memory.exact_last_layer=true",
+        "model.memory.impl=naive",
+    ],
 }
 
 

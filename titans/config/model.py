@@ -72,6 +72,10 @@ class MemoryConfig:
     theta_init: float | None = None
     """theta_t starts near this, in (0, max_lr); null = min(0.05, max_lr / 2)."""
 
+    exact_last_layer: bool = False
+    """The last memory layer's inner gradient at the current weights, the others' at the chunk start (the delta rule
+    within a chunk for the last layer; not Eq. 16). Needs impl = naive: no chunked form yet."""
+
     eta_init: float = 0.5
     """eta_t (the surprise momentum's decay) starts near this, in (0, 1)."""
 
@@ -89,6 +93,11 @@ class MemoryConfig:
             self.theta_init is None or 0 < self.theta_init < self.max_lr,
             f"{p}theta_init must lie in (0, max_lr = {self.max_lr}), got {self.theta_init}; "
             f"lower {p}theta_init or raise {p}max_lr",
+        )
+        _require(
+            not self.exact_last_layer or self.impl == "naive",
+            f"{p}exact_last_layer = true needs {p}impl=naive (the per-token reference; no chunked form yet), "
+            f"got {p}impl={self.impl}",
         )
         _require(0 < self.eta_init < 1, f"{p}eta_init must lie in (0, 1), got {self.eta_init}")
         _require(

@@ -150,6 +150,7 @@ class NeuralMemory(nn.Module):
         theta_init: float | None = None,
         alpha_init: float | None = None,
         eta_init: float = 0.5,
+        exact_last_layer: bool = False,
     ) -> None:
         super().__init__()
         if dim % heads != 0:
@@ -178,6 +179,11 @@ class NeuralMemory(nn.Module):
         if not 0 < eta_init < 1:
             raise ValueError(f"eta_init must lie in (0, 1), got {eta_init}")
         self.eta_init = eta_init  # the momentum decay eta_t starts near this (reset_gates)
+        if exact_last_layer and impl != "naive":
+            raise ValueError(
+                f"exact_last_layer needs impl='naive' (the per-token reference; no chunked form yet), got {impl!r}"
+            )
+        self.exact_last_layer = exact_last_layer  # naive_memory's option: the last layer learns token by token
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.chunk_size, self.impl, self.max_lr = chunk_size, impl, max_lr
         self.momentum, self.forgetting, self.channelwise_forget = momentum, forgetting, channelwise_forget
@@ -251,6 +257,7 @@ class NeuralMemory(nn.Module):
             theta_init=mem.theta_init,
             alpha_init=mem.alpha_init,
             eta_init=mem.eta_init,
+            exact_last_layer=mem.exact_last_layer,
         )
 
     def compile_chunks(self, enabled: bool = True, backend: str = "inductor") -> None:
@@ -320,9 +327,9 @@ class NeuralMemory(nn.Module):
 
     @property
     def plain(self) -> bool:
-        """Writes on, not probed, not ablated: the fast paths (one-token decode, fixed-shape and compiled steps),
-        which implement none of those, may run."""
-        return self.update_memory and self.stats_sink is None and self.ablation is None
+        """Writes on, not probed, not ablated, every gradient anchored: the fast paths (one-token decode, fixed-shape
+        and compiled steps), which implement none of those, may run."""
+        return self.update_memory and self.stats_sink is None and self.ablation is None and not self.exact_last_layer
 
     def _forward_with_reset(
         self, x: Tensor, state: NeuralMemoryState, stats: dict[str, Tensor] | None, before: int
@@ -368,7 +375,7 @@ class NeuralMemory(nn.Module):
         """The memory function for `impl` and its extra arguments. While torch.compile traces the layer (MAC's
         compiled segments) the fused op gives way to `chunked_memory`, which the compiler can trace."""
         if self.impl == "naive":
-            return naive_memory, {}
+            return naive_memory, {"exact_last_layer": self.exact_last_layer}
         if self.impl == "fused" and not torch.compiler.is_compiling():
             return fused_memory, {"checkpoint_every": self.checkpoint_every}
         return chunked_memory, {"checkpoint_every": self.checkpoint_every, "compile_backend": self.compile_backend}

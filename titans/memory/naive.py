@@ -7,6 +7,10 @@ For t = 1..T (paper Eqs. 13-16, with the chunk anchor of Eq. 16):
     M_t = (1 - alpha_t) M_{t-1} + S_t           forgetting (Eq. 13)
     y_t = M_t(q_t)                              retrieval reads the state that includes token t's write (Eq. 15)
 C = 1 is exactly Eqs. 13-15. Shapes and gate layouts: see `titans/memory/README.md`.
+
+With `exact_last_layer` the gradient is taken at (anchor's layers 1..L-1, M_{t-1}'s last layer) instead: the last
+layer learns token by token (on features from the chunk start it is the delta rule, whatever the chunk), the earlier
+layers stay anchored. Not the paper's Eq. 16; the MQAR diagnosis in docs/results.md is why it exists.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ def naive_memory(
     chunk_size: int = 16,
     stats: dict[str, Tensor] | None = None,
     grad_clip: float | None = None,
+    exact_last_layer: bool = False,
 ) -> tuple[Tensor, MemoryState]:
     """Run the memory over q, k, v [B, H, T, D]; return (y [B, H, T, D], final state).
 
@@ -38,6 +43,7 @@ def naive_memory(
     [B, H, T, d_l] for channel-wise forgetting); eta/alpha None disable momentum/forgetting. If `stats` is a dict,
     it receives "surprise" [B, H, T] (the inner loss at the anchor) and "update_norm" [B, H, T] (||theta_t u_t||).
     grad_clip: if set, each layer's per-token gradient u_t is rescaled to Frobenius norm at most grad_clip.
+    exact_last_layer: take the last layer's part of the gradient point at M_{t-1}, not at the chunk start.
     """
     gates, state = prepare(q, k, v, theta, eta, alpha, network, state, chunk_size)
     weights, momentum, anchor = list(state.weights), list(state.momentum), list(state.anchor)
@@ -52,7 +58,8 @@ def naive_memory(
         if (state.position + t) % chunk_size == 0:
             anchor = list(weights)
         k_t, v_t = k[:, :, t : t + 1], v[:, :, t : t + 1]
-        u = inner_grad(tuple(anchor), k_t, v_t)
+        point = (*anchor[:-1], weights[-1]) if exact_last_layer else tuple(anchor)
+        u = inner_grad(point, k_t, v_t)
         norm_sq = 0.0
         for i, g in enumerate(gates):
             step = g.theta[:, :, t, None, None] * u[i]
@@ -71,7 +78,7 @@ def naive_memory(
         outputs.append(network.forward_with(weights, q[:, :, t : t + 1]))
         if stats is not None:
             with torch.no_grad():
-                surprises.append((network.forward_with(anchor, k_t) - v_t).square().sum(-1)[..., 0])
+                surprises.append((network.forward_with(point, k_t) - v_t).square().sum(-1)[..., 0])
                 update_norms.append(torch.as_tensor(norm_sq).sqrt())
     position = state.position + q.shape[2]
     if position % chunk_size == 0:
