@@ -77,7 +77,6 @@ ROWS = {
     # within a chunk the writes interfere through their keys' overlaps, larger the smaller the head: one memory head
     # of width 64 instead of four of 16
     "delta16-heads1": [*DELTA_RULE, "model.memory.chunk_size=16", "model.memory.heads=1"],
-    "lmm-heads1": ["model.memory.heads=1"],
     "lmm-theta0.25-heads1": ["model.memory.theta_init=0.25", "model.memory.heads=1"],
     # the last layer's inner gradient at the current weights, the first's at the chunk start (naive_memory's
     # exact_last_layer): the token-to-token correction kept where the delta rule has it, chunks of 16

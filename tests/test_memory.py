@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -144,7 +145,11 @@ def test_checkpointing_changes_nothing() -> None:
             torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("impl", [naive_memory, chunked_memory], ids=["naive", "chunked"])
+@pytest.mark.parametrize(
+    "impl",
+    [naive_memory, chunked_memory, functools.partial(naive_memory, exact_last_layer=True)],
+    ids=["naive", "chunked", "naive-exact-last-layer"],
+)
 @pytest.mark.parametrize("split", [[5, 11, 21], [1] * 23, [16, 7], [3, 3, 3, 3, 11]], ids=str)
 def test_streaming_pieces_equal_one_call(impl, split) -> None:
     inputs = make_inputs(sum(split), 2, channelwise=True)

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from titans.config import ConfigError, config_to_dict, load_config
+from titans.memory import NeuralMemory
 from titans.models import build_model
 from titans.run import read_metrics
 from titans.train import train
@@ -203,8 +204,6 @@ def test_the_full_size_model_is_about_the_papers_170m(preset: Path) -> None:
 def test_the_initial_gates_the_preset_states_are_the_codes(preset: Path) -> None:
     """The gates' starting points are the project's choice (the paper gives none); the comments say what they start
     at, and must follow when a default changes."""
-    from titans.memory import NeuralMemory  # the full-size memory of the preset, built small
-
     cfg = load_config(preset, [*CORPUS, "model.d_model=32", "model.n_heads=4"])
     memory = NeuralMemory.from_config(cfg.model)
     lines = preset.read_text().splitlines()

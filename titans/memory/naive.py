@@ -41,7 +41,8 @@ def naive_memory(
 
     theta, eta, alpha: [B, H, T], [B, H, T, L] (one gate per memory layer), or a list of L tensors (alpha's may be
     [B, H, T, d_l] for channel-wise forgetting); eta/alpha None disable momentum/forgetting. If `stats` is a dict,
-    it receives "surprise" [B, H, T] (the inner loss at the anchor) and "update_norm" [B, H, T] (||theta_t u_t||).
+    it receives "surprise" [B, H, T] (the inner loss where the gradient is taken) and "update_norm" [B, H, T]
+    (||theta_t u_t||).
     grad_clip: if set, each layer's per-token gradient u_t is rescaled to Frobenius norm at most grad_clip.
     exact_last_layer: take the last layer's part of the gradient point at M_{t-1}, not at the chunk start.
     """
