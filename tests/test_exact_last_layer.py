@@ -1,15 +1,17 @@
-"""naive_memory's `exact_last_layer`: the last layer's inner gradient at the current weights, the others' at the
-chunk start. What it must be: the anchored reference at chunk 1, the per-token (chunk 1) memory at any chunk for a
-linear memory, different from the anchor otherwise, differentiable, and reachable only through the reference impl."""
+"""`exact_last_layer`: the last layer's inner gradient at the current weights, the others' at the chunk start. What it
+must be: the anchored reference at chunk 1, the per-token (chunk 1) memory at any chunk for a linear memory, different
+from the anchor otherwise, differentiable; and its chunk-parallel form (a triangular system per chunk, solved by
+forward substitution through the clip) equal to the per-token reference in outputs, states and every gradient."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_memory import make_inputs
+from test_memory import OPTIONS, assert_same_run, make_inputs
 
 from titans.config import ConfigError, load_config
-from titans.memory import NeuralMemory, naive_memory
+from titans.memory import NeuralMemory, chunked_memory, naive_memory
+from titans.memory.fused import fused_memory
 
 DT = torch.float64
 
@@ -46,25 +48,61 @@ def test_a_deep_memory_is_neither_the_anchored_nor_the_per_token_one() -> None:
 
 
 def test_the_gradients_reach_every_input() -> None:
-    # streaming (any split == one call) is tested with the other impls in test_memory.py
     inputs = make_inputs(11, 2)
     run(inputs, 4, exact=True)[0].square().sum().backward()
     for name in ("q", "k", "v", "theta", "eta", "alpha"):
         assert inputs[name].grad is not None and inputs[name].grad.abs().sum() > 0, name
 
 
-def test_only_the_reference_impl_takes_it() -> None:
-    with pytest.raises(ValueError, match="exact_last_layer needs impl='naive'"):
-        NeuralMemory(16, heads=2, exact_last_layer=True)
-    with pytest.raises(ConfigError, match="model.memory.exact_last_layer = true needs model.memory.impl=naive"):
-        load_config("config.yaml", ["model.memory.exact_last_layer=true"])
-    cfg = load_config("config.yaml", ["model.memory.exact_last_layer=true", "model.memory.impl=naive"])
+CHUNKED_OPTIONS = {name: opts for name, opts in OPTIONS.items() if not opts.get("residual_norm")}
+
+
+@pytest.mark.parametrize("clip", [None, 0.3], ids=["no-clip", "clip0.3"])
+@pytest.mark.parametrize("option", list(CHUNKED_OPTIONS))
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("chunk_size, T", [(1, 7), (4, 19), (16, 19)])
+def test_the_chunk_parallel_form_equals_the_reference(option, depth, chunk_size, T, clip) -> None:
+    # clip 0.3 binds on most tokens here, so the substitution's per-row scales are exercised
+    inputs = make_inputs(T, depth, seed=depth + 7, **CHUNKED_OPTIONS[option])
+    assert_same_run(inputs, chunk_size, grad_clip=clip, exact_last_layer=True)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_fused_memory_runs_it_as_the_chunk_parallel_form(depth: int) -> None:
+    assert_same_run(make_inputs(19, depth, seed=5), 4, impl=fused_memory, grad_clip=0.3, exact_last_layer=True)
+
+
+def test_the_clip_binds_in_the_substitution() -> None:
+    # without this the clipped equivalence above could hold by never clipping the last layer
+    inputs = make_inputs(19, 2, seed=9)
+    clipped = chunked_memory(**inputs, chunk_size=4, grad_clip=0.3, exact_last_layer=True)[0]
+    assert not torch.allclose(clipped, chunked_memory(**inputs, chunk_size=4, exact_last_layer=True)[0])
+
+
+def test_a_layer_norm_memory_has_no_chunk_parallel_form() -> None:
+    inputs = make_inputs(9, 2, residual_norm=True)
+    with pytest.raises(ValueError, match="no chunk-parallel form for a residual \\+ LayerNorm memory"):
+        chunked_memory(**inputs, chunk_size=4, exact_last_layer=True)
+    with pytest.raises(ValueError, match="exact_last_layer with residual_norm needs impl='naive'"):
+        NeuralMemory(16, heads=2, residual_norm=True, exact_last_layer=True)
+    with pytest.raises(ConfigError, match="model.memory.exact_last_layer = true with model.memory.residual_norm"):
+        load_config("config.yaml", ["model.memory.exact_last_layer=true", "model.memory.residual_norm=true"])
+    both = ["model.memory.exact_last_layer=true", "model.memory.residual_norm=true"]
+    assert load_config("config.yaml", [*both, "model.memory.impl=naive"]).model.memory.exact_last_layer
+
+
+@pytest.mark.parametrize("impl", ["fused", "naive"])
+def test_the_layer_decodes_token_by_token_as_in_one_pass(impl: str) -> None:
+    cfg = load_config("config.yaml", ["model.memory.exact_last_layer=true", f"model.memory.impl={impl}"])
     memory = NeuralMemory.from_config(cfg.model).double()
-    assert memory.exact_last_layer and not memory.plain  # no fast path implements it: decoding takes the reference
-    x = torch.randn(2, 9, memory.dim, dtype=DT)
+    assert memory.exact_last_layer and memory.plain  # one-token decoding takes the rank-one step
+    x = torch.randn(2, 37, memory.dim, dtype=DT)
     whole, _ = memory(x)
     with torch.no_grad():
         y, state = memory(x[:, :5])
-        for t in range(5, 9):
+        fixed = memory.fixed_state(state)
+        for t in range(5, 37):  # past two chunk boundaries of the default chunk 16
             y_t, state = memory(x[:, t : t + 1], state)
             torch.testing.assert_close(y_t[:, 0], whole[:, t].detach(), rtol=0, atol=1e-12)
+            y_f, fixed = memory.decode_fixed(x[:, t], fixed)
+            torch.testing.assert_close(y_f, whole[:, t].detach(), rtol=0, atol=1e-12)

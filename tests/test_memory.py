@@ -62,9 +62,11 @@ def leaves(inputs) -> dict[str, torch.Tensor]:
     return named
 
 
-def assert_same_run(inputs, chunk_size: int, checkpoint_every: int = 2) -> None:
-    ref, ref_state = naive_memory(**inputs, chunk_size=chunk_size)
-    out, state = chunked_memory(**inputs, chunk_size=chunk_size, checkpoint_every=checkpoint_every)
+def assert_same_run(inputs, chunk_size: int, checkpoint_every: int = 2, impl=chunked_memory, **options) -> None:
+    """`impl` (chunked_memory or fused_memory) equals naive_memory in outputs, final state and every gradient;
+    `options` (grad_clip, exact_last_layer) go to both."""
+    ref, ref_state = naive_memory(**inputs, chunk_size=chunk_size, **options)
+    out, state = impl(**inputs, chunk_size=chunk_size, checkpoint_every=checkpoint_every, **options)
     torch.testing.assert_close(out, ref, msg=lambda m: f"outputs: {m}")
     for name in ("weights", "momentum", "anchor"):
         for i, (a, b) in enumerate(zip(getattr(state, name), getattr(ref_state, name), strict=True)):
@@ -147,8 +149,13 @@ def test_checkpointing_changes_nothing() -> None:
 
 @pytest.mark.parametrize(
     "impl",
-    [naive_memory, chunked_memory, functools.partial(naive_memory, exact_last_layer=True)],
-    ids=["naive", "chunked", "naive-exact-last-layer"],
+    [
+        naive_memory,
+        chunked_memory,
+        functools.partial(naive_memory, exact_last_layer=True),
+        functools.partial(chunked_memory, exact_last_layer=True, grad_clip=0.3),
+    ],
+    ids=["naive", "chunked", "naive-exact-last-layer", "chunked-exact-last-layer-clipped"],
 )
 @pytest.mark.parametrize("split", [[5, 11, 21], [1] * 23, [16, 7], [3, 3, 3, 3, 11]], ids=str)
 def test_streaming_pieces_equal_one_call(impl, split) -> None:

@@ -74,7 +74,8 @@ class MemoryConfig:
 
     exact_last_layer: bool = False
     """The last memory layer's inner gradient at the current weights, the others' at the chunk start (the delta rule
-    within a chunk for the last layer; not Eq. 16). Needs impl = naive: no chunked form yet."""
+    within a chunk for the last layer; not Eq. 16). Fused and chunked run it as chunked_memory (no fused scan yet);
+    with residual_norm it needs impl = naive."""
 
     eta_init: float = 0.5
     """eta_t (the surprise momentum's decay) starts near this, in (0, 1)."""
@@ -95,9 +96,9 @@ class MemoryConfig:
             f"lower {p}theta_init or raise {p}max_lr",
         )
         _require(
-            not self.exact_last_layer or self.impl == "naive",
-            f"{p}exact_last_layer = true needs {p}impl=naive (the per-token reference; no chunked form yet), "
-            f"got {p}impl={self.impl}",
+            not (self.exact_last_layer and self.residual_norm) or self.impl == "naive",
+            f"{p}exact_last_layer = true with {p}residual_norm = true needs {p}impl=naive (the LayerNorm makes the "
+            f"last layer's errors non-linear: no chunk-parallel form), got {p}impl={self.impl}",
         )
         _require(0 < self.eta_init < 1, f"{p}eta_init must lie in (0, 1), got {self.eta_init}")
         _require(

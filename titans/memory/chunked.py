@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from titans.matmul import matmul
 from titans.memory.inputs import GateArg, LayerGates, prepare
-from titans.memory.network import MemoryMLP, activation, layer_norm
+from titans.memory.network import MemoryMLP, activation, activation_and_derivative, layer_norm
 from titans.memory.state import MemoryState
 from titans.system import compile_options
 
@@ -178,6 +178,107 @@ def _layer_end_state(w0: Tensor, s0: Tensor, a: Tensor, g: Tensor, co: ChunkCoef
     return w_new, s_new
 
 
+def _shifted(co: ChunkCoefficients) -> tuple[Tensor, Tensor | None, Tensor]:
+    """How M_{t-1} (the state before token t, not after it) is made of the chunk-start state and the earlier tokens'
+    gradients: (decay A_{t-1}, carry rho_{t-1} or None, mix C_{t-1,i} theta_i), each row moved down by one. Row 0 is
+    the chunk-start state itself (A = 1, rho = 0, no gradient); the mix becomes strictly lower triangular.
+    Shapes as `ChunkCoefficients`, time axis -1 of decay/carry in the scalar case, -2 channel-wise.
+    """
+    axis = -2 if co.channelwise else -1
+
+    def down(x: Tensor, first: Tensor) -> Tensor:  # [first, x_0, ..., x_{b-2}] along the time axis
+        return torch.cat([first, x.narrow(axis, 0, x.shape[axis] - 1)], axis)
+
+    decay = down(co.decay, torch.ones_like(co.decay.narrow(axis, 0, 1)))
+    carry = None if co.carry is None else down(co.carry, torch.zeros_like(co.carry.narrow(axis, 0, 1)))
+    mix = torch.cat([torch.zeros_like(co.mix[..., :1, :]), co.mix[..., :-1, :]], -2)
+    return decay, carry, mix
+
+
+def exact_last_key_path(
+    network: MemoryMLP,
+    anchor: list[Tensor],
+    w0: Tensor,
+    s0: Tensor,
+    co: ChunkCoefficients,
+    k: Tensor,
+    v: Tensor,
+    grad_clip: float | None,
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """`MemoryMLP.key_path` at the gradient point of `exact_last_layer`: layers 1..L-1 at the anchor, the last layer
+    at the current weights M^L_{t-1}. Same returns (A, G, loss) for one chunk of b tokens.
+
+    w0, s0 [B, H, d_out, d_in]: the last layer's weights and momentum at the chunk (span) start; co: its (unscaled)
+    coefficients. With a = the anchor's features of the keys, M^L_{t-1} a_t in the dual form makes the last layer's
+    errors e_t = M^L_{t-1} a_t - v_t a lower-triangular system in the earlier tokens' rows g_i = 2 e_i:
+
+        e_t = A_{t-1} (w0 a_t) + rho_{t-1} (s0 a_t) - v_t - sum_{i<t} C_{t-1,i} theta_i s_i (a_i . a_t) g_i
+
+    (DeltaNet's system when the memory is linear), solved by forward substitution because the clip scale s_i of row i
+    (`grad_clip`) depends on g_i itself. The earlier layers back-propagate g_t through M^L_{t-1} (again in the dual
+    form) and then through the anchor's layers.
+    """
+    inputs, derivs = [], []
+    h = k
+    for w in anchor[:-1]:
+        inputs.append(h)
+        h, d = activation_and_derivative(matmul(h, w.transpose(-1, -2)), network.activation)
+        derivs.append(d)
+    a = h
+    inputs.append(a)
+    decay, carry, mix = _shifted(co)
+    if co.channelwise:  # decay/carry [B, H, b, c], mix [B, H, c, b, b] -> per (t, i) a row of c: [B, H, b, b, c]
+        mix = mix.permute(0, 1, 3, 4, 2)
+        base = decay * matmul(a, w0.transpose(-1, -2)) - v
+        if carry is not None:
+            base = base + carry * matmul(a, s0.transpose(-1, -2))
+    else:
+        base = decay.unsqueeze(-1) * matmul(a, w0.transpose(-1, -2)) - v
+        if carry is not None:
+            base = base + carry.unsqueeze(-1) * matmul(a, s0.transpose(-1, -2))
+    scores = matmul(a, a.transpose(-1, -2))  # (a_i . a_t), [B, H, b, b]
+    weight = mix * scores.unsqueeze(-1) if co.channelwise else mix * scores  # the system's strictly lower part
+    a_norm = a.norm(dim=-1)
+    errors: list[Tensor] = []
+    rows: list[Tensor] = []  # s_i g_i, the clipped rows that later tokens' errors subtract
+    for t in range(a.shape[-2]):
+        e = base[..., t, :]
+        if t > 0:
+            earlier = torch.stack(rows, dim=-2)  # [B, H, t, d_out]
+            if co.channelwise:
+                e = e - (weight[..., t, :t, :] * earlier).sum(-2)
+            else:
+                e = e - matmul(weight[..., t : t + 1, :t], earlier).squeeze(-2)
+        errors.append(e)
+        g = 2.0 * e
+        if grad_clip is not None:
+            g = g * (grad_clip / (g.norm(dim=-1) * a_norm[..., t]).clamp_min(grad_clip)).unsqueeze(-1)
+        rows.append(g)
+    err = torch.stack(errors, dim=-2)
+    g_last = 2.0 * err
+    grads = [g_last]
+    if network.depth > 1:
+        clipped = torch.stack(rows, dim=-2)
+        # M^L_{t-1}^T g_t in the dual form, then through the anchor's hidden layers
+        if co.channelwise:
+            back = matmul(decay * g_last, w0)
+            if carry is not None:
+                back = back + matmul(carry * g_last, s0)
+            pair = torch.einsum("bhtic,bhtc,bhic->bhti", mix, g_last, clipped)
+        else:
+            back = decay.unsqueeze(-1) * matmul(g_last, w0)
+            if carry is not None:
+                back = back + carry.unsqueeze(-1) * matmul(g_last, s0)
+            pair = mix * matmul(g_last, clipped.transpose(-1, -2))
+        g = (back - matmul(pair, a)) * derivs[-1]
+        grads.append(g)
+        for i in range(network.depth - 2, 0, -1):
+            g = matmul(g, anchor[i]) * derivs[i - 1]
+            grads.append(g)
+    grads.reverse()
+    return inputs, grads, err.square().sum(-1)
+
+
 def _chunk(
     network: MemoryMLP,
     q: Tensor,
@@ -190,9 +291,16 @@ def _chunk(
     anchor: list[Tensor],
     stats: dict[str, list[Tensor]] | None,
     grad_clip: float | None = None,
+    exact_last_layer: bool = False,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """One chunk (or the part of one that a stream holds): outputs and the state after its last token."""
-    inputs, grads, loss = network.key_path(anchor, k, v)
+    if exact_last_layer:
+        last = network.depth - 1
+        inputs, grads, loss = exact_last_key_path(
+            network, anchor, weights[last], momentum[last], coefficients[last], k, v, grad_clip
+        )
+    else:
+        inputs, grads, loss = network.key_path(anchor, k, v)
     # ||u_t||_F = ||g_t|| ||a_t|| for a rank-one gradient: clipping it is a per-token factor on theta
     needs_norms = grad_clip is not None or stats is not None
     grad_norms = [g.norm(dim=-1) * a.norm(dim=-1) for g, a in zip(grads, inputs, strict=True)] if needs_norms else []
@@ -248,6 +356,7 @@ def chunked_memory(
     grad_clip: float | None = None,
     checkpoint_every: int | None = 16,
     compile_backend: str | None = None,
+    exact_last_layer: bool = False,
 ) -> tuple[Tensor, MemoryState]:
     """Same contract and results as `naive_memory`; see its docstring. q, k, v [B, H, T, D] -> y [B, H, T, D].
 
@@ -256,7 +365,14 @@ def chunked_memory(
     either way).
     compile_backend: run every whole chunk through `compiled_chunk(compile_backend)` (e.g. "inductor"; None = eager).
     Partial chunks and calls that collect stats stay eager, so one compilation serves a whole stream.
+    exact_last_layer: as in `naive_memory`; the last layer's errors solve a triangular system per chunk
+    (`exact_last_key_path`). Not with a residual + LayerNorm memory, whose errors are not linear in the last layer.
     """
+    if exact_last_layer and network.residual_norm:
+        raise ValueError(
+            "exact_last_layer has no chunk-parallel form for a residual + LayerNorm memory (its errors are not "
+            "linear in the last layer); use naive_memory, or a memory without residual_norm"
+        )
     gates, state = prepare(q, k, v, theta, eta, alpha, network, state, chunk_size)
     length = q.shape[2]
     # Spans follow the chunk grid of the whole stream: a stream that stopped mid-chunk first finishes that chunk.
@@ -299,7 +415,9 @@ def chunked_memory(
             piece = (q_spans[first + n], k_spans[first + n], v_spans[first + n])
             coefficients = [layer[n] for layer in per_layer]
             step = compiled if compiled is not None and local[n][1] - local[n][0] == chunk_size else _chunk
-            y, ws, ss = step(network, *piece, span_gates, coefficients, ws, ss, an, collected, grad_clip)
+            y, ws, ss = step(
+                network, *piece, span_gates, coefficients, ws, ss, an, collected, grad_clip, exact_last_layer
+            )
             outs.append(y)
         return (torch.cat(outs, dim=2), *ws, *ss, *an)
 

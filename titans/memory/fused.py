@@ -12,8 +12,8 @@ the whole call (`csrc/scan.cpp`, or the same algorithm in tensor ops, `scan_torc
    chunk's vector-Jacobian product by hand, down to the gates; the gradients of (W, S) carried to the chunk before.
 
 The options it does not cover run `chunked_memory` unchanged: channel-wise forgetting, residual + LayerNorm inside
-the memory, and calls that collect `stats` (see `fused_supports`). Tests hold `fused_memory` equal to
-`chunked_memory` and `naive_memory` in outputs, states and every gradient (float64).
+the memory, the exact last layer, and calls that collect `stats` (see `fused_supports`). Tests hold `fused_memory`
+equal to `chunked_memory` and `naive_memory` in outputs, states and every gradient (float64).
 """
 
 from __future__ import annotations
@@ -34,8 +34,12 @@ from titans.memory.state import MemoryState
 BACKENDS = ("auto", "cpp", "torch")
 
 
-def fused_supports(network: MemoryMLP, gates: Sequence[LayerGates], stats: dict | None) -> str | None:
+def fused_supports(
+    network: MemoryMLP, gates: Sequence[LayerGates], stats: dict | None, exact_last_layer: bool = False
+) -> str | None:
     """None when the fused scan computes this call, else the reason it falls back to `chunked_memory`."""
+    if exact_last_layer:
+        return "exact last layer"
     if stats is not None:
         return "stats are collected"
     if network.residual_norm:
@@ -178,6 +182,7 @@ def fused_memory(
     grad_clip: float | None = None,
     checkpoint_every: int | None = None,
     backend: str = "auto",
+    exact_last_layer: bool = False,
 ) -> tuple[Tensor, MemoryState]:
     """Same contract and results as `chunked_memory` and `naive_memory`; q, k, v [B, H, T, D] -> y [B, H, T, D].
 
@@ -191,10 +196,11 @@ def fused_memory(
         raise ValueError(f"fused_memory backend must be one of {BACKENDS}, got {backend!r}")
     gates, state = prepare(q, k, v, theta, eta, alpha, network, state, chunk_size)
     length = q.shape[2]
-    if fused_supports(network, gates, stats) is not None or length == 0:
+    if fused_supports(network, gates, stats, exact_last_layer) is not None or length == 0:
         return chunked_memory(
-            q, k, v, theta, eta, alpha, network, state, chunk_size, stats, grad_clip, checkpoint_every
-        )
+            q, k, v, theta, eta, alpha, network, state, chunk_size, stats, grad_clip, checkpoint_every,
+            exact_last_layer=exact_last_layer,
+        )  # fmt: skip
     batch, heads = q.shape[:2]
     lengths = span_lengths(state.position, length, chunk_size)
     n, depth = len(lengths), network.depth

@@ -179,11 +179,12 @@ class NeuralMemory(nn.Module):
         if not 0 < eta_init < 1:
             raise ValueError(f"eta_init must lie in (0, 1), got {eta_init}")
         self.eta_init = eta_init  # the momentum decay eta_t starts near this (reset_gates)
-        if exact_last_layer and impl != "naive":
+        if exact_last_layer and residual_norm and impl != "naive":
             raise ValueError(
-                f"exact_last_layer needs impl='naive' (the per-token reference; no chunked form yet), got {impl!r}"
+                "exact_last_layer with residual_norm needs impl='naive' (a residual + LayerNorm memory's errors are "
+                f"not linear in its last layer, so there is no chunk-parallel form), got {impl!r}"
             )
-        self.exact_last_layer = exact_last_layer  # naive_memory's option: the last layer learns token by token
+        self.exact_last_layer = exact_last_layer  # the last layer learns token by token (naive_memory's docstring)
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.chunk_size, self.impl, self.max_lr = chunk_size, impl, max_lr
         self.momentum, self.forgetting, self.channelwise_forget = momentum, forgetting, channelwise_forget
@@ -327,9 +328,9 @@ class NeuralMemory(nn.Module):
 
     @property
     def plain(self) -> bool:
-        """Writes on, not probed, not ablated, every gradient anchored: the fast paths (one-token decode, fixed-shape
+        """Writes on, not probed, not ablated: the fast paths (one-token decode, fixed-shape
         and compiled steps), which implement none of those, may run."""
-        return self.update_memory and self.stats_sink is None and self.ablation is None and not self.exact_last_layer
+        return self.update_memory and self.stats_sink is None and self.ablation is None
 
     def _forward_with_reset(
         self, x: Tensor, state: NeuralMemoryState, stats: dict[str, Tensor] | None, before: int
@@ -374,11 +375,14 @@ class NeuralMemory(nn.Module):
     def _memory_function(self) -> tuple[Callable, dict]:
         """The memory function for `impl` and its extra arguments. While torch.compile traces the layer (MAC's
         compiled segments) the fused op gives way to `chunked_memory`, which the compiler can trace."""
+        exact = {"exact_last_layer": self.exact_last_layer}
         if self.impl == "naive":
-            return naive_memory, {"exact_last_layer": self.exact_last_layer}
+            return naive_memory, exact
         if self.impl == "fused" and not torch.compiler.is_compiling():
-            return fused_memory, {"checkpoint_every": self.checkpoint_every}
-        return chunked_memory, {"checkpoint_every": self.checkpoint_every, "compile_backend": self.compile_backend}
+            return fused_memory, {"checkpoint_every": self.checkpoint_every, **exact}
+        return chunked_memory, {
+            "checkpoint_every": self.checkpoint_every, "compile_backend": self.compile_backend, **exact
+        }  # fmt: skip
 
     def decode_step(
         self, x: Tensor, state: NeuralMemoryState, stats: dict[str, Tensor] | None = None
@@ -391,8 +395,9 @@ class NeuralMemory(nn.Module):
         """
         q, k, v, theta, eta, keep, out_gate, conv_state = self._decode_inputs(x[:, 0], state.conv)
         y, memory_state = step_layers(
-            q, k, v, theta, eta, keep, self.network, state.memory, self.chunk_size, self.grad_clip, stats
-        )
+            q, k, v, theta, eta, keep, self.network, state.memory, self.chunk_size, self.grad_clip, stats,
+            self.exact_last_layer,
+        )  # fmt: skip
         return self._decode_output(y, out_gate, x.dtype).unsqueeze(1), NeuralMemoryState(memory_state, conv_state)
 
     def fixed_state(self, state: NeuralMemoryState) -> FixedMemoryState:
@@ -428,7 +433,7 @@ class NeuralMemory(nn.Module):
         q, k, v, theta, eta, keep, out_gate, conv_state = self._decode_inputs(row, fixed.conv)
         y, weights, momentum, anchor = step_layers_fixed(
             q, k, v, theta, eta, keep, self.network, fixed.weights, fixed.momentum, fixed.anchor,
-            fixed.position, self.chunk_size, self.grad_clip,
+            fixed.position, self.chunk_size, self.grad_clip, self.exact_last_layer,
         )  # fmt: skip
         out = self._decode_output(y, out_gate, row.dtype)
         # a contiguous conv history keeps every step's input strides equal to the first's (no recompilation)

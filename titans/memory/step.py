@@ -177,8 +177,10 @@ def step_layers(
     chunk_size: int,
     grad_clip: float | None = None,
     stats: dict[str, Tensor] | None = None,
+    exact_last_layer: bool = False,
 ) -> tuple[Tensor, MemoryState]:
-    """One token at the state's (Python int) position: `rank_one_step` with the chunk anchor of Eq. 16.
+    """One token at the state's (Python int) position: `rank_one_step` with the chunk anchor of Eq. 16 (with
+    `exact_last_layer`, the last layer's gradient at the current weights instead, as in `naive_memory`).
 
     q, k, v [N, 1, D] and the gates as in `rank_one_step`; the state holds [B, H, d_l, d_{l-1}] tensors as usual.
     Returns (y [N, 1, D], state after the token); `stats` (if a dict) gets "surprise" and "update_norm" [B, H, 1].
@@ -194,8 +196,9 @@ def step_layers(
         anchor = weights  # Eq. 16: the token starts a chunk, its gradient is taken at the current weights
     else:
         anchor = flat(state.anchor)
+    point = [*anchor[:-1], weights[-1]] if exact_last_layer else anchor
     y, new_weights, new_momentum = rank_one_step(
-        q, k, v, theta, eta, keep, network, weights, flat(state.momentum), anchor, grad_clip, stats
+        q, k, v, theta, eta, keep, network, weights, flat(state.momentum), point, grad_clip, stats
     )
     if stats is not None:
         stats["surprise"] = stats["surprise"].view(batch, heads, 1)
@@ -224,6 +227,7 @@ def step_layers_fixed(
     position: Tensor,
     chunk_size: int,
     grad_clip: float | None = None,
+    exact_last_layer: bool = False,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """`step_layers` with the position a 0-d long tensor and flat [N, d_l, d_{l-1}] tensors, for fixed-shape decoding.
 
@@ -232,8 +236,9 @@ def step_layers_fixed(
     """
     starts_chunk = position % chunk_size == 0
     anchor = [torch.where(starts_chunk, w, a) for w, a in zip(weights, anchor, strict=True)]
+    point = [*anchor[:-1], weights[-1]] if exact_last_layer else anchor
     y, new_weights, new_momentum = rank_one_step(
-        q, k, v, theta, eta, keep, network, weights, momentum, anchor, grad_clip
+        q, k, v, theta, eta, keep, network, weights, momentum, point, grad_clip
     )
     ends_chunk = (position + 1) % chunk_size == 0  # the next token starts a chunk at the new weights
     new_anchor = [torch.where(ends_chunk, w, a) for w, a in zip(new_weights, anchor, strict=True)]
@@ -252,6 +257,7 @@ def step_memory(
     chunk_size: int = 16,
     stats: dict[str, Tensor] | None = None,
     grad_clip: float | None = None,
+    exact_last_layer: bool = False,
 ) -> tuple[Tensor, MemoryState]:
     """`naive_memory`'s contract for exactly one token (T = 1): q, k, v [B, H, 1, D] -> (y [B, H, 1, D], state).
 
@@ -273,5 +279,5 @@ def step_memory(
     etas = None if gates[0].eta is None else [flat(g.eta) for g in gates]
     keep = None if gates[0].alpha is None else [flat(1 - g.alpha) for g in gates]
     q, k, v = (t.reshape(n, 1, dim) for t in (q, k, v))
-    y, state = step_layers(q, k, v, thetas, etas, keep, network, state, chunk_size, grad_clip, stats)
+    y, state = step_layers(q, k, v, thetas, etas, keep, network, state, chunk_size, grad_clip, stats, exact_last_layer)
     return y.view(batch, heads, 1, dim), state
