@@ -78,13 +78,16 @@ ROWS = {
     # of width 64 instead of four of 16
     "delta16-heads1": [*DELTA_RULE, "model.memory.chunk_size=16", "model.memory.heads=1"],
     "lmm-theta0.25-heads1": ["model.memory.theta_init=0.25", "model.memory.heads=1"],
-    # the last layer's inner gradient at the current weights, the first's at the chunk start (naive_memory's
-    # exact_last_layer): the token-to-token correction kept where the delta rule has it, chunks of 16
-    "lmm-theta0.25-exactlast": [
+    # the last layer's inner gradient at the current weights, the first's at the chunk start (exact_last_layer):
+    # the token-to-token correction kept where the delta rule has it, chunks of 16; "-naive" runs the per-token
+    # reference, the others the chunk-parallel form
+    "lmm-theta0.25-exactlast-naive": [
         "model.memory.theta_init=0.25",
         "model.memory.exact_last_layer=true",
         "model.memory.impl=naive",
     ],
+    "lmm-theta0.25-exactlast": ["model.memory.theta_init=0.25", "model.memory.exact_last_layer=true"],
+    "lmm-exactlast": ["model.memory.exact_last_layer=true"],
 }
 
 

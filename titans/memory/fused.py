@@ -12,7 +12,7 @@ the whole call (`csrc/scan.cpp`, or the same algorithm in tensor ops, `scan_torc
    chunk's vector-Jacobian product by hand, down to the gates; the gradients of (W, S) carried to the chunk before.
 
 The options it does not cover run `chunked_memory` unchanged: channel-wise forgetting, residual + LayerNorm inside
-the memory, the exact last layer, and calls that collect `stats` (see `fused_supports`). Tests hold `fused_memory`
+the memory, and calls that collect `stats` (see `fused_supports`). Tests hold `fused_memory`
 equal to `chunked_memory` and `naive_memory` in outputs, states and every gradient (float64).
 """
 
@@ -34,12 +34,8 @@ from titans.memory.state import MemoryState
 BACKENDS = ("auto", "cpp", "torch")
 
 
-def fused_supports(
-    network: MemoryMLP, gates: Sequence[LayerGates], stats: dict | None, exact_last_layer: bool = False
-) -> str | None:
+def fused_supports(network: MemoryMLP, gates: Sequence[LayerGates], stats: dict | None) -> str | None:
     """None when the fused scan computes this call, else the reason it falls back to `chunked_memory`."""
-    if exact_last_layer:
-        return "exact last layer"
     if stats is not None:
         return "stats are collected"
     if network.residual_norm:
@@ -196,7 +192,7 @@ def fused_memory(
         raise ValueError(f"fused_memory backend must be one of {BACKENDS}, got {backend!r}")
     gates, state = prepare(q, k, v, theta, eta, alpha, network, state, chunk_size)
     length = q.shape[2]
-    if fused_supports(network, gates, stats, exact_last_layer) is not None or length == 0:
+    if fused_supports(network, gates, stats) is not None or length == 0:
         return chunked_memory(
             q, k, v, theta, eta, alpha, network, state, chunk_size, stats, grad_clip, checkpoint_every,
             exact_last_layer=exact_last_layer,
@@ -220,9 +216,11 @@ def fused_memory(
     )  # fmt: skip
     save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     stride = scan_stride(checkpoint_every, n, batch * heads, network, chunk_size, q.element_size())
-    settings = ScanSettings(tuple(lengths), chunk_size, network.activation, float(grad_clip or 0.0), stride)
+    clip = float(grad_clip or 0.0)
+    settings = ScanSettings(tuple(lengths), chunk_size, network.activation, clip, stride, exact_last_layer)
     layout = (depth, momentum, forgetting, resumes_mid_chunk)
-    outputs = _FusedScan.apply(settings, _kernels(backend, q.device), layout, save, *tensors)
+    kernels = scan_torch if exact_last_layer else _kernels(backend, q.device)  # no C++ form of it yet
+    outputs = _FusedScan.apply(settings, kernels, layout, save, *tensors)
 
     def unflat(t: Tensor) -> Tensor:
         return t.reshape(batch, heads, *t.shape[1:])
