@@ -5,8 +5,11 @@ forward substitution through the clip) equal to the per-token reference in outpu
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+from test_fused import BACKENDS
 from test_memory import OPTIONS, assert_same_run, make_inputs
 
 from titans.config import ConfigError, load_config
@@ -67,14 +70,16 @@ def test_the_chunk_parallel_form_equals_the_reference(option, depth, chunk_size,
     assert_same_run(inputs, chunk_size, grad_clip=clip, exact_last_layer=True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("clip", [None, 0.3], ids=["no-clip", "clip0.3"])
 @pytest.mark.parametrize("option", ["no-momentum", "no-forgetting", "neither", "shared-gates", "defaults"])
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("chunk_size, T, checkpoint_every", [(1, 7, 0), (4, 19, 0), (16, 37, 0), (4, 37, 3)])
-def test_the_fused_scan_equals_the_reference(option, depth, chunk_size, T, checkpoint_every, clip) -> None:
-    # the hand-written reverse substitution (scan_torch) against autograd through the per-token reference
+def test_the_fused_scan_equals_the_reference(option, depth, chunk_size, T, checkpoint_every, clip, backend) -> None:
+    # the hand-written reverse substitution (C++ and tensor ops) against autograd through the per-token reference
     inputs = make_inputs(T, depth, seed=depth + 3, **CHUNKED_OPTIONS.get(option, {}))
-    assert_same_run(inputs, chunk_size, checkpoint_every, impl=fused_memory, grad_clip=clip, exact_last_layer=True)
+    impl = functools.partial(fused_memory, backend=backend)
+    assert_same_run(inputs, chunk_size, checkpoint_every, impl=impl, grad_clip=clip, exact_last_layer=True)
 
 
 def test_the_clip_binds_in_the_substitution() -> None:

@@ -21,6 +21,7 @@ from titans.system import cpu_compiler
 DT = torch.float64
 needs_compiler = pytest.mark.skipif(cpu_compiler() is None, reason="the C++ scan is built with a C++ compiler")
 BACKENDS = [pytest.param("cpp", marks=needs_compiler), "torch"]
+EXACT = pytest.mark.parametrize("exact", [False, True], ids=["anchored", "exact-last-layer"])
 
 
 def _loss(y: torch.Tensor, state: MemoryState) -> torch.Tensor:
@@ -96,9 +97,6 @@ def _pieces(inputs, split):
         start += n
 
 
-EXACT = pytest.mark.parametrize("exact", [False, True], ids=["anchored", "exact-last-layer"])
-
-
 @EXACT
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("split", [[1] * 13, [5, 1, 9, 6], [4, 4, 13], [3, 3, 3, 3, 3, 3, 3], [2, 17]], ids=str)
@@ -148,9 +146,10 @@ def test_call_inside_one_chunk_keeps_the_incoming_anchor() -> None:
         assert a is b  # still the first chunk: the anchor is the stream's start weights
 
 
+@EXACT
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @needs_compiler
-def test_cpp_and_tensor_op_scans_agree(dtype) -> None:
+def test_cpp_and_tensor_op_scans_agree(dtype, exact) -> None:
     inputs = make_inputs(45, 3, seed=8)
     for name in ("q", "k", "v", "theta", "eta", "alpha"):
         inputs[name] = inputs[name].detach().to(dtype).requires_grad_()
@@ -159,7 +158,9 @@ def test_cpp_and_tensor_op_scans_agree(dtype) -> None:
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     results = []
     for backend in ("cpp", "torch"):
-        y, st = fused_memory(**inputs, chunk_size=8, grad_clip=0.5, checkpoint_every=2, backend=backend)
+        y, st = fused_memory(
+            **inputs, chunk_size=8, grad_clip=0.5, checkpoint_every=2, backend=backend, exact_last_layer=exact
+        )
         results.append((y, st, torch.autograd.grad(_loss(y, st), list(named.values()))))
     (y1, s1, g1), (y2, s2, g2) = results
     torch.testing.assert_close(y1, y2, rtol=tol, atol=tol)
@@ -169,17 +170,18 @@ def test_cpp_and_tensor_op_scans_agree(dtype) -> None:
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * 10, msg=lambda m, n=name: f"d{n}: {m}")
 
 
+@EXACT
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_float32_agrees_with_float64_within_stated_tolerance(backend) -> None:
+def test_float32_agrees_with_float64_within_stated_tolerance(backend, exact) -> None:
     """float32 through the fused scan against the float64 reference: outputs and states within 1e-5, gradients
     within 1e-4 relative to their norm (the documented tolerances)."""
     inputs = make_inputs(64, 2, seed=12, D=8)
-    ref, ref_state = chunked_memory(**inputs, chunk_size=16, grad_clip=1.0)
+    ref, ref_state = chunked_memory(**inputs, chunk_size=16, grad_clip=1.0, exact_last_layer=exact)
     named = leaves(inputs)
     ref_grads = torch.autograd.grad(_loss(ref, ref_state), list(named.values()))
     single = {n: (t.detach().float().requires_grad_() if isinstance(t, torch.Tensor) else t) for n, t in inputs.items()}
     single["network"] = inputs["network"].float()
-    out, state = fused_memory(**single, chunk_size=16, grad_clip=1.0, backend=backend)
+    out, state = fused_memory(**single, chunk_size=16, grad_clip=1.0, backend=backend, exact_last_layer=exact)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state.weights[0].double(), ref_state.weights[0], rtol=1e-5, atol=1e-5)
     grads = torch.autograd.grad(_loss(out, state), list(leaves(single).values()))

@@ -219,8 +219,7 @@ def fused_memory(
     clip = float(grad_clip or 0.0)
     settings = ScanSettings(tuple(lengths), chunk_size, network.activation, clip, stride, exact_last_layer)
     layout = (depth, momentum, forgetting, resumes_mid_chunk)
-    kernels = scan_torch if exact_last_layer else _kernels(backend, q.device)  # no C++ form of it yet
-    outputs = _FusedScan.apply(settings, kernels, layout, save, *tensors)
+    outputs = _FusedScan.apply(settings, _kernels(backend, q.device), layout, save, *tensors)
 
     def unflat(t: Tensor) -> Tensor:
         return t.reshape(batch, heads, *t.shape[1:])

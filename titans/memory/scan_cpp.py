@@ -138,6 +138,7 @@ def scan_forward(q, k, v, gates, weights, momentum, anchor, settings: ScanSettin
     out = torch.ops.titans.scan_forward(
         q, k, v, thetas, etas, alphas, list(weights), list(momentum), list(anchor), list(settings.lengths),
         settings.chunk_size, ACTIVATIONS[settings.activation], settings.clip, settings.stride, save,
+        settings.exact_last,
     )  # fmt: skip
     y, rest = out[0], out[1:]
     w_end, s_end, w_last = rest[:depth], rest[depth : 2 * depth], rest[2 * depth : 3 * depth]
@@ -152,7 +153,7 @@ def scan_backward(grad_y, grad_w, grad_s, grad_last, q, k, v, gates, anchor, kep
     out = torch.ops.titans.scan_backward(
         grad_y, list(grad_w), list(grad_s), list(grad_last), q, k, v, thetas, etas, alphas, list(anchor), list(kept),
         list(settings.lengths), settings.chunk_size, ACTIVATIONS[settings.activation], settings.clip,
-        settings.stride,
+        settings.stride, settings.exact_last,
     )  # fmt: skip
     dq, dk, dv, rest = out[0], out[1], out[2], list(out[3:])
 

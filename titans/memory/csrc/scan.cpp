@@ -255,6 +255,7 @@ struct Problem {
   int L = 0, n = 0, b = 0, D = 0, stride = 1, activation = kGelu;
   int64_t length = 0;  // T, tokens of the call
   bool momentum = true, forgetting = true, has_anchor = false;
+  bool exact = false;  // exact_last_layer: the last layer's inner gradient at M^L_{t-1}, not at the anchor
   T clip = 0;
   std::vector<int> lengths, starts, din, dout;
   std::vector<int64_t> wsize;   // d_out * d_in per layer
@@ -355,6 +356,7 @@ struct Workspace {
   std::vector<T*> K, G, Bk, Z, R, scale;  // into the current slot
   std::vector<std::vector<T>> A, dsig, Qin, qderiv, P, dA, dG, dScale, dK;
   std::vector<T> zlast, wide1, wide2, tmp1, tmp2, tmp3, tmp4, rr, logs;
+  std::vector<T> ex1, ex2, ex3, ex4, exr1, exr2, exr3, exrow;  // the exact last layer's (p.exact)
 
   explicit Workspace(const Problem<T>& problem) : p(problem), layout(problem.L, problem.b, problem.dout) {
     const int L = p.L, b = p.b;
@@ -381,7 +383,18 @@ struct Workspace {
     for (auto* v : {&tmp1, &tmp2, &tmp3, &tmp4}) v->resize((size_t)b * widest);
     rr.resize((size_t)b * b);
     logs.resize(b);
+    if (p.exact) {
+      for (auto* v : {&ex1, &ex2, &ex3, &ex4}) v->resize((size_t)b * 2 * widest);
+      for (auto* v : {&exr1, &exr2, &exr3}) v->resize((size_t)b * b);
+      exrow.resize((size_t)2 * widest);
+    }
   }
+
+  // The exact last layer reads M^L_{t-1}, the state before token t: its coefficients are layer i's rows moved down
+  // by one (decay 1, carry 0 and no gradient at t = 0; mix[t - 1][j] for j < t, zero on and above the diagonal).
+  T dsh(int i, int t) const { return t == 0 ? T(1) : co[i].decay[t - 1]; }
+  T csh(int i, int t) const { return (t == 0 || !p.momentum) ? T(0) : co[i].carry[t - 1]; }
+  T msh(int i, int t, int j) const { return j < t ? co[i].mix[(size_t)(t - 1) * p.b + j] : T(0); }
 
   void use_slot(T* slot) {
     for (int i = 0; i < p.L; ++i) {
@@ -491,14 +504,19 @@ struct Workspace {
     }
   }
 
-  // The keys of chunk c through the anchor network: A, K, sigma'(K), G, Bk and the clip scales.
-  void key_path(const std::vector<const T*>& anc, int64_t m, int c, int r) {
+  // The keys of chunk c through the anchor network: A, K, sigma'(K), G, Bk and the clip scales. With p.exact the
+  // last layer's G (and the hidden layer's Bk below it) come from `exact_last` at the chunk-start `state` instead.
+  void key_path(const std::vector<const T*>& anc, const T* state, int64_t m, int c, int r) {
     const int L = p.L;
     const T* kr = p.rows(p.k, m, c);
     const T* vr = p.rows(p.v, m, c);
     std::copy(kr, kr + (size_t)r * p.D, A[0].begin());
     for (int i = 0; i < L; ++i) {
       const int di = p.din[i], dO = p.dout[i];
+      if (i == L - 1 && p.exact) {
+        exact_last(state, m, c, r);
+        break;
+      }
       T* pre = i < L - 1 ? K[i] : dK[i].data();  // the last pre-activation is needed only for G
       mm<T>(false, true, r, dO, di, T(1), A[i].data(), di, anc[i], di, T(0), pre, dO);
       if (i < L - 1) {
@@ -509,10 +527,11 @@ struct Workspace {
     }
     for (int i = L - 2; i >= 0; --i) {
       const int dO = p.dout[i], d2 = p.dout[i + 1];
-      mm<T>(false, false, r, dO, d2, T(1), G[i + 1], d2, anc[i + 1], dO, T(0), Bk[i], dO);
+      if (!(p.exact && i == L - 2))
+        mm<T>(false, false, r, dO, d2, T(1), G[i + 1], d2, anc[i + 1], dO, T(0), Bk[i], dO);
       for (int e = 0; e < r * dO; ++e) G[i][e] = Bk[i][e] * dsig[i][e];
     }
-    for (int i = 0; i < L; ++i) {
+    for (int i = 0; i < L - (p.exact ? 1 : 0); ++i) {  // (the exact last layer's scales: exact_last)
       for (int t = 0; t < r; ++t) {
         if (p.clip > 0) {
           const T nrm = norm(&G[i][(size_t)t * p.dout[i]], p.dout[i]) * norm(&A[i][(size_t)t * p.din[i]], p.din[i]);
@@ -522,6 +541,55 @@ struct Workspace {
         }
       }
     }
+  }
+
+  // The exact last layer's G and clip scales, and (depth > 1) the Bk of the layer below it (scan_torch.py,
+  // _exact_key_path): with a = the anchor's features, the errors e_t = M^L_{t-1} a_t - v_t by forward substitution,
+  //   e_t = dsh_t W a_t + csh_t S a_t - v_t - sum_{j<t} msh[t][j] (a_t . a_j) s_j g_j,   g_t = 2 e_t,
+  // then Bk_t = M^L_{t-1}^T g_t = dsh_t W^T g_t + csh_t S^T g_t - sum_{j<t} msh[t][j] s_j (g_t . g_j) a_j.
+  void exact_last(const T* state, int64_t m, int c, int r) {
+    const int Li = p.L - 1, di = p.din[Li], dO = p.dout[Li];
+    const int cols = p.momentum ? 2 * dO : dO;
+    const T* W = state + p.offset[Li];
+    const T* a = A[Li].data();
+    const T* vr = p.rows(p.v, m, c);
+    T* base = ex1.data();  // [r, cols]: a [W; S]^T
+    mm<T>(false, true, r, cols, di, T(1), a, di, W, di, T(0), base, cols);
+    T* gram = exr1.data();
+    lower_dots<T>(r, di, a, di, a, di, gram, r);
+    T* g = G[Li];
+    for (int t = 0; t < r; ++t) {
+      T* gt = g + (size_t)t * dO;
+      const T d = dsh(Li, t), cc = csh(Li, t);
+      for (int e = 0; e < dO; ++e) {
+        T x = d * base[t * cols + e] - vr[t * dO + e];
+        if (p.momentum) x += cc * base[t * cols + dO + e];
+        gt[e] = x;
+      }
+      for (int j = 0; j < t; ++j) {
+        const T w = msh(Li, t, j) * gram[t * r + j] * scale[Li][j];
+        const T* gj = g + (size_t)j * dO;
+        for (int e = 0; e < dO; ++e) gt[e] -= w * gj[e];
+      }
+      for (int e = 0; e < dO; ++e) gt[e] *= T(2);
+      scale[Li][t] = p.clip > 0 ? p.clip / std::max(p.clip, norm(gt, dO) * norm(&a[(size_t)t * di], di)) : T(1);
+    }
+    if (p.L == 1) return;
+    T* bk = Bk[Li - 1];  // [r, di]
+    T* gw = ex2.data();  // [r, di]: G W, then G S
+    mm<T>(false, false, r, di, dO, T(1), g, dO, W, di, T(0), gw, di);
+    for (int t = 0; t < r; ++t)
+      for (int e = 0; e < di; ++e) bk[t * di + e] = dsh(Li, t) * gw[t * di + e];
+    if (p.momentum) {
+      mm<T>(false, false, r, di, dO, T(1), g, dO, W + p.wsize[Li], di, T(0), gw, di);
+      for (int t = 0; t < r; ++t)
+        for (int e = 0; e < di; ++e) bk[t * di + e] += csh(Li, t) * gw[t * di + e];
+    }
+    T* pair = exr2.data();
+    lower_dots<T>(r, dO, g, dO, g, dO, pair, r);
+    for (int t = 0; t < r; ++t)
+      for (int j = 0; j <= t; ++j) pair[t * r + j] = msh(Li, t, j) * scale[Li][j] * pair[t * r + j];
+    lower_mix<T>(r, di, T(-1), pair, r, a, di, bk, di);
   }
 
   // P = R * mix * s on and below the diagonal.
@@ -642,6 +710,151 @@ struct Backward {
   Workspace<T>& ws;
   T *dq, *dk, *dv;
   std::vector<T*> dtheta, deta, dalpha;
+
+  void gates_backward(int i, int64_t m, int c, int r) {
+    ws.gates_backward(i, m, c, r, dtheta[i], p.momentum ? deta[i] : nullptr, p.forgetting ? dalpha[i] : nullptr);
+  }
+
+  // Adds the adjoint x of the exact last layer's shifted row t (decay, carry: row t - 1 of the layer's own).
+  void shifted_row(int t, T d_decay, T d_carry) {
+    if (t == 0) return;  // row 0 is the start state itself: constant
+    ws.co[p.L - 1].gD[t - 1] += d_decay;
+    if (p.momentum) ws.co[p.L - 1].gR[t - 1] += d_carry;
+  }
+
+  // The VJP of the exact last layer's B_t = dsh_t W^T g_t + csh_t S^T g_t - sum_{j<t} msh[t][j] s_j (g_t . g_j) a_j
+  // (scan_torch._exact_back_backward) for dB = dback [r, d_in]: adds to dG, dA of the last layer, its [dW; dS] in
+  // `result` and its coefficients' adjoints; leaves the gradient of the clipped rows s_j g_j in ws.ex4 [r, d_out].
+  void exact_back_backward(const T* state, const T* dback, int r, T* result) {
+    const int Li = p.L - 1, di = p.din[Li], dO = p.dout[Li], b = p.b;
+    const int cols = p.momentum ? 2 * dO : dO;
+    const T* W = state + p.offset[Li];
+    const T* g = ws.G[Li];
+    const T* a = ws.A[Li].data();
+    const T* s = ws.scale[Li];
+    T* dG = ws.dG[Li].data();
+    T* gw = ws.ex1.data();  // [r, cols]: dB [W; S]^T
+    mm<T>(false, true, r, cols, di, T(1), dback, di, W, di, T(0), gw, cols);
+    T* sg = ws.ex2.data();  // [r, cols]: [dsh . G | csh . G]
+    for (int t = 0; t < r; ++t) {
+      const T d = ws.dsh(Li, t), cc = ws.csh(Li, t);
+      T gd = 0, gr = 0;
+      for (int e = 0; e < dO; ++e) {
+        const T ge = g[t * dO + e];
+        dG[t * dO + e] += d * gw[t * cols + e];
+        gd += ge * gw[t * cols + e];
+        sg[t * cols + e] = d * ge;
+        if (p.momentum) {
+          dG[t * dO + e] += cc * gw[t * cols + dO + e];
+          gr += ge * gw[t * cols + dO + e];
+          sg[t * cols + dO + e] = cc * ge;
+        }
+      }
+      shifted_row(t, gd, gr);
+    }
+    mm<T>(true, false, cols, di, r, T(1), sg, cols, dback, di, T(1), result + p.offset[Li], di);
+    T* pi = ws.exr1.data();    // dB_t . a_j, then msh . pi
+    T* pair = ws.exr2.data();  // g_t . g_j, then msh . s_j (g_t . g_j)
+    T* xs = ws.exr3.data();    // msh . pi . s_j
+    lower_dots<T>(r, di, dback, di, a, di, pi, r);
+    lower_dots<T>(r, dO, g, dO, g, dO, pair, r);
+    Coefficients<T>& k = ws.co[Li];
+    for (int t = 0; t < r; ++t) {
+      for (int j = 0; j <= t; ++j) {
+        const T ms = ws.msh(Li, t, j), pr = s[j] * pair[t * r + j];
+        if (j < t) k.gM[(size_t)(t - 1) * b + j] -= pr * pi[t * r + j];
+        pi[t * r + j] *= ms;
+        xs[t * r + j] = pi[t * r + j] * s[j];
+        pair[t * r + j] = ms * pr;
+      }
+    }
+    lower_mix<T>(r, dO, T(-1), xs, r, g, dO, dG, dO);
+    T* d_rows = ws.ex4.data();
+    std::fill(d_rows, d_rows + (size_t)r * dO, T(0));
+    lower_mix_transposed<T>(r, dO, T(-1), pi, r, g, dO, d_rows, dO);
+    lower_mix_transposed<T>(r, di, T(-1), pair, r, dback, di, ws.dA[Li].data(), di);
+  }
+
+  // The VJP of the exact last layer's forward substitution (scan_torch._exact_errors_backward): the reverse
+  // substitution, row t's error gradient dE_t complete (every later row's, its clip scale's) before it reaches
+  // earlier rows; then the base term (W, S, shifted decay and carry) and the Gram term (a, shifted mix). Takes dG and
+  // dScale of the last layer from outside the substitution and the rows' gradient from ws.ex4; writes dv.
+  void exact_errors_backward(const T* state, int64_t m, int c, int r, T* result) {
+    const int Li = p.L - 1, di = p.din[Li], dO = p.dout[Li], b = p.b;
+    const int cols = p.momentum ? 2 * dO : dO;
+    const T* W = state + p.offset[Li];
+    const T* g = ws.G[Li];
+    const T* a = ws.A[Li].data();
+    const T* s = ws.scale[Li];
+    const T* d_rows = ws.ex4.data();
+    T* dA = ws.dA[Li].data();
+    T* gram = ws.exr1.data();
+    lower_dots<T>(r, di, a, di, a, di, gram, r);
+    T* dE = ws.ex3.data();  // [r, d_out]
+    T* dr = ws.exrow.data();
+    for (int j = r - 1; j >= 0; --j) {
+      for (int e = 0; e < dO; ++e) dr[e] = d_rows[j * dO + e];
+      for (int t = j + 1; t < r; ++t) {
+        const T w = ws.msh(Li, t, j) * gram[t * r + j];
+        for (int e = 0; e < dO; ++e) dr[e] -= w * dE[t * dO + e];
+      }
+      const T* gj = g + (size_t)j * dO;
+      const T* aj = a + (size_t)j * di;
+      T* dEj = dE + (size_t)j * dO;
+      for (int e = 0; e < dO; ++e) dEj[e] = ws.dG[Li][j * dO + e] + s[j] * dr[e];
+      if (p.clip > 0) {
+        const T gn = norm(gj, dO), an = norm(aj, di);
+        if (gn * an > p.clip) {  // s = clip / (|g| |a|): ds/dg = -s g / |g|^2, ds/da = -s a / |a|^2
+          const T kk = -(ws.dScale[Li][j] + rowdot(dr, gj, dO)) * s[j];
+          for (int e = 0; e < dO; ++e) dEj[e] += kk / (gn * gn) * gj[e];
+          for (int e = 0; e < di; ++e) dA[j * di + e] += kk / (an * an) * aj[e];
+        }
+      }
+      for (int e = 0; e < dO; ++e) dEj[e] *= T(2);
+    }
+    T* dvr = dv + p.token(m, c) * p.D;
+    for (int e = 0; e < r * dO; ++e) dvr[e] = -dE[e];
+    // base: dsh_t W a_t + csh_t S a_t
+    T* ew = ws.ex1.data();  // [r, d_in]: dE W, then dE S
+    mm<T>(false, false, r, di, dO, T(1), dE, dO, W, di, T(0), ew, di);
+    for (int t = 0; t < r; ++t)
+      for (int e = 0; e < di; ++e) dA[t * di + e] += ws.dsh(Li, t) * ew[t * di + e];
+    if (p.momentum) {
+      mm<T>(false, false, r, di, dO, T(1), dE, dO, W + p.wsize[Li], di, T(0), ew, di);
+      for (int t = 0; t < r; ++t)
+        for (int e = 0; e < di; ++e) dA[t * di + e] += ws.csh(Li, t) * ew[t * di + e];
+    }
+    T* aw = ws.ex2.data();  // [r, cols]: a [W; S]^T
+    mm<T>(false, true, r, cols, di, T(1), a, di, W, di, T(0), aw, cols);
+    T* se = ws.ex1.data();  // [r, cols]: [dsh . dE | csh . dE]
+    for (int t = 0; t < r; ++t) {
+      const T d = ws.dsh(Li, t), cc = ws.csh(Li, t);
+      T gd = 0, gr = 0;
+      for (int e = 0; e < dO; ++e) {
+        gd += dE[t * dO + e] * aw[t * cols + e];
+        se[t * cols + e] = d * dE[t * dO + e];
+        if (p.momentum) {
+          gr += dE[t * dO + e] * aw[t * cols + dO + e];
+          se[t * cols + dO + e] = cc * dE[t * dO + e];
+        }
+      }
+      shifted_row(t, gd, gr);
+    }
+    mm<T>(true, false, cols, di, r, T(1), se, cols, a, di, T(1), result + p.offset[Li], di);
+    // Gram: - sum_{j<t} msh[t][j] (a_t . a_j) s_j g_j
+    T* ov = ws.exr2.data();  // dE_t . g_j, then d gram
+    lower_dots<T>(r, dO, dE, dO, g, dO, ov, r);
+    Coefficients<T>& k = ws.co[Li];
+    for (int t = 0; t < r; ++t) {
+      for (int j = 0; j <= t; ++j) {
+        const T o = ov[t * r + j] * s[j];
+        if (j < t) k.gM[(size_t)(t - 1) * b + j] -= gram[t * r + j] * o;
+        ov[t * r + j] = -ws.msh(Li, t, j) * o;
+      }
+    }
+    lower_mix<T>(r, di, T(1), ov, r, a, di, dA, di);
+    lower_mix_transposed<T>(r, di, T(1), ov, r, a, di, dA, di);
+  }
 
   void chunk(int64_t m, int c, int r, const T* state, const std::vector<const T*>& anc, const T* carried,
              const T* dy, T* result, T* anc_grad) {
@@ -772,11 +985,12 @@ struct Backward {
         for (int e = 0; e < dO; ++e)
           ws.dG[i][t * dO + e] -= omt * ao[t * 2 * dO + e] + vst * ao[t * 2 * dO + dO + e];
       }
-      ws.gates_backward(i, m, c, r, dtheta[i], p.momentum ? deta[i] : nullptr, p.forgetting ? dalpha[i] : nullptr);
+      // (the exact last layer's coefficients get more adjoints in step 4)
+      if (!(p.exact && i == L - 1)) gates_backward(i, m, c, r);
     }
-    // 3. the inner-gradient clip: s = clip / max(clip, |g| |a|)
+    // 3. the inner-gradient clip: s = clip / max(clip, |g| |a|) (the exact last layer's: in step 4)
     if (p.clip > 0) {
-      for (int i = 0; i < L; ++i) {
+      for (int i = 0; i < L - (p.exact ? 1 : 0); ++i) {
         const int di = p.din[i], dO = p.dout[i];
         for (int t = 0; t < r; ++t) {
           const T* g = &ws.G[i][(size_t)t * dO];
@@ -801,10 +1015,18 @@ struct Backward {
         dback[e] = ws.dG[i][e] * ws.dsig[i][e];
         ws.dK[i][e] = ws.dG[i][e] * ws.Bk[i][e] * d2s[e];
       }
+      if (p.exact && i == L - 2) {  // B = M^L_{t-1}^T G^L, not through the anchor
+        exact_back_backward(state, dback, r, result);
+        continue;
+      }
       mm<T>(false, true, r, d2, dO, T(1), dback, dO, anc[i + 1], dO, T(1), ws.dG[i + 1].data(), d2);
       mm<T>(true, false, d2, dO, r, T(1), ws.G[i + 1], d2, dback, dO, T(1), anc_grad + p.offset[i + 1], dO);
     }
-    {
+    if (p.exact) {
+      if (L == 1) std::fill(ws.ex4.begin(), ws.ex4.end(), T(0));  // no hidden layer: the rows feed no B
+      exact_errors_backward(state, m, c, r, result);
+      gates_backward(L - 1, m, c, r);
+    } else {
       const int dO = p.dout[L - 1];
       T* dvr = dv + p.token(m, c) * p.D;
       for (int e = 0; e < r * dO; ++e) {
@@ -814,8 +1036,11 @@ struct Backward {
     }
     for (int i = L - 1; i >= 0; --i) {
       const int di = p.din[i], dO = p.dout[i];
-      mm<T>(false, false, r, di, dO, T(1), ws.dK[i].data(), dO, anc[i], di, T(1), ws.dA[i].data(), di);
-      mm<T>(true, false, dO, di, r, T(1), ws.dK[i].data(), dO, ws.A[i].data(), di, T(1), anc_grad + p.offset[i], di);
+      if (!(p.exact && i == L - 1)) {  // the exact last layer's gradient point is W (result), not the anchor
+        mm<T>(false, false, r, di, dO, T(1), ws.dK[i].data(), dO, anc[i], di, T(1), ws.dA[i].data(), di);
+        mm<T>(true, false, dO, di, r, T(1), ws.dK[i].data(), dO, ws.A[i].data(), di, T(1), anc_grad + p.offset[i],
+              di);
+      }
       if (i > 0) {
         for (int e = 0; e < r * di; ++e) ws.dK[i - 1][e] += ws.dA[i][e] * ws.dsig[i - 1][e];
       }
@@ -830,8 +1055,9 @@ template <typename T>
 Problem<T> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const std::vector<Tensor>& theta,
                         const std::vector<Tensor>& eta, const std::vector<Tensor>& alpha,
                         const std::vector<Tensor>& w, const std::vector<Tensor>& anchor, at::IntArrayRef lengths,
-                        int64_t chunk_size, int64_t activation, double clip, int64_t stride) {
+                        int64_t chunk_size, int64_t activation, double clip, int64_t stride, bool exact) {
   Problem<T> p;
+  p.exact = exact;
   p.L = (int)w.size();
   p.length = q.size(1);
   p.D = (int)q.size(2);
@@ -920,8 +1146,9 @@ std::vector<Tensor> forward_impl(const Tensor& q, const Tensor& k, const Tensor&
                                  const std::vector<Tensor>& eta, const std::vector<Tensor>& alpha,
                                  const std::vector<Tensor>& w0, const std::vector<Tensor>& s0,
                                  const std::vector<Tensor>& anchor, at::IntArrayRef lengths, int64_t chunk_size,
-                                 int64_t activation, double clip, int64_t stride, bool save) {
-  Problem<T> p = make_problem<T>(q, k, v, theta, eta, alpha, w0, anchor, lengths, chunk_size, activation, clip, stride);
+                                 int64_t activation, double clip, int64_t stride, bool save, bool exact) {
+  Problem<T> p =
+      make_problem<T>(q, k, v, theta, eta, alpha, w0, anchor, lengths, chunk_size, activation, clip, stride, exact);
   const int64_t N = q.size(0);
   const bool direct = save && p.keeps_slots();  // chunk c's state and slot live in kept[c] itself
   Tensor y = pooled(q.sizes(), q.options());
@@ -947,7 +1174,7 @@ std::vector<Tensor> forward_impl(const Tensor& q, const Tensor& k, const Tensor&
         ws.use_slot(direct ? kept_at(c) + p.state_size : ws.own_slot.data());
         ws.coefficients(m, c, r);
         const auto W = weights_of(p, state);
-        ws.key_path((c == 0 && p.has_anchor) ? anchor_of(p, m) : W, m, c, r);
+        ws.key_path((c == 0 && p.has_anchor) ? anchor_of(p, m) : W, state, m, c, r);
         ws.query_path(state, m, c, r, yp + p.token(m, c) * p.D);
         // kept chunks get their own copy; otherwise the state is updated in place (half the memory traffic)
         T* next = (direct && c + 1 < p.n) ? kept_at(c + 1) : cur.data();
@@ -972,9 +1199,9 @@ std::vector<Tensor> backward_impl(const Tensor& grad_y, const std::vector<Tensor
                                   const std::vector<Tensor>& eta, const std::vector<Tensor>& alpha,
                                   const std::vector<Tensor>& anchor, const std::vector<Tensor>& kept,
                                   at::IntArrayRef lengths, int64_t chunk_size, int64_t activation, double clip,
-                                  int64_t stride) {
-  Problem<T> p =
-      make_problem<T>(q, k, v, theta, eta, alpha, grad_w, anchor, lengths, chunk_size, activation, clip, stride);
+                                  int64_t stride, bool exact) {
+  Problem<T> p = make_problem<T>(q, k, v, theta, eta, alpha, grad_w, anchor, lengths, chunk_size, activation, clip,
+                                 stride, exact);
   const int64_t N = q.size(0);
   check((int)kept.size() == p.n_kept, "one kept tensor per kept chunk");
   for (const auto& t : kept) check(t.dim() == 2 && t.size(0) == N && t.size(1) == p.kept_size(), "kept tensor shape");
@@ -1017,7 +1244,7 @@ std::vector<Tensor> backward_impl(const Tensor& grad_y, const std::vector<Tensor
             ws.use_slot(group_slots.data() + (size_t)(c - g0) * ws.layout.size);
             ws.coefficients(m, c, p.lengths[c]);
             const auto W = weights_of(p, (const T*)state);
-            ws.key_path((c == 0 && p.has_anchor) ? anchor_of(p, m) : W, m, c, p.lengths[c]);
+            ws.key_path((c == 0 && p.has_anchor) ? anchor_of(p, m) : W, state, m, c, p.lengths[c]);
             ws.query_path(state, m, c, p.lengths[c], nullptr);
             if (c + 1 < g1) ws.end_state(state, state + p.state_size, p.lengths[c]);
           }
@@ -1060,7 +1287,7 @@ std::vector<Tensor> as_vector(at::TensorList list) { return std::vector<Tensor>(
 std::vector<Tensor> scan_forward(const Tensor& q, const Tensor& k, const Tensor& v, at::TensorList theta,
                                  at::TensorList eta, at::TensorList alpha, at::TensorList w0, at::TensorList s0,
                                  at::TensorList anchor, at::IntArrayRef lengths, int64_t chunk_size,
-                                 int64_t activation, double clip, int64_t stride, bool save) {
+                                 int64_t activation, double clip, int64_t stride, bool save, bool exact) {
   const auto th = as_vector(theta), et = as_vector(eta), al = as_vector(alpha), wv = as_vector(w0),
              sv = as_vector(s0), av = as_vector(anchor);
   const std::vector<Tensor> qkv{q, k, v};
@@ -1070,15 +1297,18 @@ std::vector<Tensor> scan_forward(const Tensor& q, const Tensor& k, const Tensor&
   check_gates(q, (int64_t)wv.size(), th, et, al);
   check_tensors(q, {&qkv, &th, &et, &al, &wv, &sv, &av});
   if (q.scalar_type() == at::kDouble)
-    return forward_impl<double>(q, k, v, th, et, al, wv, sv, av, lengths, chunk_size, activation, clip, stride, save);
-  return forward_impl<float>(q, k, v, th, et, al, wv, sv, av, lengths, chunk_size, activation, clip, stride, save);
+    return forward_impl<double>(q, k, v, th, et, al, wv, sv, av, lengths, chunk_size, activation, clip, stride, save,
+                                exact);
+  return forward_impl<float>(q, k, v, th, et, al, wv, sv, av, lengths, chunk_size, activation, clip, stride, save,
+                             exact);
 }
 
 std::vector<Tensor> scan_backward(const Tensor& grad_y, at::TensorList grad_w, at::TensorList grad_s,
                                   at::TensorList grad_last, const Tensor& q, const Tensor& k, const Tensor& v,
                                   at::TensorList theta, at::TensorList eta, at::TensorList alpha,
                                   at::TensorList anchor, at::TensorList kept, at::IntArrayRef lengths,
-                                  int64_t chunk_size, int64_t activation, double clip, int64_t stride) {
+                                  int64_t chunk_size, int64_t activation, double clip, int64_t stride,
+                                  bool exact) {
   const auto gw = as_vector(grad_w), gs = as_vector(grad_s), gl = as_vector(grad_last), th = as_vector(theta),
              et = as_vector(eta), al = as_vector(alpha), av = as_vector(anchor), kv = as_vector(kept);
   const std::vector<Tensor> qkv{grad_y, q, k, v};
@@ -1089,9 +1319,9 @@ std::vector<Tensor> scan_backward(const Tensor& grad_y, at::TensorList grad_w, a
   check_tensors(q, {&qkv, &gw, &gs, &gl, &th, &et, &al, &av, &kv});
   if (q.scalar_type() == at::kDouble)
     return backward_impl<double>(grad_y, gw, gs, gl, q, k, v, th, et, al, av, kv, lengths, chunk_size, activation,
-                                 clip, stride);
+                                 clip, stride, exact);
   return backward_impl<float>(grad_y, gw, gs, gl, q, k, v, th, et, al, av, kv, lengths, chunk_size, activation, clip,
-                              stride);
+                              stride, exact);
 }
 
 }  // namespace
@@ -1100,11 +1330,11 @@ TORCH_LIBRARY(titans, m) {
   m.def(
       "scan_forward(Tensor q, Tensor k, Tensor v, Tensor[] theta, Tensor[] eta, Tensor[] alpha, Tensor[] weights, "
       "Tensor[] momentum, Tensor[] anchor, int[] lengths, int chunk_size, int activation, float clip, int stride, "
-      "bool save) -> Tensor[]");
+      "bool save, bool exact_last) -> Tensor[]");
   m.def(
       "scan_backward(Tensor grad_y, Tensor[] grad_weights, Tensor[] grad_momentum, Tensor[] grad_last_start, "
       "Tensor q, Tensor k, Tensor v, Tensor[] theta, Tensor[] eta, Tensor[] alpha, Tensor[] anchor, Tensor[] kept, "
-      "int[] lengths, int chunk_size, int activation, float clip, int stride) -> Tensor[]");
+      "int[] lengths, int chunk_size, int activation, float clip, int stride, bool exact_last) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(titans, CPU, m) {
