@@ -16,6 +16,9 @@ which over the chunk is two [b, d] x [d, d'] matmuls and one masked [b, b] mix. 
 come from segment sums of logs masked before `exp`, so nothing overflows. Chunks run in sequence (the recurrence
 across chunks is non-linear); the backward pass keeps the state only every `checkpoint_every` chunks and recomputes
 the chunks in between, so training memory does not grow with one weight copy per chunk (§3.6).
+
+With `exact_last_layer` the last layer's gradients come from `exact_last_key_path` (its errors by forward
+substitution) instead of the anchor's key path; everything after it is unchanged.
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ s_t^l = clip / max(clip, |g_t^l| |a_t^l|) (1 without clipping):
                      Q^l = sigma(Z^l), y = Z^L
     end state        W_r = A_r W + rho_r S - G^T ((omega s) . A),  S_r = E_r S - G^T ((mom_mix s) . A)
 with omega = mix's last row and mom_mix_i = theta_i E_r / E_i (theta_r at i = r without momentum).
+With `exact_last` the last layer's G^L comes from M^L_{t-1} instead of the anchor (`_exact_key_path`; its backward
+`_exact_back_backward` and `_exact_errors_backward`); titans/memory/README.md, "The exact last layer".
 """
 
 from __future__ import annotations
