@@ -144,6 +144,13 @@ def test_bench_models_quick_runs_gated_and_ends_with_json():
     assert out["peer"][0]["ours"] > 0 and out["peer"][0]["peer_source"].startswith("quoted")
 
 
+def test_bench_update_rules_quick_runs_gated_and_ends_with_json():
+    out = _last_json([sys.executable, str(BENCH / "bench_update_rules.py"), "--quick", "--variants", "LMM"])
+    assert out["gate"] == "passed" and out["gate_max_abs_diff"]["LMM"] < 1e-10
+    assert set(out["results"]["LMM"]) == {"seq_len", "anchored_s", "exact-last_s", "chunk-1_s"}
+    assert all(v > 0 for v in out["results"]["LMM"].values())
+
+
 def test_ddp_training_measurement_splits_the_global_batch_over_processes():
     """bench_models --processes: the global batch of 4 trains as 2 gloo processes of 2 rows (the library's DDP
     wrapping); tokens/s counts the global batch, and a batch the processes cannot split is refused up front."""

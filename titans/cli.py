@@ -6,7 +6,7 @@
     titans generate CHECKPOINT --prompt "3 1 7 2" --max-new-tokens 8
     titans memory-check CHECKPOINT
     titans long-eval CHECKPOINT [--lengths 1x,2x,4x,8x] [--samples N] [--plot FILE]   # titans/long_eval.py
-    titans bench [memory|models|cuda] [ARGS ...]                # benchmarks/bench_*.py (default: memory, models)
+    titans bench [memory|models|cuda|rules] [ARGS ...]          # benchmarks/bench_*.py (default: memory, models)
 
 `python -m titans ...` is the same; `python main.py [--config FILE] [key=value ...]` is `titans train`.
 Overrides are dotted `key=value` pairs (`training.learning_rate=3e-4 model.memory.chunk_size=8`). train, eval,
@@ -43,7 +43,9 @@ from titans.train import TrainingDivergedError, train
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 # `titans bench NAME ...` runs one script with ARGS; plain `titans bench ...` runs the CPU pair with the same ARGS
-BENCHMARKS = {"memory": "bench_memory.py", "models": "bench_models.py", "cuda": "bench_cuda.py"}
+BENCHMARKS = {
+    "memory": "bench_memory.py", "models": "bench_models.py", "cuda": "bench_cuda.py", "rules": "bench_update_rules.py"
+}  # fmt: skip
 DEFAULT_BENCHMARKS = ("memory", "models")
 
 
@@ -342,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed for `titans --help`; main() hands everything after `bench` to the scripts without parsing it.
     commands.add_parser(
         "bench",
-        help="run a benchmark: `bench memory|models|cuda [ARGS]` runs that script with ARGS; `bench [ARGS]` runs "
+        help="run a benchmark: `bench memory|models|cuda|rules [ARGS]` runs that script with ARGS; `bench [ARGS]` runs "
         "bench_memory.py and bench_models.py, each with ARGS",
     )
     return parser

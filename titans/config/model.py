@@ -74,8 +74,7 @@ class MemoryConfig:
 
     exact_last_layer: bool = False
     """The last memory layer's inner gradient at the current weights, the others' at the chunk start (the delta rule
-    within a chunk for the last layer; not Eq. 16). Fused and chunked run it as chunked_memory (no fused scan yet);
-    with residual_norm it needs impl = naive."""
+    within a chunk for the last layer; not Eq. 16). Every impl; with residual_norm only impl = naive."""
 
     eta_init: float = 0.5
     """eta_t (the surprise momentum's decay) starts near this, in (0, 1)."""

@@ -23,8 +23,8 @@ s_t^l = clip / max(clip, |g_t^l| |a_t^l|) (1 without clipping):
                      Q^l = sigma(Z^l), y = Z^L
     end state        W_r = A_r W + rho_r S - G^T ((omega s) . A),  S_r = E_r S - G^T ((mom_mix s) . A)
 with omega = mix's last row and mom_mix_i = theta_i E_r / E_i (theta_r at i = r without momentum).
-With `exact_last` the last layer's G^L comes from M^L_{t-1} instead of the anchor (`_exact_key_path`; its backward
-`_exact_back_backward` and `_exact_errors_backward`); titans/memory/README.md, "The exact last layer".
+With `exact_last` the last layer's G^L comes from M^L_{t-1} instead of the anchor: its forward substitution and the
+VJP of it are in `scan_exact.py` (titans/memory/README.md, "The exact last layer").
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from titans.memory import scan_exact
 from titans.memory.chunked import ChunkCoefficients
 from titans.memory.network import activation_and_derivative, activation_second_derivative
+from titans.memory.scan_exact import ExactLast
 
 
 class ScanGates(NamedTuple):
@@ -112,18 +114,7 @@ class _KeyPath(NamedTuple):
     back: list[Tensor]
     scales: list[Tensor | None]
     activation: str
-    exact: _ExactLast | None = None
-
-
-class _ExactLast(NamedTuple):
-    """What `exact_last_layer`'s last layer was solved with: M^L_{t-1} = decay_t W + carry_t S - sum_{i<t} mix[t, i]
-    s_i g_i a_i^T (the coefficients of the state before token t: [N, r], [N, r] or None, [N, r, r] strictly lower),
-    and the keys' Gram matrix gram[t, i] = a_t . a_i [N, r, r]."""
-
-    decay: Tensor
-    carry: Tensor | None
-    mix: Tensor
-    gram: Tensor
+    exact: ExactLast | None = None
 
 
 def _key_path(anchor: Sequence[Tensor], k: Tensor, v: Tensor, settings: ScanSettings) -> _KeyPath:
@@ -154,77 +145,6 @@ def _key_path(anchor: Sequence[Tensor], k: Tensor, v: Tensor, settings: ScanSett
     return _KeyPath(inputs, pre, derivs, grads, back, scales, settings.activation)
 
 
-def _shifted(co: ScanCoefficients) -> tuple[Tensor, Tensor | None, Tensor]:
-    """The coefficients of M_{t-1} (the state before token t) from those of M_t: every row moved down by one, row 0
-    the start state itself (decay 1, carry 0, no gradient)."""
-    decay = torch.cat([torch.ones_like(co.decay[:, :1]), co.decay[:, :-1]], 1)
-    carry = None if co.carry is None else torch.cat([torch.zeros_like(co.carry[:, :1]), co.carry[:, :-1]], 1)
-    mix = torch.cat([torch.zeros_like(co.mix[:, :1]), co.mix[:, :-1]], 1)
-    return decay, carry, mix
-
-
-def _exact_key_path(
-    anchor: Sequence[Tensor], w: Tensor, s: Tensor, co: ScanCoefficients, k: Tensor, v: Tensor, settings: ScanSettings
-) -> _KeyPath:
-    """`_key_path` with the last layer's gradient at M^L_{t-1} (from the chunk-start W, S of that layer and its
-    coefficients `co`): the errors e_t = M^L_{t-1} a_t - v_t by forward substitution through the clip
-    (`chunked.exact_last_key_path`), the hidden layers' G through M^L_{t-1} in the dual form."""
-    depth = len(anchor)
-    inputs, pre, derivs, h = [], [], [], k
-    for i in range(depth - 1):
-        inputs.append(h)
-        z = torch.bmm(h, _t(anchor[i]))
-        pre.append(z)
-        h, d = activation_and_derivative(z, settings.activation)
-        derivs.append(d)
-    a = h
-    inputs.append(a)
-    decay, carry, mix = _shifted(co)
-    gram = torch.bmm(a, _t(a))
-    base = decay.unsqueeze(-1) * torch.bmm(a, _t(w)) - v
-    if carry is not None:
-        base = base + carry.unsqueeze(-1) * torch.bmm(a, _t(s))
-    pre.append(base + v)  # M^L_{t-1} a_t, for completeness: the backward never reads the last pre-activation
-    weight, a_norm = mix * gram, a.norm(dim=-1)
-    errors, rows, scales = [], [], []
-    for t in range(a.shape[1]):
-        e = base[:, t]
-        if t > 0:
-            e = e - torch.bmm(weight[:, t : t + 1, :t], torch.stack(rows, 1)).squeeze(1)
-        errors.append(e)
-        g = 2.0 * e
-        if settings.clip > 0:
-            scale = settings.clip / (g.norm(dim=-1) * a_norm[:, t]).clamp_min(settings.clip)
-            scales.append(scale)
-            g = g * scale.unsqueeze(-1)
-        rows.append(g)
-    g = 2.0 * torch.stack(errors, 1)
-    grads, back = [g], []
-    if depth > 1:
-        b = decay.unsqueeze(-1) * torch.bmm(g, w)
-        if carry is not None:
-            b = b + carry.unsqueeze(-1) * torch.bmm(g, s)
-        b = b - torch.bmm(mix * torch.bmm(g, _t(torch.stack(rows, 1))), a)
-        back.append(b)
-        g = b * derivs[-1]
-        grads.append(g)
-        for i in range(depth - 2, 0, -1):
-            b = torch.bmm(g, anchor[i])
-            g = b * derivs[i - 1]
-            back.append(b)
-            grads.append(g)
-    grads.reverse()
-    back.reverse()
-    all_scales: list[Tensor | None] = [None] * depth
-    if settings.clip > 0:
-        all_scales = [
-            settings.clip / (g.norm(dim=-1) * a.norm(dim=-1)).clamp_min(settings.clip)
-            for g, a in zip(grads[:-1], inputs[:-1], strict=True)
-        ] + [torch.stack(scales, 1)]
-    exact = _ExactLast(decay, carry, mix, gram)
-    return _KeyPath(inputs, pre, derivs, grads, back, all_scales, settings.activation, exact)
-
-
 def key_path(
     anchor: Sequence[Tensor],
     ws: Sequence[Tensor],
@@ -237,7 +157,7 @@ def key_path(
     """The chunk's keys through the network at its gradient point: the anchor, or with `settings.exact_last` the
     anchor's hidden layers and the current last layer."""
     if settings.exact_last:
-        return _exact_key_path(anchor, ws[-1], ss[-1], co[-1], k, v, settings)
+        return _KeyPath(*scan_exact.key_path(anchor, ws[-1], ss[-1], co[-1], k, v, settings))
     return _key_path(anchor, k, v, settings)
 
 
@@ -408,20 +328,29 @@ def _chunk_backward(
             d_norm = torch.where(bound, -d_scales[i] * settings.clip / norm.square().clamp_min(1e-30), 0.0)
             d_grads[i] = d_grads[i] + (d_norm * an / gn.clamp_min(1e-30)).unsqueeze(-1) * g
             d_inputs[i] = d_inputs[i] + (d_norm * gn / an.clamp_min(1e-30)).unsqueeze(-1) * a
-    # key path at the anchor (second-order terms: the anchor is also where the inner gradients are taken)
+    dv, d_anc = _key_path_backward(kp, anc, d_grads, d_scales, d_inputs, d_co, d_w, d_s, ws, ss, settings)
+    dk = d_inputs[0]
+    return dq, dk, dv, d_co, d_w, d_s, d_anc
+
+
+def _key_path_backward(kp: _KeyPath, anc, d_grads, d_scales, d_inputs, d_co, d_w, d_s, ws, ss, settings):
+    """VJP of the key path at the anchor (second-order terms: the anchor is also where the inner gradients are taken;
+    with the exact last layer, its substitution's VJP instead of the last layer's). Adds to d_inputs (and, exact, to
+    d_co, d_w, d_s); returns dv and the anchor's gradient."""
+    depth, exact = len(anc), kp.exact is not None
     d_anc = [torch.zeros_like(w) for w in anc]
     d_pre: list[Tensor | None] = [None] * depth
     for i in range(depth - 1):
         d_back = d_grads[i] * kp.derivs[i]
         d_pre[i] = d_grads[i] * kp.back[i] * activation_second_derivative(kp.pre[i], settings.activation)
         if exact and i == depth - 2:  # B = G^L through M^L_{t-1}, not through the anchor
-            d_rows = _exact_back_backward(kp, d_back, d_grads, d_inputs, d_co, d_w, d_s, ws, ss)
+            d_rows = scan_exact.back_backward(kp, d_back, d_grads, d_inputs, d_co, d_w, d_s, ws, ss)
             continue
         d_grads[i + 1] = d_grads[i + 1] + torch.bmm(d_back, _t(anc[i + 1]))
         d_anc[i + 1] = d_anc[i + 1] + torch.bmm(_t(kp.grads[i + 1]), d_back)
     if exact:
         rows = d_rows if depth > 1 else torch.zeros_like(kp.grads[-1])
-        dv = _exact_errors_backward(kp, rows, d_grads, d_scales, d_inputs, d_co, d_w, d_s, ws, ss, settings)
+        dv = scan_exact.errors_backward(kp, rows, d_grads, d_scales, d_inputs, d_co, d_w, d_s, ws, ss, settings)
     else:
         d_pre[depth - 1] = 2.0 * d_grads[depth - 1]
         dv = -2.0 * d_grads[depth - 1]
@@ -431,93 +360,7 @@ def _chunk_backward(
             d_anc[i] = d_anc[i] + torch.bmm(_t(d_pre[i]), kp.inputs[i])
         if i > 0:
             d_pre[i - 1] = d_pre[i - 1] + d_inputs[i] * kp.derivs[i - 1]
-    dk = d_inputs[0]
-    return dq, dk, dv, d_co, d_w, d_s, d_anc
-
-
-def _add_shifted(d_co: list, d_decay: Tensor, d_carry: Tensor | None, d_mix: Tensor) -> None:
-    """Add the gradients of the shifted coefficients (`_shifted`: row t holds row t-1) to the last layer's."""
-    c = d_co[-1]
-    decay = c.decay.clone()
-    decay[:, :-1] += d_decay[:, 1:]
-    carry = c.carry
-    if d_carry is not None:
-        carry = carry.clone()
-        carry[:, :-1] += d_carry[:, 1:]
-    mix = c.mix.clone()
-    mix[:, :-1] += d_mix.tril(-1)[:, 1:]  # the shifted mix is strictly lower: row t, columns i < t
-    d_co[-1] = c._replace(decay=decay, carry=carry, mix=mix)
-
-
-def _exact_back_backward(kp: _KeyPath, d_back: Tensor, d_grads, d_inputs, d_co, d_w, d_s, ws, ss) -> Tensor:
-    """VJP of the exact last layer's B_t = M^L_{t-1}^T g_t = decay_t W^T g_t + carry_t S^T g_t
-    - sum_{i<t} mix[t, i] (g_t . s_i g_i) a_i, given d_back = dB. Adds to d_grads, d_inputs, d_co, d_w, d_s of the
-    last layer; returns the gradient of the clipped rows s_i g_i (the substitution's own variables)."""
-    ex, g, a, scale = kp.exact, kp.grads[-1], kp.inputs[-1], kp.scales[-1]
-    rows = g if scale is None else g * scale.unsqueeze(-1)
-    gw = torch.bmm(d_back, _t(ws[-1]))  # W dB_t, [N, r, d_out]
-    d_grads[-1] = d_grads[-1] + ex.decay.unsqueeze(-1) * gw
-    d_w[-1] = d_w[-1] + torch.bmm(_t(ex.decay.unsqueeze(-1) * g), d_back)
-    d_decay, d_carry = (g * gw).sum(-1), None
-    if ex.carry is not None:
-        gs = torch.bmm(d_back, _t(ss[-1]))
-        d_grads[-1] = d_grads[-1] + ex.carry.unsqueeze(-1) * gs
-        d_s[-1] = d_s[-1] + torch.bmm(_t(ex.carry.unsqueeze(-1) * g), d_back)
-        d_carry = (g * gs).sum(-1)
-    pi = torch.bmm(d_back, _t(a))  # dB_t . a_i
-    pair = torch.bmm(g, _t(rows))  # g_t . s_i g_i
-    x = ex.mix * pi
-    d_grads[-1] = d_grads[-1] - torch.bmm(x, rows)
-    d_inputs[-1] = d_inputs[-1] - torch.bmm(_t(ex.mix * pair), d_back)
-    _add_shifted(d_co, d_decay, d_carry, -pair * pi)
-    return -torch.bmm(_t(x), g)
-
-
-def _exact_errors_backward(kp, d_rows, d_grads, d_scales, d_inputs, d_co, d_w, d_s, ws, ss, settings) -> Tensor:
-    """VJP of the exact last layer's forward substitution e_t = decay_t W a_t + carry_t S a_t - v_t
-    - sum_{i<t} mix[t, i] (a_t . a_i) s_i g_i, g_t = 2 e_t, s_t = clip / max(clip, |g_t| |a_t|): the reverse
-    substitution (row t's error gradient collects every later row's before it passes on to earlier rows). d_grads /
-    d_scales of the last layer: the gradients of g and s from everything outside the substitution; d_rows: of s_i g_i
-    from B. Adds to d_inputs, d_co, d_w, d_s of the last layer; returns dv."""
-    ex, g, a, scale = kp.exact, kp.grads[-1], kp.inputs[-1], kp.scales[-1]
-    r = g.shape[1]
-    weight = ex.mix * ex.gram  # [N, t, i], strictly lower
-    d_err = torch.zeros_like(g)
-    d_a_clip = torch.zeros_like(a)
-    for j in range(r - 1, -1, -1):
-        dr = d_rows[:, j]
-        if j + 1 < r:
-            dr = dr - torch.bmm(weight[:, j + 1 :, j].unsqueeze(1), d_err[:, j + 1 :]).squeeze(1)
-        g_j = g[:, j]
-        if scale is None:
-            d_g = d_grads[-1][:, j] + dr
-        else:
-            s_j = scale[:, j]
-            d_g = d_grads[-1][:, j] + s_j.unsqueeze(-1) * dr
-            d_s_j = d_scales[-1][:, j] + (dr * g_j).sum(-1)
-            # s = clip / (|g| |a|) where that is below 1: ds/dg = -s g / |g|^2, ds/da = -s a / |a|^2
-            gn_sq, an_sq = g_j.square().sum(-1), a[:, j].square().sum(-1)
-            bound = (gn_sq * an_sq).sqrt() > settings.clip
-            k = torch.where(bound, -d_s_j * s_j, 0.0)
-            d_g = d_g + (k / gn_sq.clamp_min(1e-30)).unsqueeze(-1) * g_j
-            d_a_clip[:, j] = (k / an_sq.clamp_min(1e-30)).unsqueeze(-1) * a[:, j]
-        d_err[:, j] = 2.0 * d_g
-    rows = g if scale is None else g * scale.unsqueeze(-1)
-    w, s = ws[-1], ss[-1]
-    d_a = d_a_clip + ex.decay.unsqueeze(-1) * torch.bmm(d_err, w)
-    d_w[-1] = d_w[-1] + torch.bmm(_t(ex.decay.unsqueeze(-1) * d_err), a)
-    d_decay = (d_err * torch.bmm(a, _t(w))).sum(-1)
-    d_carry = None
-    if ex.carry is not None:
-        d_a = d_a + ex.carry.unsqueeze(-1) * torch.bmm(d_err, s)
-        d_s[-1] = d_s[-1] + torch.bmm(_t(ex.carry.unsqueeze(-1) * d_err), a)
-        d_carry = (d_err * torch.bmm(a, _t(s))).sum(-1)
-    overlap = torch.bmm(d_err, _t(rows))  # dE_t . s_i g_i
-    d_gram = -ex.mix * overlap
-    d_a = d_a + torch.bmm(d_gram, a) + torch.bmm(_t(d_gram), a)
-    d_inputs[-1] = d_inputs[-1] + d_a
-    _add_shifted(d_co, d_decay, d_carry, -ex.gram * overlap)
-    return -d_err
+    return dv, d_anc
 
 
 def _span_leaves(gates: Sequence[ScanGates], start: int, r: int):

@@ -543,8 +543,8 @@ struct Workspace {
     }
   }
 
-  // The exact last layer's G and clip scales, and (depth > 1) the Bk of the layer below it (scan_torch.py,
-  // _exact_key_path): with a = the anchor's features, the errors e_t = M^L_{t-1} a_t - v_t by forward substitution,
+  // The exact last layer's G and clip scales, and (depth > 1) the Bk of the layer below it (scan_exact.py,
+  // key_path): with a = the anchor's features, the errors e_t = M^L_{t-1} a_t - v_t by forward substitution,
   //   e_t = dsh_t W a_t + csh_t S a_t - v_t - sum_{j<t} msh[t][j] (a_t . a_j) s_j g_j,   g_t = 2 e_t,
   // then Bk_t = M^L_{t-1}^T g_t = dsh_t W^T g_t + csh_t S^T g_t - sum_{j<t} msh[t][j] s_j (g_t . g_j) a_j.
   void exact_last(const T* state, int64_t m, int c, int r) {
@@ -723,7 +723,7 @@ struct Backward {
   }
 
   // The VJP of the exact last layer's B_t = dsh_t W^T g_t + csh_t S^T g_t - sum_{j<t} msh[t][j] s_j (g_t . g_j) a_j
-  // (scan_torch._exact_back_backward) for dB = dback [r, d_in]: adds to dG, dA of the last layer, its [dW; dS] in
+  // (scan_exact.back_backward) for dB = dback [r, d_in]: adds to dG, dA of the last layer, its [dW; dS] in
   // `result` and its coefficients' adjoints; leaves the gradient of the clipped rows s_j g_j in ws.ex4 [r, d_out].
   void exact_back_backward(const T* state, const T* dback, int r, T* result) {
     const int Li = p.L - 1, di = p.din[Li], dO = p.dout[Li], b = p.b;
@@ -775,7 +775,7 @@ struct Backward {
     lower_mix_transposed<T>(r, di, T(-1), pair, r, dback, di, ws.dA[Li].data(), di);
   }
 
-  // The VJP of the exact last layer's forward substitution (scan_torch._exact_errors_backward): the reverse
+  // The VJP of the exact last layer's forward substitution (scan_exact.errors_backward): the reverse
   // substitution, row t's error gradient dE_t complete (every later row's, its clip scale's) before it reaches
   // earlier rows; then the base term (W, S, shifted decay and carry) and the Gram term (a, shifted mix). Takes dG and
   // dScale of the last layer from outside the substitution and the rows' gradient from ws.ex4; writes dv.
