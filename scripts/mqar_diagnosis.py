@@ -91,6 +91,7 @@ ROWS = {
     ],
     "lmm-theta0.25-exactlast": ["model.memory.theta_init=0.25", "model.memory.exact_last_layer=true"],
     "lmm-exactlast": ["model.memory.exact_last_layer=true"],
+    "lmm-theta0.1-exactlast": ["model.memory.theta_init=0.1", "model.memory.exact_last_layer=true"],
 }
 
 
