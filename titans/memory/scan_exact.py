@@ -9,20 +9,17 @@ features of the keys and (W, S) the last layer's chunk-start weights and momentu
     B_t = M^L_{t-1}^T g_t = decay_t W^T g_t + carry_t S^T g_t - sum_{i<t} mix[t, i] s_i (g_t . g_i) a_i
 
 where decay, carry, mix are the layer's coefficients moved down one row (the state before token t; `shifted`). B
-feeds the hidden layer below (G^{L-1} = B * sigma'(K^{L-1})). `key_path` returns the fields of scan_torch's key path;
+feeds the hidden layer below (G^{L-1} = B * sigma'(K^{L-1})). `last_layer` computes them for scan_torch's key path;
 `back_backward` and `errors_backward` are the VJPs of B and of the substitution, called from its chunk backward.
 Shapes: [N, r, d] rows, [N, r, r] mixes, as in `scan_torch`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
-
-from titans.memory.network import activation_and_derivative
 
 
 def _t(x: Tensor) -> Tensor:
@@ -49,28 +46,18 @@ def shifted(co) -> tuple[Tensor, Tensor | None, Tensor]:
     return decay, carry, mix
 
 
-def key_path(anchor: Sequence[Tensor], w: Tensor, s: Tensor, co, k: Tensor, v: Tensor, settings) -> tuple:
-    """`_key_path` with the last layer's gradient at M^L_{t-1} (from the chunk-start W, S of that layer and its
-    coefficients `co`): the errors e_t = M^L_{t-1} a_t - v_t by forward substitution through the clip
-    (`chunked.exact_last_key_path`), the hidden layers' G through M^L_{t-1} in the dual form."""
-    depth = len(anchor)
-    inputs, pre, derivs, h = [], [], [], k
-    for i in range(depth - 1):
-        inputs.append(h)
-        z = torch.bmm(h, _t(anchor[i]))
-        pre.append(z)
-        h, d = activation_and_derivative(z, settings.activation)
-        derivs.append(d)
-    a = h
-    inputs.append(a)
+def last_layer(a: Tensor, w: Tensor, s: Tensor, co, v: Tensor, settings) -> tuple[Tensor, Tensor, Tensor, ExactLast]:
+    """The exact last layer for one chunk: a [N, r, d_in] the anchor's features of the keys, (w, s) the layer's
+    chunk-start weights and momentum [N, d_out, d_in], `co` its coefficients. The errors by forward substitution through
+    the clip (as `chunked.exact_last_key_path`); returns G^L = 2 e [N, r, d_out], M^L_{t-1} a_t (the last
+    pre-activation, for completeness), B = M^L_{t-1}^T G^L [N, r, d_in] for the hidden layer below, and `ExactLast`."""
     decay, carry, mix = shifted(co)
     gram = torch.bmm(a, _t(a))
     base = decay.unsqueeze(-1) * torch.bmm(a, _t(w)) - v
     if carry is not None:
         base = base + carry.unsqueeze(-1) * torch.bmm(a, _t(s))
-    pre.append(base + v)  # M^L_{t-1} a_t, for completeness: the backward never reads the last pre-activation
     weight, a_norm = mix * gram, a.norm(dim=-1)
-    errors, rows, scales = [], [], []
+    errors, rows = [], []
     for t in range(a.shape[1]):
         e = base[:, t]
         if t > 0:
@@ -78,35 +65,14 @@ def key_path(anchor: Sequence[Tensor], w: Tensor, s: Tensor, co, k: Tensor, v: T
         errors.append(e)
         g = 2.0 * e
         if settings.clip > 0:
-            scale = settings.clip / (g.norm(dim=-1) * a_norm[:, t]).clamp_min(settings.clip)
-            scales.append(scale)
-            g = g * scale.unsqueeze(-1)
+            g = g * (settings.clip / (g.norm(dim=-1) * a_norm[:, t]).clamp_min(settings.clip)).unsqueeze(-1)
         rows.append(g)
     g = 2.0 * torch.stack(errors, 1)
-    grads, back = [g], []
-    if depth > 1:
-        b = decay.unsqueeze(-1) * torch.bmm(g, w)
-        if carry is not None:
-            b = b + carry.unsqueeze(-1) * torch.bmm(g, s)
-        b = b - torch.bmm(mix * torch.bmm(g, _t(torch.stack(rows, 1))), a)
-        back.append(b)
-        g = b * derivs[-1]
-        grads.append(g)
-        for i in range(depth - 2, 0, -1):
-            b = torch.bmm(g, anchor[i])
-            g = b * derivs[i - 1]
-            back.append(b)
-            grads.append(g)
-    grads.reverse()
-    back.reverse()
-    all_scales: list[Tensor | None] = [None] * depth
-    if settings.clip > 0:
-        all_scales = [
-            settings.clip / (g.norm(dim=-1) * a.norm(dim=-1)).clamp_min(settings.clip)
-            for g, a in zip(grads[:-1], inputs[:-1], strict=True)
-        ] + [torch.stack(scales, 1)]
-    exact = ExactLast(decay, carry, mix, gram)
-    return inputs, pre, derivs, grads, back, all_scales, settings.activation, exact
+    b = decay.unsqueeze(-1) * torch.bmm(g, w)
+    if carry is not None:
+        b = b + carry.unsqueeze(-1) * torch.bmm(g, s)
+    b = b - torch.bmm(mix * torch.bmm(g, _t(torch.stack(rows, 1))), a)
+    return g, base + v, b, ExactLast(decay, carry, mix, gram)
 
 
 def add_shifted(d_co: list, d_decay: Tensor, d_carry: Tensor | None, d_mix: Tensor) -> None:

@@ -117,20 +117,38 @@ class _KeyPath(NamedTuple):
     exact: ExactLast | None = None
 
 
-def _key_path(anchor: Sequence[Tensor], k: Tensor, v: Tensor, settings: ScanSettings) -> _KeyPath:
+def key_path(
+    anchor: Sequence[Tensor],
+    ws: Sequence[Tensor],
+    ss: Sequence[Tensor],
+    co: Sequence[ScanCoefficients],
+    k: Tensor,
+    v: Tensor,
+    settings: ScanSettings,
+) -> _KeyPath:
+    """The chunk's keys through the network at its gradient point: the anchor, or with `settings.exact_last` the
+    anchor's hidden layers and the current last layer (`scan_exact.last_layer`, from the chunk-start ws, ss)."""
     depth = len(anchor)
     inputs, pre, derivs, h = [], [], [], k
     for i, w in enumerate(anchor):
         inputs.append(h)
+        if i == depth - 1 and settings.exact_last:
+            break
         z = torch.bmm(h, _t(w))
         pre.append(z)
         if i < depth - 1:
             h, d = activation_and_derivative(z, settings.activation)
             derivs.append(d)
-    g = 2.0 * (pre[-1] - v)
+    exact = None
+    if settings.exact_last:
+        g, last_pre, b, exact = scan_exact.last_layer(inputs[-1], ws[-1], ss[-1], co[-1], v, settings)
+        pre.append(last_pre)
+    else:
+        g = 2.0 * (pre[-1] - v)
     grads, back = [g], []
     for i in range(depth - 1, 0, -1):
-        b = torch.bmm(g, anchor[i])
+        if not (settings.exact_last and i == depth - 1):  # exact: B through M^L_{t-1}, computed with G^L
+            b = torch.bmm(g, anchor[i])
         g = b * derivs[i - 1]
         back.append(b)
         grads.append(g)
@@ -142,23 +160,7 @@ def _key_path(anchor: Sequence[Tensor], k: Tensor, v: Tensor, settings: ScanSett
             settings.clip / (g.norm(dim=-1) * a.norm(dim=-1)).clamp_min(settings.clip)
             for g, a in zip(grads, inputs, strict=True)
         ]
-    return _KeyPath(inputs, pre, derivs, grads, back, scales, settings.activation)
-
-
-def key_path(
-    anchor: Sequence[Tensor],
-    ws: Sequence[Tensor],
-    ss: Sequence[Tensor],
-    co: Sequence[ScanCoefficients],
-    k: Tensor,
-    v: Tensor,
-    settings: ScanSettings,
-) -> _KeyPath:
-    """The chunk's keys through the network at its gradient point: the anchor, or with `settings.exact_last` the
-    anchor's hidden layers and the current last layer."""
-    if settings.exact_last:
-        return _KeyPath(*scan_exact.key_path(anchor, ws[-1], ss[-1], co[-1], k, v, settings))
-    return _key_path(anchor, k, v, settings)
+    return _KeyPath(inputs, pre, derivs, grads, back, scales, settings.activation, exact)
 
 
 def _scaled(x: Tensor, scale: Tensor | None) -> Tensor:

@@ -722,6 +722,28 @@ struct Backward {
     if (p.momentum) ws.co[p.L - 1].gR[t - 1] += d_carry;
   }
 
+  // For rows X [r, d_out] that meet the shifted state through P = Y [W; S]^T [r, cols]: adds X_t . P_t (W's half,
+  // then S's) to the shifted decay's and carry's adjoints, and writes [dsh . X | csh . X] into out [r, cols], so that
+  // [dW; dS] += out^T Y is one product.
+  void shifted_terms(const T* X, const T* P, int r, T* out) {
+    const int dO = p.dout[p.L - 1];
+    const int cols = p.momentum ? 2 * dO : dO;
+    for (int t = 0; t < r; ++t) {
+      const T d = ws.dsh(p.L - 1, t), cc = ws.csh(p.L - 1, t);
+      T gd = 0, gr = 0;
+      for (int e = 0; e < dO; ++e) {
+        const T x = X[t * dO + e];
+        gd += x * P[t * cols + e];
+        out[t * cols + e] = d * x;
+        if (p.momentum) {
+          gr += x * P[t * cols + dO + e];
+          out[t * cols + dO + e] = cc * x;
+        }
+      }
+      shifted_row(t, gd, gr);
+    }
+  }
+
   // The VJP of the exact last layer's B_t = dsh_t W^T g_t + csh_t S^T g_t - sum_{j<t} msh[t][j] s_j (g_t . g_j) a_j
   // (scan_exact.back_backward) for dB = dback [r, d_in]: adds to dG, dA of the last layer, its [dW; dS] in
   // `result` and its coefficients' adjoints; leaves the gradient of the clipped rows s_j g_j in ws.ex4 [r, d_out].
@@ -735,23 +757,15 @@ struct Backward {
     T* dG = ws.dG[Li].data();
     T* gw = ws.ex1.data();  // [r, cols]: dB [W; S]^T
     mm<T>(false, true, r, cols, di, T(1), dback, di, W, di, T(0), gw, cols);
-    T* sg = ws.ex2.data();  // [r, cols]: [dsh . G | csh . G]
     for (int t = 0; t < r; ++t) {
       const T d = ws.dsh(Li, t), cc = ws.csh(Li, t);
-      T gd = 0, gr = 0;
       for (int e = 0; e < dO; ++e) {
-        const T ge = g[t * dO + e];
         dG[t * dO + e] += d * gw[t * cols + e];
-        gd += ge * gw[t * cols + e];
-        sg[t * cols + e] = d * ge;
-        if (p.momentum) {
-          dG[t * dO + e] += cc * gw[t * cols + dO + e];
-          gr += ge * gw[t * cols + dO + e];
-          sg[t * cols + dO + e] = cc * ge;
-        }
+        if (p.momentum) dG[t * dO + e] += cc * gw[t * cols + dO + e];
       }
-      shifted_row(t, gd, gr);
     }
+    T* sg = ws.ex2.data();  // [r, cols]: [dsh . G | csh . G]
+    shifted_terms(g, gw, r, sg);
     mm<T>(true, false, cols, di, r, T(1), sg, cols, dback, di, T(1), result + p.offset[Li], di);
     T* pi = ws.exr1.data();    // dB_t . a_j, then msh . pi
     T* pair = ws.exr2.data();  // g_t . g_j, then msh . s_j (g_t . g_j)
@@ -827,19 +841,7 @@ struct Backward {
     T* aw = ws.ex2.data();  // [r, cols]: a [W; S]^T
     mm<T>(false, true, r, cols, di, T(1), a, di, W, di, T(0), aw, cols);
     T* se = ws.ex1.data();  // [r, cols]: [dsh . dE | csh . dE]
-    for (int t = 0; t < r; ++t) {
-      const T d = ws.dsh(Li, t), cc = ws.csh(Li, t);
-      T gd = 0, gr = 0;
-      for (int e = 0; e < dO; ++e) {
-        gd += dE[t * dO + e] * aw[t * cols + e];
-        se[t * cols + e] = d * dE[t * dO + e];
-        if (p.momentum) {
-          gr += dE[t * dO + e] * aw[t * cols + dO + e];
-          se[t * cols + dO + e] = cc * dE[t * dO + e];
-        }
-      }
-      shifted_row(t, gd, gr);
-    }
+    shifted_terms(dE, aw, r, se);
     mm<T>(true, false, cols, di, r, T(1), se, cols, a, di, T(1), result + p.offset[Li], di);
     // Gram: - sum_{j<t} msh[t][j] (a_t . a_j) s_j g_j
     T* ov = ws.exr2.data();  // dE_t . g_j, then d gram
