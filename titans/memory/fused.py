@@ -12,8 +12,8 @@ the whole call (`csrc/scan.cpp`, or the same algorithm in tensor ops, `scan_torc
    chunk's vector-Jacobian product by hand, down to the gates; the gradients of (W, S) carried to the chunk before.
 
 The options it does not cover run `chunked_memory` unchanged: channel-wise forgetting, residual + LayerNorm inside
-the memory, and calls that collect `stats` (see `fused_supports`). Tests hold `fused_memory`
-equal to `chunked_memory` and `naive_memory` in outputs, states and every gradient (float64).
+the memory, and calls that collect `stats` (see `fused_supports`). Tests hold `fused_memory` equal to
+`chunked_memory` and `naive_memory` in outputs, states and every gradient (float64).
 """
 
 from __future__ import annotations

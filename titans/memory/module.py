@@ -328,8 +328,8 @@ class NeuralMemory(nn.Module):
 
     @property
     def plain(self) -> bool:
-        """Writes on, not probed, not ablated: the fast paths (one-token decode, fixed-shape
-        and compiled steps), which implement none of those, may run."""
+        """Writes on, not probed, not ablated: the fast paths (one-token decode, fixed-shape and compiled steps),
+        which implement none of those, may run."""
         return self.update_memory and self.stats_sink is None and self.ablation is None
 
     def _forward_with_reset(

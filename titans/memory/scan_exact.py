@@ -46,11 +46,14 @@ def shifted(co) -> tuple[Tensor, Tensor | None, Tensor]:
     return decay, carry, mix
 
 
-def last_layer(a: Tensor, w: Tensor, s: Tensor, co, v: Tensor, settings) -> tuple[Tensor, Tensor, Tensor, ExactLast]:
+def last_layer(
+    a: Tensor, w: Tensor, s: Tensor, co, v: Tensor, settings, hidden: bool
+) -> tuple[Tensor, Tensor, Tensor | None, ExactLast]:
     """The exact last layer for one chunk: a [N, r, d_in] the anchor's features of the keys, (w, s) the layer's
     chunk-start weights and momentum [N, d_out, d_in], `co` its coefficients. The errors by forward substitution through
     the clip (as `chunked.exact_last_key_path`); returns G^L = 2 e [N, r, d_out], M^L_{t-1} a_t (the last
-    pre-activation, for completeness), B = M^L_{t-1}^T G^L [N, r, d_in] for the hidden layer below, and `ExactLast`."""
+    pre-activation, for completeness), B = M^L_{t-1}^T G^L [N, r, d_in] for the hidden layer below (None when there is
+    none: `hidden` false), and `ExactLast`."""
     decay, carry, mix = shifted(co)
     gram = torch.bmm(a, _t(a))
     base = decay.unsqueeze(-1) * torch.bmm(a, _t(w)) - v
@@ -68,11 +71,14 @@ def last_layer(a: Tensor, w: Tensor, s: Tensor, co, v: Tensor, settings) -> tupl
             g = g * (settings.clip / (g.norm(dim=-1) * a_norm[:, t]).clamp_min(settings.clip)).unsqueeze(-1)
         rows.append(g)
     g = 2.0 * torch.stack(errors, 1)
+    exact = ExactLast(decay, carry, mix, gram)
+    if not hidden:
+        return g, base + v, None, exact
     b = decay.unsqueeze(-1) * torch.bmm(g, w)
     if carry is not None:
         b = b + carry.unsqueeze(-1) * torch.bmm(g, s)
     b = b - torch.bmm(mix * torch.bmm(g, _t(torch.stack(rows, 1))), a)
-    return g, base + v, b, ExactLast(decay, carry, mix, gram)
+    return g, base + v, b, exact
 
 
 def add_shifted(d_co: list, d_decay: Tensor, d_carry: Tensor | None, d_mix: Tensor) -> None:

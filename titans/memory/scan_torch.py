@@ -141,7 +141,7 @@ def key_path(
             derivs.append(d)
     exact = None
     if settings.exact_last:
-        g, last_pre, b, exact = scan_exact.last_layer(inputs[-1], ws[-1], ss[-1], co[-1], v, settings)
+        g, last_pre, b, exact = scan_exact.last_layer(inputs[-1], ws[-1], ss[-1], co[-1], v, settings, depth > 1)
         pre.append(last_pre)
     else:
         g = 2.0 * (pre[-1] - v)

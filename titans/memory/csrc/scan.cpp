@@ -722,6 +722,18 @@ struct Backward {
     if (p.momentum) ws.co[p.L - 1].gR[t - 1] += d_carry;
   }
 
+  // The exact last layer as its VJPs read it: index, widths, the [r, 2 d_out] width of products with [W; S] (d_out
+  // without momentum), W at the chunk-start `state` (S below it), and the workspace's G, A and clip scales.
+  struct LastLayer {
+    int Li, di, dO, cols;
+    const T *W, *g, *a, *s;
+  };
+  LastLayer last_layer(const T* state) const {
+    const int Li = p.L - 1, dO = p.dout[Li];
+    return {Li, p.din[Li], dO, p.momentum ? 2 * dO : dO, state + p.offset[Li], ws.G[Li], ws.A[Li].data(),
+            ws.scale[Li]};
+  }
+
   // For rows X [r, d_out] that meet the shifted state through P = Y [W; S]^T [r, cols]: adds X_t . P_t (W's half,
   // then S's) to the shifted decay's and carry's adjoints, and writes [dsh . X | csh . X] into out [r, cols], so that
   // [dW; dS] += out^T Y is one product.
@@ -748,12 +760,8 @@ struct Backward {
   // (scan_exact.back_backward) for dB = dback [r, d_in]: adds to dG, dA of the last layer, its [dW; dS] in
   // `result` and its coefficients' adjoints; leaves the gradient of the clipped rows s_j g_j in ws.ex4 [r, d_out].
   void exact_back_backward(const T* state, const T* dback, int r, T* result) {
-    const int Li = p.L - 1, di = p.din[Li], dO = p.dout[Li], b = p.b;
-    const int cols = p.momentum ? 2 * dO : dO;
-    const T* W = state + p.offset[Li];
-    const T* g = ws.G[Li];
-    const T* a = ws.A[Li].data();
-    const T* s = ws.scale[Li];
+    const auto [Li, di, dO, cols, W, g, a, s] = last_layer(state);
+    const int b = p.b;
     T* dG = ws.dG[Li].data();
     T* gw = ws.ex1.data();  // [r, cols]: dB [W; S]^T
     mm<T>(false, true, r, cols, di, T(1), dback, di, W, di, T(0), gw, cols);
@@ -794,12 +802,8 @@ struct Backward {
   // earlier rows; then the base term (W, S, shifted decay and carry) and the Gram term (a, shifted mix). Takes dG and
   // dScale of the last layer from outside the substitution and the rows' gradient from ws.ex4; writes dv.
   void exact_errors_backward(const T* state, int64_t m, int c, int r, T* result) {
-    const int Li = p.L - 1, di = p.din[Li], dO = p.dout[Li], b = p.b;
-    const int cols = p.momentum ? 2 * dO : dO;
-    const T* W = state + p.offset[Li];
-    const T* g = ws.G[Li];
-    const T* a = ws.A[Li].data();
-    const T* s = ws.scale[Li];
+    const auto [Li, di, dO, cols, W, g, a, s] = last_layer(state);
+    const int b = p.b;
     const T* d_rows = ws.ex4.data();
     T* dA = ws.dA[Li].data();
     T* gram = ws.exr1.data();
