@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from titans.matmul import Linear
 from titans.memory.ablation import MemoryAblation, ablate_gates
 from titans.memory.chunked import chunked_memory
+from titans.memory.conv import CausalDepthwiseConv
 from titans.memory.fused import fused_memory
 from titans.memory.naive import naive_memory
 from titans.memory.network import Activation, MemoryMLP
@@ -63,63 +64,6 @@ class FixedMemoryState(NamedTuple):
     anchor: tuple[Tensor, ...]
     conv: Tensor
     position: Tensor
-
-
-class CausalDepthwiseConv(nn.Module):
-    """Depthwise causal conv over time with a carried history: x [B, T, C] -> [B, T, C] (v1 §4.4's short conv).
-
-    forward(x, history [B, C, K-1] or None) -> (y, new history); feeding a stream in pieces with the returned
-    history equals one call. Initialised near the identity (last tap 1), so it starts as a pass-through.
-    """
-
-    def __init__(self, channels: int, kernel: int = 4) -> None:
-        super().__init__()
-        if kernel < 1:
-            raise ValueError(f"conv kernel must be >= 1, got {kernel}")
-        self.kernel = kernel
-        self.weight = nn.Parameter(torch.empty(channels, 1, kernel))
-        self.init_weights()
-
-    def init_weights(self) -> None:
-        with torch.no_grad():
-            self.weight.normal_(0.0, 0.02)
-            self.weight[:, 0, -1] += 1.0
-
-    def empty_history(self, batch_size: int, device=None, dtype=None) -> Tensor:
-        return torch.zeros(
-            batch_size,
-            self.weight.shape[0],
-            self.kernel - 1,
-            device=device or self.weight.device,
-            dtype=dtype or self.weight.dtype,
-        )
-
-    def forward(self, x: Tensor, history: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if history is None:
-            history = self.empty_history(x.shape[0], x.device, x.dtype)
-        if x.shape[1] == 1 and not torch.is_autocast_enabled(x.device.type):  # autocast would cast conv1d
-            out, history = self.step(x[:, 0], history)
-            return out.unsqueeze(1), history
-        # time-major [B, K-1+T, C]: y_t = sum_j w_j x_{t-K+1+j}, K shifted multiply-adds. For the kernel of 4
-        # these few elementwise ops cost less than conv1d's depthwise kernel, forward and (especially) backward,
-        # and torch.compile fuses them into one loop.
-        padded = torch.cat([history.to(x.dtype).transpose(1, 2), x], dim=1)
-        weight = self.weight[:, 0].to(x.dtype)  # [C, K]
-        length = x.shape[1]
-        out = padded[:, :length] * weight[:, 0]
-        for j in range(1, self.kernel):
-            out = out + padded[:, j : j + length] * weight[:, j]
-        return out, padded[:, padded.shape[1] - (self.kernel - 1) :].transpose(1, 2)
-
-    def step(self, x: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
-        """One token: x [B, C] -> (y [B, C], new history [B, C, K-1]).
-
-        The output is the weighted sum of the last `kernel` inputs, taken straight from the carried history (conv1d's
-        setup costs more than the sum; same value up to summation order).
-        """
-        window = torch.cat([history if history.dtype == x.dtype else history.to(x.dtype), x.unsqueeze(-1)], dim=2)
-        weight = self.weight[:, 0] if self.weight.dtype == x.dtype else self.weight[:, 0].to(x.dtype)  # [C, K]
-        return (window * weight).sum(-1), window[:, :, 1:]
 
 
 def _logit(p: float) -> float:

@@ -35,7 +35,7 @@ from torch import nn
 from titans.config import ModelConfig
 from titans.matmul import Linear
 from titans.memory import MemoryState, NeuralMemory, NeuralMemoryState
-from titans.memory.module import CausalDepthwiseConv
+from titans.memory.conv import CausalDepthwiseConv
 from titans.models.backbone import TitansLM
 from titans.models.layers import GatedCombine, RMSNorm, SwiGLU, apply_rope, rope_cache, swiglu_hidden
 from titans.models.mac_fast import MACBlockFastPaths, MACLMFastPaths
