@@ -14,6 +14,12 @@ from titans.errors import ConfigError
 
 VARIANTS = ("baseline", "LMM", "MAC", "MAG", "MAL")
 
+# The variants whose memory writes strongly by default: theta_init 0.25 and the last layer's inner gradient at the
+# current weights (`memory_defaults`). MAC keeps theta_init 0.05 and Eq. 16's chunk-start gradients: with the strong
+# write it lost the patterns and needle tables, where LMM, MAG and MAL gained and the LMM learned MQAR on every seed
+# (docs/results.md, "The memory defaults by variant").
+STRONG_WRITE_VARIANTS = ("LMM", "MAG", "MAL")
+
 # Vocabularies beyond 2**20 ids are refused: the embedding and head would need megabytes per channel each,
 # and tasks enumerate their answer ids; refusing them in the config beats an out-of-memory kill in a task or model.
 MAX_VOCAB = 2**20
@@ -70,11 +76,13 @@ class MemoryConfig:
     """Max norm of each token's inner gradient per memory layer; null = off."""
 
     theta_init: float | None = None
-    """theta_t starts near this, in (0, max_lr); null = min(0.05, max_lr / 2)."""
+    """theta_t starts near this, in (0, max_lr); null = the variant's: min(0.25, max_lr / 2) for LMM, MAG and MAL,
+    min(0.05, max_lr / 2) for MAC (docs/results.md, "The memory defaults by variant")."""
 
-    exact_last_layer: bool = False
+    exact_last_layer: bool | None = None
     """The last memory layer's inner gradient at the current weights, the others' at the chunk start (the delta rule
-    within a chunk for the last layer; not Eq. 16). Every impl; with residual_norm only impl = naive."""
+    within a chunk for the last layer; not Eq. 16). Every impl; with residual_norm only impl = naive. null = the
+    variant's: true for LMM, MAG and MAL (false with residual_norm), false for MAC."""
 
     eta_init: float = 0.5
     """eta_t (the surprise momentum's decay) starts near this, in (0, 1)."""
@@ -116,6 +124,17 @@ class MemoryConfig:
             f"{p}channelwise_forget = true needs {p}forgetting = true (it makes the forgetting gate per channel); "
             f"set {p}forgetting=true or {p}channelwise_forget=false",
         )
+
+
+def memory_defaults(variant: str, memory: MemoryConfig) -> tuple[float, bool]:
+    """(theta_init, exact_last_layer) of `variant`'s memory: `memory`'s own values, or where null the variant's
+    defaults (STRONG_WRITE_VARIANTS above; the fields' docstrings)."""
+    strong = variant in STRONG_WRITE_VARIANTS
+    theta = memory.theta_init if memory.theta_init is not None else min(0.25 if strong else 0.05, memory.max_lr / 2)
+    exact = memory.exact_last_layer
+    if exact is None:
+        exact = strong and not memory.residual_norm  # a residual + LayerNorm memory has no chunk-parallel exact form
+    return theta, exact
 
 
 @dataclass

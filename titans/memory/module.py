@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from titans.config.model import memory_defaults
 from titans.matmul import Linear
 from titans.memory.ablation import MemoryAblation, ablate_gates
 from titans.memory.chunked import chunked_memory
@@ -167,9 +168,10 @@ class NeuralMemory(nn.Module):
 
         These starting points are engineering choices (the paper gives none): a small forgetting rate keeps the past,
         and eta = 0.5 keeps the first inner updates stable for an MLP memory (eta = 0.9 oscillates on repeated
-        inputs; the outer loop can still learn larger values). theta = 0.05 (`memory.theta_init`) learned the default
-        copy run faster than 0.02, with `inner_grad_clip` bounding the updates once the outer loop raises theta
-        (0.2 without clipping diverged; the runs are in benchmarks/README.md).
+        inputs; the outer loop can still learn larger values). theta: `memory.theta_init`, by default 0.25 for LMM, MAG
+        and MAL and 0.05 for MAC (`titans.config.model.memory_defaults`; this layer built directly: 0.05), with
+        `inner_grad_clip` bounding the updates once the outer loop raises theta (docs/results.md, "The memory
+        defaults by variant").
         """
         with torch.no_grad():
             for proj, value in ((self.to_theta, theta / self.max_lr), (self.to_eta, eta), (self.to_alpha, alpha)):
@@ -182,6 +184,7 @@ class NeuralMemory(nn.Module):
     def from_config(cls, model_cfg) -> NeuralMemory:
         """Build from a `titans.config.ModelConfig` (memory depth is the seed's `model.memory_layers`)."""
         mem = model_cfg.memory
+        theta_init, exact_last_layer = memory_defaults(model_cfg.variant, mem)  # null = the variant's defaults
         return cls(
             dim=model_cfg.d_model,
             heads=mem.heads or model_cfg.n_heads,
@@ -199,10 +202,10 @@ class NeuralMemory(nn.Module):
             conv_kernel=mem.conv_kernel,
             checkpoint_every=mem.checkpoint_every,
             grad_clip=mem.inner_grad_clip,
-            theta_init=mem.theta_init,
+            theta_init=theta_init,
             alpha_init=mem.alpha_init,
             eta_init=mem.eta_init,
-            exact_last_layer=mem.exact_last_layer,
+            exact_last_layer=exact_last_layer,
         )
 
     def compile_chunks(self, enabled: bool = True, backend: str = "inductor") -> None:
