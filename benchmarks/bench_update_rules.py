@@ -5,8 +5,10 @@
     python benchmarks/bench_update_rules.py --quick                 # smoke run, a few seconds
 
 The rules (`model.memory` overrides on config.yaml, everything else as the config has it):
-- anchored:   the default; every inner gradient of a chunk at the chunk-start weights (Eq. 16), chunks of 16
-- exact-last: `exact_last_layer=true`; the last layer's gradient at the current weights (a triangular solve per chunk)
+- anchored:   `exact_last_layer=false`, the default of MAC, MAG and MAL; every inner gradient of a chunk at the
+              chunk-start weights (Eq. 16), chunks of 16
+- exact-last: `exact_last_layer=true`, the LMM's default; the last layer's gradient at the current weights (a
+              triangular solve per chunk)
 - chunk-1:    `chunk_size=1`; every gradient at the current weights (Eqs. 13-15 token by token)
 
 Gate: before anything is timed, each variant's exact-last model (the fused scan, which is what is timed) must equal
@@ -36,7 +38,7 @@ from titans.config import load_config  # noqa: E402
 from titans.models import build_model  # noqa: E402
 
 RULES = {
-    "anchored": [],
+    "anchored": ["model.memory.exact_last_layer=false"],
     "exact-last": ["model.memory.exact_last_layer=true"],
     "chunk-1": ["model.memory.chunk_size=1"],
 }

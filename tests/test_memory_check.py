@@ -37,6 +37,11 @@ def test_memory_check_reports_updates_surprise_and_ablation(tmp_path, variant: s
     )
     train(cfg)
     result = memory_check(str(tmp_path / "run"), repeats=3, block=8, samples=16)
+    # the rule the checkpoint writes with: the variant's defaults (LMM: theta 0.25 and the exact last layer; the
+    # others: theta 0.05 and Eq. 16), read from the rebuilt model, not from the config's nulls
+    strong = variant == "LMM"
+    expected_rule = {"theta_init": 0.25 if strong else 0.05, "chunk_size": 16, "exact_last_layer": strong}
+    assert result["update_rule"] == expected_rule
     assert len(result["update_norm_per_layer"]) == 2
     assert all(u > 0 for u in result["update_norm_per_layer"])
     assert all(len(r) == 3 and all(math.isfinite(x) for x in r) for r in result["surprise_per_repeat"])

@@ -26,7 +26,10 @@ def test_the_initial_gates_the_document_states_are_the_codes() -> None:
     theta = memory.max_lr * torch.sigmoid(memory.to_theta.bias).mean().item()
     eta, alpha = (torch.sigmoid(layer.bias).mean().item() for layer in (memory.to_eta, memory.to_alpha))
     # The input weights are small at initialisation, so the biases set where the gates start.
-    assert f"θ = {theta:.2f}, η = {eta:.1f}, α = {alpha:.2f}" in row("Gate parameterisation")
+    assert f"θ = {theta:.2f}, η = {eta:.1f}, α = {alpha:.2f} in MAC" in row("Gate parameterisation")
+    lmm = NeuralMemory.from_config(ModelConfig(variant="LMM"))  # the LMM's own theta (memory_defaults)
+    lmm_theta = lmm.max_lr * torch.sigmoid(lmm.to_theta.bias).mean().item()
+    assert f"θ = {lmm_theta:.2f} for the LMM" in row("Gate parameterisation")
 
 
 def test_the_inner_gradient_clip_is_on_by_default_and_recorded_as_a_deviation() -> None:
@@ -71,7 +74,7 @@ def first_tokens_influence_on_last(memory: NeuralMemory, length: int) -> float:
 @pytest.mark.parametrize(("alpha_init", "explodes"), [(None, False), (0.01, True)])
 def test_decay_under_the_layernorm_explodes_the_outer_gradient_unless_alpha_starts_small(alpha_init, explodes) -> None:
     torch.manual_seed(0)
-    # at theta_init 0.05, where the row's numbers were measured (at 0.25, the default now, 0.01 stays bounded too)
+    # at theta_init 0.05, where the row's numbers were measured (at 0.25, the LMM's default, 0.01 stays bounded too)
     options = dict(heads=4, residual_norm=True, channelwise_forget=True, grad_clip=1.0, alpha_init=alpha_init)
     memory = NeuralMemory(64, theta_init=0.05, **options).double()
     growth = first_tokens_influence_on_last(memory, 1024) / first_tokens_influence_on_last(memory, 256)

@@ -99,7 +99,9 @@ def memory_check(
         table = run_ablations(model, layers, task, test_set, cfg.training.batch_size)
 
     metric = task.metric
+    rule = _update_rule(layers[0])
     print(f"memory-check of {path} ({cfg.model.variant}, {task.name}, {len(layers)} memory layers)")
+    print(f"  update rule: {_describe(rule)}")
     print(f"  mean write norm ||theta u|| per token, per layer: {', '.join(f'{u:.4g}' for u in update_norm)}")
     for i, reps in enumerate(per_repeat):
         print(f"  layer {i}: mean surprise per repetition of a {block}-token block: {reps}")
@@ -129,6 +131,7 @@ def memory_check(
         "variant": cfg.model.variant,
         "task": task.name,
         "checkpoint": str(path),
+        "update_rule": rule,
         "update_norm_per_layer": update_norm,
         "surprise_per_repeat": per_repeat,
         "surprise_falls": all(falls),
@@ -141,6 +144,26 @@ def memory_check(
         "ablation_plot": str(ablation_plot) if ablation_plot else None,
         "wall_s": round(time.time() - start, 2),
     }
+
+
+def _update_rule(memory: NeuralMemory) -> dict[str, Any]:
+    """How the checkpoint's memory writes (the same in every layer of a model): the step it started from, the chunk,
+    and where the inner gradients are taken (`memory.theta_init` and `memory.exact_last_layer`, resolved per variant
+    when the config left them null)."""
+    return {
+        "theta_init": memory.theta_init,
+        "chunk_size": memory.chunk_size,
+        "exact_last_layer": memory.exact_last_layer,
+    }
+
+
+def _describe(rule: dict[str, Any]) -> str:
+    where = (
+        "the last layer's inner gradient at the current weights (exact_last_layer), the others' at the chunk start"
+        if rule["exact_last_layer"]
+        else "every inner gradient at the chunk start (Eq. 16)"
+    )
+    return f"theta_t from {rule['theta_init']:g} at initialisation, chunks of {rule['chunk_size']}, {where}"
 
 
 def _yes(holds: bool) -> str:

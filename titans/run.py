@@ -12,6 +12,7 @@ and thread count). Records written after the checkpoint belong to the lost futur
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -340,10 +341,16 @@ def resolve_device(name: str) -> torch.device:
 
 def config_from_checkpoint(state: dict[str, Any], overrides: Sequence[str]) -> RunConfig:
     """The run's resolved config stored in a checkpoint, with `key=value` overrides applied and validated."""
+    stored = copy.deepcopy(state["config"])
+    memory = stored.get("model", {}).get("memory")
+    if isinstance(memory, dict) and "exact_last_layer" not in memory:
+        # written before the option existed: every inner gradient at the chunk start (Eq. 16), which null would no
+        # longer mean for an LMM (titans.config.model.memory_defaults)
+        memory["exact_last_layer"] = False
     # load_config is the one validating path from YAML to RunConfig, so the stored dict goes through a file.
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
-        path.write_text(yaml.safe_dump(state["config"], sort_keys=False))
+        path.write_text(yaml.safe_dump(stored, sort_keys=False))
         return load_config(path, overrides)
 
 

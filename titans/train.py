@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from titans.checkpoint import checkpoint_path, list_checkpoints
 from titans.config import FLEX_ON_CPU_ERROR, ConfigError, RunConfig, save_config
+from titans.config.model import resolved_memory
 from titans.data import TrainData, check_batch_divisible
 from titans.distributed import (
     DistInfo,
@@ -172,6 +173,7 @@ def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: D
     task = make_task(cfg.data)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = task.vocab_size
+    cfg.model.memory = resolved_memory(cfg.model)  # the variant's memory defaults, saved as values
     # The same seed on every rank: identical initial weights (DDP also broadcasts rank 0's at wrapping).
     torch.manual_seed(cfg.seed)
     module = build_model(cfg.model).to(device)

@@ -6,7 +6,7 @@ in the README's config table (scripts/readme_sections.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 
 from titans.config.coerce import _close, _coerce_fields, _require
@@ -15,10 +15,10 @@ from titans.errors import ConfigError
 VARIANTS = ("baseline", "LMM", "MAC", "MAG", "MAL")
 
 # The variants whose memory writes strongly by default: theta_init 0.25 and the last layer's inner gradient at the
-# current weights (`memory_defaults`). MAC keeps theta_init 0.05 and Eq. 16's chunk-start gradients: with the strong
-# write it lost the patterns and needle tables, where LMM, MAG and MAL gained and the LMM learned MQAR on every seed
-# (docs/results.md, "The memory defaults by variant").
-STRONG_WRITE_VARIANTS = ("LMM", "MAG", "MAL")
+# current weights (`memory_defaults`), with which the LMM learns MQAR on every seed. MAC, MAG and MAL keep theta_init
+# 0.05 and Eq. 16's chunk-start gradients: MAC lost the patterns and needle tables with the strong write; MAG and MAL
+# gained on patterns but trained 10-16 % slower (docs/results.md, "The memory defaults by variant").
+STRONG_WRITE_VARIANTS = ("LMM",)
 
 # Vocabularies beyond 2**20 ids are refused: the embedding and head would need megabytes per channel each,
 # and tasks enumerate their answer ids; refusing them in the config beats an out-of-memory kill in a task or model.
@@ -76,13 +76,13 @@ class MemoryConfig:
     """Max norm of each token's inner gradient per memory layer; null = off."""
 
     theta_init: float | None = None
-    """theta_t starts near this, in (0, max_lr); null = the variant's: min(0.25, max_lr / 2) for LMM, MAG and MAL,
-    min(0.05, max_lr / 2) for MAC (docs/results.md, "The memory defaults by variant")."""
+    """theta_t starts near this, in (0, max_lr); null = the variant's: min(0.25, max_lr / 2) for LMM, min(0.05,
+    max_lr / 2) for MAC, MAG and MAL (docs/results.md, "The memory defaults by variant")."""
 
     exact_last_layer: bool | None = None
     """The last memory layer's inner gradient at the current weights, the others' at the chunk start (the delta rule
     within a chunk for the last layer; not Eq. 16). Every impl; with residual_norm only impl = naive. null = the
-    variant's: true for LMM, MAG and MAL (false with residual_norm), false for MAC."""
+    variant's: true for LMM (false with residual_norm), false for MAC, MAG and MAL."""
 
     eta_init: float = 0.5
     """eta_t (the surprise momentum's decay) starts near this, in (0, 1)."""
@@ -135,6 +135,13 @@ def memory_defaults(variant: str, memory: MemoryConfig) -> tuple[float, bool]:
     if exact is None:
         exact = strong and not memory.residual_norm  # a residual + LayerNorm memory has no chunk-parallel exact form
     return theta, exact
+
+
+def resolved_memory(model: ModelConfig) -> MemoryConfig:
+    """`model.memory` with the variant's defaults written in where it has nulls (`memory_defaults`): what a run saves,
+    so that its config and checkpoints keep their meaning if the defaults change later."""
+    theta, exact = memory_defaults(model.variant, model.memory)
+    return replace(model.memory, theta_init=theta, exact_last_layer=exact)
 
 
 @dataclass

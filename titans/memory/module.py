@@ -168,8 +168,8 @@ class NeuralMemory(nn.Module):
 
         These starting points are engineering choices (the paper gives none): a small forgetting rate keeps the past,
         and eta = 0.5 keeps the first inner updates stable for an MLP memory (eta = 0.9 oscillates on repeated
-        inputs; the outer loop can still learn larger values). theta: `memory.theta_init`, by default 0.25 for LMM, MAG
-        and MAL and 0.05 for MAC (`titans.config.model.memory_defaults`; this layer built directly: 0.05), with
+        inputs; the outer loop can still learn larger values). theta: `memory.theta_init`, by default 0.25 for LMM and
+        0.05 for MAC, MAG and MAL (`titans.config.model.memory_defaults`; this layer built directly: 0.05), with
         `inner_grad_clip` bounding the updates once the outer loop raises theta (docs/results.md, "The memory
         defaults by variant").
         """
