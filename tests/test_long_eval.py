@@ -177,7 +177,7 @@ def test_mqar_sweep_scores_a_perfect_recaller_1_and_a_short_reach_one_less_with_
     task = MQAR(vocab_size=600, seq_len=64, num_kv_pairs=4, random_non_queries=False)
     perfect = mqar_length_sweep(RecallOracle(600), task, [64, 256], samples=12, batch_size=5, progress=False)
     assert [r["length"] for r in perfect] == [64, 256]
-    assert all(r["mqar_accuracy"] == 1.0 and r["samples"] == 12 for r in perfect)
+    assert all(r["mqar_accuracy"] == 1.0 and r["mqar_in_context"] == 1.0 and r["samples"] == 12 for r in perfect)
     # Reach 64 covers every query at length 64; at 512 some queries sit farther from their pair.
     short = mqar_length_sweep(RecallOracle(600, reach=64), task, [64, 512], samples=12, batch_size=5, progress=False)
     assert short[0]["mqar_accuracy"] == 1.0 and short[1]["mqar_accuracy"] < 1.0

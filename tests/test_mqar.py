@@ -101,12 +101,28 @@ def test_score_counts_only_query_positions():
     logits = torch.zeros(6, 32, 64)
     logits[..., 0] = 1.0
     logits[scored] = torch.nn.functional.one_hot(batch.targets[scored], 64).float() * 5
-    assert task.score(logits, batch) == {"mqar_accuracy": 1.0}
+    assert task.score(logits, batch) == {"mqar_accuracy": 1.0, "mqar_in_context": 1.0}
     # Break exactly one query in the first example: that example scores 3/4, the mean is 1 - 1/24.
     t = scored[0].nonzero()[0, 0]
     logits[0, t] = 0.0
     assert task.score(logits, batch)["mqar_accuracy"] == pytest.approx(1 - 1 / 24)
     assert task.chance == 1 / 32
+
+
+def test_in_context_separates_the_bag_of_values_from_recall():
+    task = MQAR(vocab_size=64, seq_len=32, num_kv_pairs=4)
+    batch = task.sample(6, _gen(3))
+    scored = batch.targets != IGNORE_INDEX
+    values = batch.inputs[:, 1:8:2]  # [6, 4]
+    logits = torch.zeros(6, 32, 64)
+    # Every query answered with the value of the next pair (v_{i+1}): always a context value, never the right one.
+    for row in range(6):
+        for t in scored[row].nonzero()[:, 0]:
+            wrong = values[row][(values[row] == batch.targets[row, t]).nonzero()[0, 0].add(1) % 4]
+            logits[row, t, wrong] = 1.0
+    assert task.score(logits, batch) == {"mqar_accuracy": 0.0, "mqar_in_context": 1.0}
+    # Token 0 (the filler) everywhere: neither right nor a context value.
+    assert task.score(torch.zeros(6, 32, 64), batch) == {"mqar_accuracy": 0.0, "mqar_in_context": 0.0}
 
 
 def test_length_extrapolation_keeps_invariants():

@@ -164,7 +164,8 @@ def mqar_length_sweep(
     """MQAR accuracy of `model` at each length: `samples` fresh examples of `replace(task, seq_len=L)`.
 
     Examples at length L come from a generator seeded with `seed + L`, so every model sees the same examples.
-    Returns [{"length": L, "mqar_accuracy": mean per-example accuracy, "samples": n}] in the order of `lengths`.
+    Returns [{"length": L, "mqar_accuracy": mean per-example accuracy, "mqar_in_context": mean share of answers naming
+    a context value (MQAR.score), "samples": n}] in the order of `lengths`.
     """
     lengths = _lengths(lengths)
     _check_positive("samples", samples)
@@ -191,15 +192,18 @@ def mqar_length_sweep(
     try:
         for length, at_length in zip(lengths, tasks, strict=True):
             generator = torch.Generator().manual_seed(seed + length)
-            correct_sum = 0.0
+            sums: dict[str, float] = {}
             for start in range(0, samples, batch_size):
                 n = min(batch_size, samples - start)
                 batch = at_length.sample(n, generator)
                 logits, _ = stream_logits(model, batch.inputs.to(device), segment_len)
                 # score() averages over the batch; weight by its size for the mean over all samples.
-                correct_sum += at_length.score(logits.cpu(), batch)[at_length.metric] * n
+                for name, value in at_length.score(logits.cpu(), batch).items():
+                    sums[name] = sums.get(name, 0.0) + value * n
                 bar.update()
-            results.append({"length": length, at_length.metric: correct_sum / samples, "samples": samples})
+            results.append(
+                {"length": length, **{name: total / samples for name, total in sums.items()}, "samples": samples}
+            )
     finally:
         bar.close()
         model.train(was_training)

@@ -169,7 +169,12 @@ class MQAR:
     def score(self, logits: torch.Tensor, batch: Batch) -> dict[str, float]:
         """Zoology's accuracy: per example, argmax accuracy over query positions; then the mean over examples.
 
-        logits: [B, T, V]. Returns {"mqar_accuracy": float}.
+        Beside it `mqar_in_context`, the same mean of the share of query predictions that name one of the example's
+        own context values, right or wrong. A model that has learned where the answers come from but not which key
+        binds which value scores about 1.0 there and 1 / num_kv_pairs in accuracy (docs/results.md, "the bag of
+        values"); recall proper shows as accuracy rising towards it.
+
+        logits: [B, T, V]. Returns {"mqar_accuracy": float, "mqar_in_context": float}.
         """
         if logits.dim() != 3 or logits.shape[:2] != batch.targets.shape:
             raise ValueError(
@@ -178,5 +183,10 @@ class MQAR:
             )
         scored = batch.targets != IGNORE_INDEX
         correct = (logits.argmax(dim=-1) == batch.targets) & scored
-        per_example = correct.sum(dim=1).double() / scored.sum(dim=1).clamp(min=1).double()
-        return {self.metric: per_example.mean().item()}
+        queries = scored.sum(dim=1).clamp(min=1).double()
+        per_example = correct.sum(dim=1).double() / queries
+        context_values = batch.inputs[:, 1 : 2 * self.num_kv_pairs : 2]  # [B, N]: v_1 .. v_N of the first pass
+        predictions = logits.argmax(dim=-1)
+        named = (predictions.unsqueeze(-1) == context_values.unsqueeze(1)).any(dim=-1) & scored
+        in_context = named.sum(dim=1).double() / queries
+        return {self.metric: per_example.mean().item(), "mqar_in_context": in_context.mean().item()}
