@@ -27,7 +27,7 @@ from pathlib import Path
 # chunk at its start; the LMM's defaults before session 14), pinned under every row but `lmm-defaults` so that a
 # change of the defaults leaves each row's meaning as it is. `lmm-defaults` takes whatever the LMM's defaults are.
 PINNED = ["model.memory.theta_init=0.05", "model.memory.exact_last_layer=false"]
-UNPINNED = ("lmm-defaults",)
+UNPINNED = ("lmm-defaults", "lmm-s14", "lmm-s14-eta0.1")
 DELTA_RULE = [
     "model.memory_layers=1",
     "model.memory.momentum=false",
@@ -38,7 +38,12 @@ DELTA_RULE = [
 ]
 DEPTH2_CLIP = ["model.memory_layers=2", "model.memory.inner_grad_clip=1.0"]
 ROWS = {
-    "lmm-defaults": [],  # the LMM as it is configured by default now (theta_init 0.25, the exact last layer)
+    # the LMM as it is configured by default now (theta_init 0.25, the exact last layer, no momentum)
+    "lmm-defaults": [],
+    # the LMM's defaults of session 14 (momentum on, eta_init 0.5), and with eta_init 0.1: at budgets long enough for
+    # recall (binding keys to values, not only naming a context value) momentum is what held the LMM back
+    "lmm-s14": ["model.memory.momentum=true"],
+    "lmm-s14-eta0.1": ["model.memory.momentum=true", "model.memory.eta_init=0.1"],
     "lmm": [],  # the LMM's defaults before session 14 (PINNED)
     "delta": DELTA_RULE,
     "lmm-noclip": ["model.memory.inner_grad_clip=null"],

@@ -32,6 +32,13 @@ def test_the_initial_gates_the_document_states_are_the_codes() -> None:
     assert f"θ = {lmm_theta:.2f} for the LMM" in row("Gate parameterisation")
 
 
+def test_the_lmm_without_momentum_is_recorded_as_a_deviation() -> None:
+    built = {v: NeuralMemory.from_config(ModelConfig(variant=v)).momentum for v in ("LMM", "MAC", "MAG", "MAL")}
+    assert built == {"LMM": False, "MAC": True, "MAG": True, "MAL": True}
+    text = row("Momentum S_t")
+    assert "faithful in MAC, MAG, MAL; deviates (the LMM's default: off)" in text and "**off for the LMM**" in text
+
+
 def test_the_inner_gradient_clip_is_on_by_default_and_recorded_as_a_deviation() -> None:
     clip = MemoryConfig().inner_grad_clip
     assert clip is not None  # the default deviates from Eq. 14 ...

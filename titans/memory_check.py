@@ -148,12 +148,13 @@ def memory_check(
 
 def _update_rule(memory: NeuralMemory) -> dict[str, Any]:
     """How the checkpoint's memory writes (the same in every layer of a model): the step it started from, the chunk,
-    and where the inner gradients are taken (`memory.theta_init` and `memory.exact_last_layer`, resolved per variant
-    when the config left them null)."""
+    where the inner gradients are taken and whether they carry momentum (`memory.theta_init`,
+    `memory.exact_last_layer` and `memory.momentum`, resolved per variant when the config left them null)."""
     return {
         "theta_init": memory.theta_init,
         "chunk_size": memory.chunk_size,
         "exact_last_layer": memory.exact_last_layer,
+        "momentum": memory.momentum,
     }
 
 
@@ -163,7 +164,8 @@ def _describe(rule: dict[str, Any]) -> str:
         if rule["exact_last_layer"]
         else "every inner gradient at the chunk start (Eq. 16)"
     )
-    return f"theta_t from {rule['theta_init']:g} at initialisation, chunks of {rule['chunk_size']}, {where}"
+    surprise = "with momentum (Eq. 14)" if rule["momentum"] else "without momentum (each token's gradient applied once)"
+    return f"theta_t from {rule['theta_init']:g} at initialisation, chunks of {rule['chunk_size']}, {where}, {surprise}"
 
 
 def _yes(holds: bool) -> str:

@@ -347,6 +347,8 @@ def config_from_checkpoint(state: dict[str, Any], overrides: Sequence[str]) -> R
         # written before the option existed: every inner gradient at the chunk start (Eq. 16), which null would no
         # longer mean for an LMM (titans.config.model.memory_defaults)
         memory["exact_last_layer"] = False
+    if isinstance(memory, dict) and "momentum" not in memory:
+        memory["momentum"] = True  # the default before it became the variant's (null: off for an LMM)
     # load_config is the one validating path from YAML to RunConfig, so the stored dict goes through a file.
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"

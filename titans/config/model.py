@@ -7,17 +7,19 @@ in the README's config table (scripts/readme_sections.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, NamedTuple
 
 from titans.config.coerce import _close, _coerce_fields, _require
 from titans.errors import ConfigError
 
 VARIANTS = ("baseline", "LMM", "MAC", "MAG", "MAL")
 
-# The variants whose memory writes strongly by default: theta_init 0.25 and the last layer's inner gradient at the
-# current weights (`memory_defaults`), with which the LMM learns MQAR on every seed. MAC, MAG and MAL keep theta_init
-# 0.05 and Eq. 16's chunk-start gradients: MAC lost the patterns and needle tables with the strong write; MAG and MAL
-# gained on patterns but trained 10-16 % slower (docs/results.md, "The memory defaults by variant").
+# The variants whose memory writes strongly by default: theta_init 0.25, the last layer's inner gradient at the
+# current weights and no surprise momentum (`memory_defaults`). With the first two the LMM leaves MQAR's value prior on
+# every seed; without momentum it goes on to bind keys to values (recall), which it did not do within 6,000 steps with
+# it. MAC, MAG and MAL keep theta_init 0.05, Eq. 16's chunk-start gradients and momentum: MAC lost the patterns and
+# needle tables with the strong write; MAG and MAL gained on patterns but trained 10-16 % slower (docs/results.md,
+# "The memory defaults by variant").
 STRONG_WRITE_VARIANTS = ("LMM",)
 
 # Vocabularies beyond 2**20 ids are refused: the embedding and head would need megabytes per channel each,
@@ -49,8 +51,9 @@ class MemoryConfig:
     impl: Literal["fused", "chunked", "naive"] = "fused"
     """fused: the fused scan (one op with a hand-written backward); chunked, naive: the references it is tested on."""
 
-    momentum: bool = True
-    """Surprise momentum S_t (Eq. 14); false sets eta = 0."""
+    momentum: bool | None = None
+    """Surprise momentum S_t (Eq. 14); false sets eta = 0. null = the variant's: false for LMM, true for MAC, MAG and
+    MAL (docs/results.md, "The memory defaults by variant")."""
 
     forgetting: bool = True
     """Forgetting gate alpha_t (Eq. 13); false sets alpha = 0."""
@@ -126,22 +129,30 @@ class MemoryConfig:
         )
 
 
-def memory_defaults(variant: str, memory: MemoryConfig) -> tuple[float, bool]:
-    """(theta_init, exact_last_layer) of `variant`'s memory: `memory`'s own values, or where null the variant's
-    defaults (STRONG_WRITE_VARIANTS above; the fields' docstrings)."""
+class MemoryDefaults(NamedTuple):
+    """The memory fields whose null means "the variant's default" (`memory_defaults`), resolved."""
+
+    theta_init: float
+    exact_last_layer: bool
+    momentum: bool
+
+
+def memory_defaults(variant: str, memory: MemoryConfig) -> MemoryDefaults:
+    """theta_init, exact_last_layer and momentum of `variant`'s memory: `memory`'s own values, or where null the
+    variant's defaults (STRONG_WRITE_VARIANTS above; the fields' docstrings)."""
     strong = variant in STRONG_WRITE_VARIANTS
     theta = memory.theta_init if memory.theta_init is not None else min(0.25 if strong else 0.05, memory.max_lr / 2)
     exact = memory.exact_last_layer
     if exact is None:
         exact = strong and not memory.residual_norm  # a residual + LayerNorm memory has no chunk-parallel exact form
-    return theta, exact
+    momentum = memory.momentum if memory.momentum is not None else not strong
+    return MemoryDefaults(theta, exact, momentum)
 
 
 def resolved_memory(model: ModelConfig) -> MemoryConfig:
     """`model.memory` with the variant's defaults written in where it has nulls (`memory_defaults`): what a run saves,
     so that its config and checkpoints keep their meaning if the defaults change later."""
-    theta, exact = memory_defaults(model.variant, model.memory)
-    return replace(model.memory, theta_init=theta, exact_last_layer=exact)
+    return replace(model.memory, **memory_defaults(model.variant, model.memory)._asdict())
 
 
 @dataclass

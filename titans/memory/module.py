@@ -184,7 +184,7 @@ class NeuralMemory(nn.Module):
     def from_config(cls, model_cfg) -> NeuralMemory:
         """Build from a `titans.config.ModelConfig` (memory depth is the seed's `model.memory_layers`)."""
         mem = model_cfg.memory
-        theta_init, exact_last_layer = memory_defaults(model_cfg.variant, mem)  # null = the variant's defaults
+        defaults = memory_defaults(model_cfg.variant, mem)  # null = the variant's defaults
         return cls(
             dim=model_cfg.d_model,
             heads=mem.heads or model_cfg.n_heads,
@@ -194,7 +194,7 @@ class NeuralMemory(nn.Module):
             residual_norm=mem.residual_norm,
             chunk_size=mem.chunk_size,
             impl=mem.impl,
-            momentum=mem.momentum,
+            momentum=defaults.momentum,
             forgetting=mem.forgetting,
             per_layer_gates=mem.per_layer_gates,
             channelwise_forget=mem.channelwise_forget,
@@ -202,10 +202,10 @@ class NeuralMemory(nn.Module):
             conv_kernel=mem.conv_kernel,
             checkpoint_every=mem.checkpoint_every,
             grad_clip=mem.inner_grad_clip,
-            theta_init=theta_init,
+            theta_init=defaults.theta_init,
             alpha_init=mem.alpha_init,
             eta_init=mem.eta_init,
-            exact_last_layer=exact_last_layer,
+            exact_last_layer=defaults.exact_last_layer,
         )
 
     def compile_chunks(self, enabled: bool = True, backend: str = "inductor") -> None:
