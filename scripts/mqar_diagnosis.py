@@ -4,10 +4,10 @@
     python scripts/mqar_diagnosis.py --vocab 1024 --steps 1500 --seeds 0 --rows lmm,delta,lmm-theta0.25
     python scripts/mqar_diagnosis.py --rows delta --seeds 0,1,2,3 --jobs 2
 
-Every row trains with `titans train` on MQAR as `titans.tasks.mqar` defines it (T 64, 4 key-value pairs, fresh
-examples, batch 32), d_model 64, 4 heads, 2 layers, AdamW lr 2e-3 with 50 warm-up steps and the project's cosine
-schedule, one CPU thread per run, `--jobs` runs at a time, and reads the held-out accuracy from the run's
-metrics.jsonl at four evenly spaced steps, with the last evaluation's share of answers that name one of the
+Every row trains an LMM (the `mac-` rows a MAC) with `titans train` on MQAR as `titans.tasks.mqar` defines it (T 64,
+4 key-value pairs, fresh examples, batch 32), d_model 64, 4 heads, 2 layers, AdamW lr 2e-3 with 50 warm-up steps and
+the project's cosine schedule, one CPU thread per run, `--jobs` runs at a time, and reads the held-out accuracy from
+the run's metrics.jsonl at four evenly spaced steps, with the last evaluation's share of answers that name one of the
 example's context values (`mqar_in_context`). The control, `delta`, is the memory at depth 1 with no momentum, no
 forgetting, chunk 1 and no inner-gradient clip: exactly the delta rule with beta = 2 theta. Prints one line per run,
 a table of the median over seeds, then one JSON line.
@@ -27,7 +27,7 @@ from pathlib import Path
 # chunk at its start; the LMM's defaults before session 14), pinned under every row but `lmm-defaults` so that a
 # change of the defaults leaves each row's meaning as it is. `lmm-defaults` takes whatever the LMM's defaults are.
 PINNED = ["model.memory.theta_init=0.05", "model.memory.exact_last_layer=false"]
-UNPINNED = ("lmm-defaults", "lmm-s14", "lmm-s14-eta0.1")
+UNPINNED = ("lmm-defaults", "lmm-s14", "lmm-s14-eta0.1", "mac-defaults", "mac-nomomentum")
 DELTA_RULE = [
     "model.memory_layers=1",
     "model.memory.momentum=false",
@@ -44,6 +44,10 @@ ROWS = {
     # recall (binding keys to values, not only naming a context value) momentum is what held the LMM back
     "lmm-s14": ["model.memory.momentum=true"],
     "lmm-s14-eta0.1": ["model.memory.momentum=true", "model.memory.eta_init=0.1"],
+    # MAC with segments of 16 (four per sequence: a key in an earlier segment reaches its query only through the
+    # memory), with its defaults (momentum on) and without momentum
+    "mac-defaults": ["model.variant=MAC", "model.segment_len=16"],
+    "mac-nomomentum": ["model.variant=MAC", "model.segment_len=16", "model.memory.momentum=false"],
     "lmm": [],  # the LMM's defaults before session 14 (PINNED)
     "delta": DELTA_RULE,
     "lmm-noclip": ["model.memory.inner_grad_clip=null"],
