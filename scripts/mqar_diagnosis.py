@@ -24,8 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # The memory defaults the diagnosis tables in docs/results.md were made with (theta_init 0.05, every gradient of a
-# chunk at its start; the LMM's defaults before session 14), pinned under every row but `lmm-defaults` so that a
-# change of the defaults leaves each row's meaning as it is. `lmm-defaults` takes whatever the LMM's defaults are.
+# chunk at its start; the LMM's defaults before session 14), pinned under every row but the UNPINNED ones so that a
+# change of the defaults leaves each row's meaning as it is. `lmm-defaults` and `mac-defaults` take whatever the
+# variant's defaults are; the other unpinned rows change one of them.
 PINNED = ["model.memory.theta_init=0.05", "model.memory.exact_last_layer=false"]
 UNPINNED = ("lmm-defaults", "lmm-s14", "lmm-s14-eta0.1", "mac-defaults", "mac-nomomentum")
 DELTA_RULE = [

@@ -343,12 +343,12 @@ def config_from_checkpoint(state: dict[str, Any], overrides: Sequence[str]) -> R
     """The run's resolved config stored in a checkpoint, with `key=value` overrides applied and validated."""
     stored = copy.deepcopy(state["config"])
     memory = stored.get("model", {}).get("memory")
-    if isinstance(memory, dict) and "exact_last_layer" not in memory:
-        # written before the option existed: every inner gradient at the chunk start (Eq. 16), which null would no
-        # longer mean for an LMM (titans.config.model.memory_defaults)
-        memory["exact_last_layer"] = False
-    if isinstance(memory, dict) and "momentum" not in memory:
-        memory["momentum"] = True  # the default before it became the variant's (null: off for an LMM)
+    if isinstance(memory, dict):
+        # keys written before they existed (or before null meant the variant's default) keep the value the run trained
+        # with: every inner gradient at the chunk start (Eq. 16) and momentum on, which null no longer means for an
+        # LMM (titans.config.model.memory_defaults)
+        memory.setdefault("exact_last_layer", False)
+        memory.setdefault("momentum", True)
     # load_config is the one validating path from YAML to RunConfig, so the stored dict goes through a file.
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"

@@ -182,11 +182,11 @@ class MQAR:
                 f"got {tuple(logits.shape)}"
             )
         scored = batch.targets != IGNORE_INDEX
-        correct = (logits.argmax(dim=-1) == batch.targets) & scored
+        predictions = logits.argmax(dim=-1)
+        correct = (predictions == batch.targets) & scored
         queries = scored.sum(dim=1).clamp(min=1).double()
         per_example = correct.sum(dim=1).double() / queries
         context_values = batch.inputs[:, 1 : 2 * self.num_kv_pairs : 2]  # [B, N]: v_1 .. v_N of the first pass
-        predictions = logits.argmax(dim=-1)
         named = (predictions.unsqueeze(-1) == context_values.unsqueeze(1)).any(dim=-1) & scored
         in_context = named.sum(dim=1).double() / queries
         return {self.metric: per_example.mean().item(), "mqar_in_context": in_context.mean().item()}
