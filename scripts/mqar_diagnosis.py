@@ -28,7 +28,7 @@ from pathlib import Path
 # change of the defaults leaves each row's meaning as it is. `lmm-defaults` and `mac-defaults` take whatever the
 # variant's defaults are; the other unpinned rows change one of them.
 PINNED = ["model.memory.theta_init=0.05", "model.memory.exact_last_layer=false"]
-UNPINNED = ("lmm-defaults", "lmm-s14", "lmm-s14-eta0.1", "mac-defaults", "mac-nomomentum")
+UNPINNED = ("lmm-defaults", "lmm-s14", "lmm-s14-eta0.1", "mac-defaults", "mac-nomomentum", "mac-theta0.25", "mac-lmm")
 DELTA_RULE = [
     "model.memory_layers=1",
     "model.memory.momentum=false",
@@ -49,6 +49,16 @@ ROWS = {
     # memory), with its defaults (momentum on) and without momentum
     "mac-defaults": ["model.variant=MAC", "model.segment_len=16"],
     "mac-nomomentum": ["model.variant=MAC", "model.segment_len=16", "model.memory.momentum=false"],
+    # MAC with the LMM's stronger write (theta_init 0.25, momentum on, anchored), and with all three of the LMM's
+    # defaults (theta_init 0.25, the exact last layer, no momentum)
+    "mac-theta0.25": ["model.variant=MAC", "model.segment_len=16", "model.memory.theta_init=0.25"],
+    "mac-lmm": [
+        "model.variant=MAC",
+        "model.segment_len=16",
+        "model.memory.theta_init=0.25",
+        "model.memory.exact_last_layer=true",
+        "model.memory.momentum=false",
+    ],
     "lmm": [],  # the LMM's defaults before session 14 (PINNED)
     "delta": DELTA_RULE,
     "lmm-noclip": ["model.memory.inner_grad_clip=null"],

@@ -223,9 +223,16 @@ class NeuralMemory(nn.Module):
         conv = self.conv.empty_history(batch_size, device, dtype)
         return NeuralMemoryState(MemoryState.initial(self.network, batch_size), conv)
 
-    def _gates(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | list[Tensor] | None]:
+    def _gate_layers(self) -> list[Linear]:
+        """The gates' projections that exist, in the order their logits sit side by side: theta, eta, alpha."""
+        return [m for m in (self.to_theta, self.to_eta, self.to_alpha) if m is not None]
+
+    def _gates(
+        self, x: Tensor, logits: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor | list[Tensor] | None]:
         """theta, eta [B, H, T, L] ([B, H, T] when one gate serves every layer) and alpha (the same, or a list of
-        [B, H, T, d_l] channel-wise) from x [B, T, dim]."""
+        [B, H, T, d_l] channel-wise) from x [B, T, dim], or from the gates' logits side by side (`_gate_layers`'
+        order) where `_forward` computed them with the other projections in one product."""
         batch, length, _ = x.shape
 
         def per_head(t: Tensor) -> Tensor:  # [B, T, H * n] -> [B, H, T, n], or [B, H, T] for one shared gate
@@ -235,9 +242,14 @@ class NeuralMemory(nn.Module):
 
         if not self.update_memory:
             return per_head(x.new_zeros(batch, length, self.heads * self.gate_groups)), None, None
-        theta = self.max_lr * torch.sigmoid(per_head(self.to_theta(x)))
-        eta = torch.sigmoid(per_head(self.to_eta(x))) if self.to_eta is not None else None
-        alpha = torch.sigmoid(per_head(self.to_alpha(x))) if self.to_alpha is not None else None
+        layers = self._gate_layers()
+        if logits is None:
+            logits = torch.cat([layer(x) for layer in layers], dim=-1)
+        # theta / max_lr, then eta and alpha where they exist: one sigmoid for all
+        gates = dict(zip(layers, torch.sigmoid(logits).split([m.out_features for m in layers], dim=-1), strict=True))
+        theta = self.max_lr * per_head(gates[self.to_theta])
+        eta = per_head(gates[self.to_eta]) if self.to_eta is not None else None
+        alpha = per_head(gates[self.to_alpha]) if self.to_alpha is not None else None
         if alpha is not None and self.channelwise_forget:
             alpha = list(alpha.split([d_out for d_out, _ in self.network.shapes], dim=-1))
         if self.ablation is not None:
@@ -302,22 +314,47 @@ class NeuralMemory(nn.Module):
     ) -> tuple[Tensor, NeuralMemoryState]:
         """`forward` after validation: the general path for any length."""
         batch, length, _ = x.shape
-        qkv, conv_state = self.conv(self.to_qkv(x), state.conv)
         # inner-loop arithmetic in float32 at least, even under autocast (bf16 inner updates drift)
         inner_dtype = torch.promote_types(x.dtype, torch.float32)
+        pre_qkv, out_gate, gate_logits = self._projections(x, inner_dtype)
+        qkv, conv_state = self.conv(pre_qkv, state.conv)
         with torch.autocast(device_type=x.device.type, enabled=False):
             qkv = F.silu(qkv.to(inner_dtype)).view(batch, length, 3, self.heads, self.head_dim)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, head_dim]
-            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-            theta, eta, alpha = self._gates(x.to(inner_dtype))
+            qkv = qkv.permute(2, 0, 3, 1, 4)  # [3, B, H, T, head_dim]
+            q, k = F.normalize(qkv[:2], dim=-1).unbind(0)  # q and k l2-normalised per head in one call
+            v = qkv[2]
+            theta, eta, alpha = self._gates(x.to(inner_dtype), gate_logits)
             memory_fn, extra = self._memory_function()
             y, memory_state = memory_fn(
                 q, k, v, theta, eta, alpha, self.network, state.memory, self.chunk_size, stats, self.grad_clip, **extra
             )
             y = F.rms_norm(y, (self.head_dim,), self.out_norm_weight.to(inner_dtype), eps=1e-6)
         y = y.to(x.dtype).permute(0, 2, 1, 3).reshape(batch, length, self.heads * self.head_dim)
-        out = self.to_out(y * F.silu(self.to_gate(x)))
+        out = self.to_out(y * F.silu(out_gate))
         return out, NeuralMemoryState(memory_state, conv_state)
+
+    def _projections(self, x: Tensor, inner_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+        """x [B, T, dim] -> (q|k|v before the conv [B, T, 3 * inner], the output gate's pre-activation [B, T, inner],
+        the gates' logits [B, T, n] or None).
+
+        Every projection of x as one product against the weights side by side, where that computes what the layers
+        would: x already in the inner dtype (the gates run there) and no autocast (which would run the product in low
+        precision). One product and one backward instead of five, each of whose input gradients autograd would add
+        up; the gates' few output columns are too narrow for an efficient product of their own. Otherwise (or with
+        writes off, where the gates are not read, or traced by torch.compile, which lays out each `Linear` itself)
+        the layers one by one, the gates left to `_gates`.
+        """
+        inner = self.heads * self.head_dim
+        separate = x.dtype != inner_dtype or torch.is_autocast_enabled(x.device.type) or not self.update_memory
+        if separate or torch.compiler.is_compiling():
+            return self.to_qkv(x), self.to_gate(x), None
+        layers = self._gate_layers()
+        weight = torch.cat([self.to_qkv.weight, self.to_gate.weight, *(m.weight for m in layers)])
+        bias = torch.cat([layers[0].bias.new_zeros(4 * inner), *(m.bias for m in layers)])
+        pre_qkv, out_gate, gate_logits = F.linear(x, weight, bias).split(
+            [3 * inner, inner, weight.shape[0] - 4 * inner], -1
+        )
+        return pre_qkv, out_gate, gate_logits
 
     def _memory_function(self) -> tuple[Callable, dict]:
         """The memory function for `impl` and its extra arguments. While torch.compile traces the layer (MAC's

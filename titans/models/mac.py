@@ -17,11 +17,12 @@ nothing later (the chunked memory's per-token states). Across segments informati
 Streaming: the state holds the memory (written up to the last token), the committed memory M*_{s-1}, and the keys and
 values of the current segment's retrieved and input tokens — at most 2C positions, so decoding cost is bounded.
 
-This file is the reference: the eager computation above, segment by segment (`MACBlock._segment_at_start`). The
-forms that compute the same values faster live in titans/models/mac_fast.py, mixed into MACBlock and MACLM and tested
-equal to this code: the fixed-shape one-token decode (`decode_fixed`, which `forward` takes for one token with
-gradients off), the compiled training segments (`compile_segments`) and the segment-major compiled training order
-(`MACLM.compile_blocks`).
+This file is the reference: the eager computation above, segment by segment (`MACBlock.forward_segments` through
+`_segment_at_start`). The forms that compute the same values faster live in titans/models/mac_fast.py, mixed into
+MACBlock and MACLM and tested equal to this code: the default eager path, which runs what does not depend on the
+memory once over the whole call (`_forward_hoisted`), the fixed-shape one-token decode (`decode_fixed`, which
+`forward` takes for one token with gradients off), the compiled training segments (`compile_segments`) and the
+segment-major compiled training order (`MACLM.compile_blocks`).
 """
 
 from __future__ import annotations
@@ -100,10 +101,12 @@ class MACBlock(MACBlockFastPaths, nn.Module):
         return MACState(memory, memory.memory, conv, empty, empty, empty, empty, 0)
 
     def forward(self, x: torch.Tensor, state: MACState | None = None) -> tuple[torch.Tensor, MACState]:
-        """x [B, T, D] -> x [B, T, D], segment by segment (segments depend on each other through the memory).
+        """x [B, T, D] -> x [B, T, D] (segments depend on each other through the memory).
 
-        One token with gradients off, outside autocast and with memory writes on (decoding) takes `_decode`
-        (mac_fast.py); a whole training segment, once `compile_segments` ran, its compiled form (`_segment`).
+        One token with gradients off, outside autocast and with memory writes on (decoding) takes `_decode`; once
+        `compile_segments` ran, the segment-by-segment loop (`forward_segments`) with whole training segments
+        compiled; otherwise `_forward_hoisted` (all three in mac_fast.py), which runs what does not depend on the
+        memory once over all T and equals `forward_segments` (tested).
         """
         if state is None:
             state = self._fresh_state(x)
@@ -114,72 +117,107 @@ class MACBlock(MACBlockFastPaths, nn.Module):
             and not torch.is_autocast_enabled(x.device.type)
         ):
             return self._decode(x, state)
-        # Segment pieces from one split: slicing x per segment would make each slice's backward fill a zero tensor
-        # as long as x (quadratic in T).
-        sizes, start, T = [], 0, x.shape[1]
-        while start < T:
-            sizes.append(min(T - start, self.segment_len - (state.position + start) % self.segment_len))
-            start += sizes[-1]
+        if self._compiled_segment is None:
+            return self._forward_hoisted(x, state)
+        return self.forward_segments(x, state)
+
+    def forward_segments(self, x: torch.Tensor, state: MACState | None = None) -> tuple[torch.Tensor, MACState]:
+        """The reference order: x [B, T, D] cut at segment boundaries, each piece through `_segment` (the eager
+        `_segment_at_start`, or its compiled form for whole training segments)."""
+        if state is None:
+            state = self._fresh_state(x)
         outputs = []
-        for piece in x.split(sizes, dim=1):
+        # pieces from one split: slicing x per segment would make each slice's backward fill a zero tensor as long as x
+        for piece in x.split(self._segment_sizes(state.position, x.shape[1]), dim=1):
             out, state = self._segment(piece, state)
             outputs.append(out)
         return torch.cat(outputs, dim=1) if outputs else x, state
 
+    def _segment_sizes(self, position: int, length: int) -> list[int]:
+        """The lengths of the pieces that `length` tokens from stream position `position` cut into at segment
+        boundaries (the first and last may be partial)."""
+        sizes, start = [], 0
+        while start < length:
+            sizes.append(min(length - start, self.segment_len - (position + start) % self.segment_len))
+            start += sizes[-1]
+        return sizes
+
     def _segment_at_start(self, piece: torch.Tensor, state: MACState) -> tuple[torch.Tensor, MACState]:
         """Eqs. 21-25 for the n tokens of `piece` [B, n, D] given the state before them (the eager reference)."""
-        n = piece.shape[1]
         h = self.norm(piece)
-        retrieved, conv = self._retrieve(h, state.committed, state.retrieve_conv)
-        y, state = self._attend(h, retrieved, state)
+        queries, conv = self._retrieval_queries(h, state.retrieve_conv)
+        retrieved = self._read_committed(queries, state.committed, h.dtype)  # Eq. 21
+        q, k_x, v_x = self._segment_qkv(h, state.position)
+        y, state = self._attend(q, k_x, v_x, retrieved, state)  # Eqs. 22-23
         m, memory = self.memory(y, state.memory)  # Eqs. 24-25: write y token by token, read after each write
-        piece = piece + self.combine(y, m)
-        out = piece + self.mlp(self.mlp_norm(piece))
+        return self._combine_and_mlp(piece, y, m), self._advance(state, memory, conv, piece.shape[1])
+
+    def _advance(self, state: MACState, memory: NeuralMemoryState, conv: torch.Tensor, n: int) -> MACState:
+        """The state after n more tokens whose writes left `memory`: at a segment's end its memory is committed for
+        the next segment's retrieval and its keys and values are dropped."""
         position = state.position + n
         if position % self.segment_len == 0:
-            # segment finished: commit its memory for the next segment's retrieval and drop its keys and values
-            empty = piece.new_zeros(piece.shape[0], self.heads, 0, self.head_dim)
-            return out, MACState(memory, memory.memory, conv, empty, empty, empty, empty, position)
+            empty = conv.new_zeros(conv.shape[0], self.heads, 0, self.head_dim)
+            return MACState(memory, memory.memory, conv, empty, empty, empty, empty, position)
         kv = (state.h_keys, state.h_values, state.x_keys, state.x_values)
-        return out, MACState(memory, state.committed, conv, *kv, position)
+        return MACState(memory, state.committed, conv, *kv, position)
 
-    def _retrieve(
-        self, h: torch.Tensor, committed: MemoryState, conv: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 21: h [B, n, D] -> (M*_{s-1}(q) [B, n, D], conv history): a read of the committed weights, no update."""
-        B, n, d = h.shape
-        heads, head_dim = self.memory.heads, self.memory.head_dim
+    def _combine_and_mlp(self, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Eq. 25's o = y (x) M*(y) into the residual stream, then the block's MLP: x, y, m [B, n, D] -> [B, n, D]."""
+        x = x + self.combine(y, m)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def _retrieval_queries(self, h: torch.Tensor, conv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 21's queries q = S W_Q (then conv, SiLU, L2 norm, as the memory's own): h [B, n, D] ->
+        (q [B, H_mem, n, D_mem], the conv history after them)."""
+        B, n, _ = h.shape
         q, conv = self.retrieve_conv(self.retrieve_query(h), conv)
-        q = F.normalize(F.silu(q).view(B, n, heads, head_dim).transpose(1, 2), dim=-1)
+        q = F.silu(q).view(B, n, self.memory.heads, self.memory.head_dim).transpose(1, 2)
+        return F.normalize(q, dim=-1), conv
+
+    def _read_committed(self, q: torch.Tensor, committed: MemoryState, dtype: torch.dtype) -> torch.Tensor:
+        """Eq. 21: M*_{s-1}(q), a read of the committed weights, no update: q [B, H_mem, n, D_mem] -> [B, n, D] in
+        `dtype` (the block's activations')."""
+        B, heads, n, head_dim = q.shape
         inner = committed.weights[0].dtype
         r = self.memory.network.forward_with(committed.weights, q if q.dtype == inner else q.to(inner))
         norm_weight = self.retrieve_norm if self.retrieve_norm.dtype == r.dtype else self.retrieve_norm.to(r.dtype)
         r = F.rms_norm(r, (head_dim,), norm_weight, eps=1e-6)
-        r = r.transpose(1, 2).reshape(B, n, d)
-        return self.retrieve_out(r if r.dtype == h.dtype else r.to(h.dtype)), conv
+        r = r.transpose(1, 2).reshape(B, n, heads * head_dim)
+        return self.retrieve_out(r if r.dtype == dtype else r.to(dtype))
 
-    def _attend(self, h: torch.Tensor, retrieved: torch.Tensor, state: MACState) -> tuple[torch.Tensor, MACState]:
-        """Eqs. 22-23 for n tokens of the current segment. h, retrieved [B, n, D] -> y [B, n, D]."""
-        B, n, d = h.shape
+    def _segment_qkv(self, h: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The segment tokens' query, key and value, [B, H, n, Dh] each, q and k rotated to their local positions
+        (`_local_rope`): h [B, n, D] at stream positions position .. position + n - 1."""
+        q, k, v = (self._heads(t) for t in self.qkv(h).split(h.shape[-1], dim=-1))
+        cos, sin = self._local_rope(position, h.shape[1], h.dtype, h.device)
+        q, k = apply_rope(torch.stack([q, k]), cos, sin).unbind(0)  # one rotation for both
+        return q, k, v
+
+    def _attend(
+        self, q: torch.Tensor, k_x: torch.Tensor, v_x: torch.Tensor, retrieved: torch.Tensor, state: MACState
+    ) -> tuple[torch.Tensor, MACState]:
+        """Eqs. 22-23 for n tokens of the current segment: q, k_x, v_x [B, H, n, Dh] from `_segment_qkv`, the
+        retrieved tokens [B, n, D] -> (y [B, n, D], the state with the segment's longer key/value cache)."""
+        B, _, n, _ = q.shape
+        d = retrieved.shape[-1]
         offset = state.position % self.segment_len  # tokens of this segment already seen
-        q, k_x, v_x = (self._heads(t) for t in self.qkv(h).split(d, dim=-1))
         # the retrieved tokens serve only as keys and values: their rows of W_QKV, not the query's
         kv_weight = self.qkv.weight[d:]
         kv_bias = None if self.qkv.bias is None else self.qkv.bias[d:]
         k_h, v_h = (self._heads(t) for t in F.linear(retrieved, kv_weight, kv_bias).split(d, dim=-1))
         # positions: persistent tokens 0..Np-1, then the j-th retrieved token and the j-th segment token both at Np + j
-        cos, sin = self._rope(offset + self.n_persistent, n, h.dtype, h.device)
-        q, k_x, k_h = apply_rope(torch.stack([q, k_x, k_h]), cos, sin).unbind(0)  # one rotation for all three
+        k_h = apply_rope(k_h, *self._local_rope(state.position, n, q.dtype, q.device))
         cache, keys, values = self._extend_cache(state, k_h, v_h, k_x, v_x)
         mask = None  # one query (decoding) sees every cached key: no mask to build
         if n > 1:
             # token i (segment position offset + i) sees h_j and S_j for j <= offset + i, and every persistent token
-            causal = torch.arange(offset + n, device=h.device)[None, :] <= (
-                offset + torch.arange(n, device=h.device)[:, None]
+            causal = torch.arange(offset + n, device=q.device)[None, :] <= (
+                offset + torch.arange(n, device=q.device)[:, None]
             )
             masks = [causal, causal]
             if self.persistent is not None:
-                masks.insert(0, torch.ones(n, self.n_persistent, dtype=torch.bool, device=h.device))
+                masks.insert(0, torch.ones(n, self.n_persistent, dtype=torch.bool, device=q.device))
             mask = torch.cat(masks, 1)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         y = self.attn_out(y.transpose(1, 2).reshape(B, n, d))
@@ -242,6 +280,18 @@ class MACBlock(MACBlockFastPaths, nn.Module):
             positions = torch.arange(self.n_persistent + self.segment_len, device=device)
             table = self._rope_tables[key] = rope_cache(positions, self.head_dim, self.rope_base, dtype, device)
         return table[0][start : start + n], table[1][start : start + n]
+
+    def _local_rope(
+        self, position: int, n: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [n, Dh/2] at the local positions of stream positions position .. position + n - 1: a token at
+        segment position j sits at Np + j (after the persistent tokens), so a span crossing segments wraps around."""
+        offset, C = position % self.segment_len, self.segment_len
+        if offset + n <= C:
+            return self._rope(self.n_persistent + offset, n, dtype, device)
+        cos, sin = self._rope(0, self.n_persistent + C, dtype, device)
+        local = self.n_persistent + (torch.arange(position, position + n, device=device) % C)
+        return cos.index_select(0, local), sin.index_select(0, local)
 
 
 class MACLM(MACLMFastPaths, TitansLM):

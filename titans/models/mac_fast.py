@@ -5,6 +5,8 @@ holds the forms that compute the same values faster, each held equal to the refe
 tests/test_compile.py:
 
     MACBlockFastPaths   mixed into MACBlock:
+                          _forward_hoisted: eager training and prefill with what does not depend on the memory run
+                            once over all T, not per segment (tests/test_mac_hoisted.py)
                           decode_fixed, fixed_state, state_from_fixed: one token on fixed-shape state (FixedMACState),
                             the step `TitansLM.compile_decode` compiles; `_decode` runs it for MACBlock.forward's
                             one-token calls
@@ -149,6 +151,35 @@ class MACBlockFastPaths:
             torch.where(ends_segment, w, c) for w, c in zip(memory_state.weights, fixed.committed, strict=True)
         )
         return out, FixedMACState(memory_state, committed, conv.contiguous(), keys, values, fixed.position + 1)
+
+    # ---- hoisted eager training: what does not depend on the memory, once over the whole call
+
+    def _forward_hoisted(self, x: torch.Tensor, state: MACState) -> tuple[torch.Tensor, MACState]:
+        """`forward_segments` with only the recurrent part in the segment loop: x [B, T, D] -> (x [B, T, D], state).
+
+        Segment s needs the memory committed after segment s-1 only through Eq. 21's read; the block's input norm,
+        the retrieval queries (projection, conv, SiLU, L2 norm), the segment tokens' q, k, v and their rotation
+        depend on x alone, and Eq. 25's combine and the MLP on y and M*(y) alone. Those run once over all T (fewer,
+        larger ops, and one autograd node each instead of one per segment); the loop keeps the read of the committed
+        memory, the attention over [persistent | retrieved | segment] and the memory's writes. Same values as the
+        reference up to float rounding (tests/test_mac_hoisted.py, float64).
+        """
+        if x.shape[1] == 0:
+            return x, state
+        h = self.norm(x)
+        queries, conv = self._retrieval_queries(h, state.retrieve_conv)
+        q, k_x, v_x = self._segment_qkv(h, state.position)
+        sizes = self._segment_sizes(state.position, x.shape[1])
+        ys, ms = [], []
+        # one split per tensor: a slice per segment would make each slice's backward fill a zero tensor as long as T
+        for q_r, q_s, k_s, v_s in zip(*(t.split(sizes, dim=2) for t in (queries, q, k_x, v_x)), strict=True):
+            retrieved = self._read_committed(q_r, state.committed, x.dtype)  # Eq. 21
+            y, state = self._attend(q_s, k_s, v_s, retrieved, state)  # Eqs. 22-23
+            m, memory = self.memory(y, state.memory)  # Eqs. 24-25
+            state = self._advance(state, memory, conv, q_s.shape[2])
+            ys.append(y)
+            ms.append(m)
+        return self._combine_and_mlp(x, torch.cat(ys, dim=1), torch.cat(ms, dim=1)), state
 
     # ---- compiled training segments
 
