@@ -3,6 +3,7 @@
     python scripts/mqar_diagnosis.py                                  # vocabulary 256, 800 steps, seeds 0-2
     python scripts/mqar_diagnosis.py --vocab 1024 --steps 1500 --seeds 0 --rows lmm,delta,lmm-theta0.25
     python scripts/mqar_diagnosis.py --rows delta --seeds 0,1,2,3 --jobs 2
+    python scripts/mqar_diagnosis.py --steps 6000 --rows lmm-defaults --seeds 0 --lengths 64,128,192,254 --plot a.png
 
 Every row trains an LMM (the `mac-` rows a MAC) with `titans train` on MQAR as `titans.tasks.mqar` defines it (T 64,
 4 key-value pairs, fresh examples, batch 32), d_model 64, 4 heads, 2 layers, AdamW lr 2e-3 with 50 warm-up steps and
@@ -10,7 +11,9 @@ the project's cosine schedule, one CPU thread per run, `--jobs` runs at a time, 
 the run's metrics.jsonl at four evenly spaced steps, with the last evaluation's share of answers that name one of the
 example's context values (`mqar_in_context`). The control, `delta`, is the memory at depth 1 with no momentum, no
 forgetting, chunk 1 and no inner-gradient clip: exactly the delta rule with beta = 2 theta. Prints one line per run,
-a table of the median over seeds, then one JSON line.
+a table of the median over seeds, then one JSON line. `--lengths` also evaluates each finished run at those lengths
+(`titans long-eval`, 256 fresh examples each: the same keys and values, farther apart), and `--plot` draws those
+accuracies against the length, one line per run.
 """
 
 from __future__ import annotations
@@ -23,12 +26,17 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from titans.long_eval import plot_length_sweep
+
 # The memory defaults the diagnosis tables in docs/results.md were made with (theta_init 0.05, every gradient of a
 # chunk at its start; the LMM's defaults before session 14), pinned under every row but the UNPINNED ones so that a
 # change of the defaults leaves each row's meaning as it is. `lmm-defaults` and `mac-defaults` take whatever the
 # variant's defaults are; the other unpinned rows change one of them.
 PINNED = ["model.memory.theta_init=0.05", "model.memory.exact_last_layer=false"]
-UNPINNED = ("lmm-defaults", "lmm-s14", "lmm-s14-eta0.1", "mac-defaults", "mac-nomomentum", "mac-theta0.25", "mac-lmm")
+UNPINNED = (
+    "lmm-defaults", "lmm-s14", "lmm-s14-eta0.1", "mac-defaults", "mac-nomomentum", "mac-theta0.25", "mac-lmm",
+    "baseline-full", "baseline-swa", "mag-defaults", "mal-defaults",
+)  # fmt: skip
 DELTA_RULE = [
     "model.memory_layers=1",
     "model.memory.momentum=false",
@@ -59,6 +67,12 @@ ROWS = {
         "model.memory.exact_last_layer=true",
         "model.memory.momentum=false",
     ],
+    # the other rows of the recall table (docs/results.md): full attention, and the sliding window of 16 that MAG and
+    # MAL attend with (two layers reach 30 tokens back, so a key more than that before its query is out of sight)
+    "baseline-full": ["model.variant=baseline", "model.baseline_attention=full"],
+    "baseline-swa": ["model.variant=baseline", "model.baseline_attention=sliding", "model.window=16"],
+    "mag-defaults": ["model.variant=MAG", "model.window=16"],
+    "mal-defaults": ["model.variant=MAL", "model.window=16"],
     "lmm": [],  # the LMM's defaults before session 14 (PINNED)
     "delta": DELTA_RULE,
     "lmm-noclip": ["model.memory.inner_grad_clip=null"],
@@ -132,8 +146,9 @@ def overrides(row: str, vocab: int, steps: int, seed: int, out: Path) -> list[st
     ]  # fmt: skip
 
 
-def run(row: str, vocab: int, steps: int, seed: int, out: Path) -> dict:
-    """Train one row with one seed; its accuracy (%) at each evaluation and the last 50 steps' mean loss."""
+def run(row: str, vocab: int, steps: int, seed: int, out: Path, lengths: str | None = None) -> dict:
+    """Train one row with one seed; its accuracy (%) at each evaluation and the last 50 steps' mean loss, and with
+    `lengths` the trained model's `titans long-eval` results at those lengths."""
     name = f"{row}-seed{seed}"
     done = subprocess.run(
         [sys.executable, "-m", "titans", "train", *overrides(row, vocab, steps, seed, out)],
@@ -150,13 +165,28 @@ def run(row: str, vocab: int, steps: int, seed: int, out: Path) -> dict:
     # values (the model knows where answers come from, not which key binds which), not recall
     in_context = round(100 * evals[-1]["mqar_in_context"], 1) if evals and "mqar_in_context" in evals[-1] else None
     losses = [r["loss"] for r in records if "loss" in r][-50:]
-    return {
+    result = {
         "row": row,
         "seed": seed,
         "accuracy": accuracy,
         "in_context": in_context,
         "final_loss": sum(losses) / max(len(losses), 1),
     }
+    if lengths:
+        result["lengths"] = length_sweep(out / name, lengths)
+    return result
+
+
+def length_sweep(run_dir: Path, lengths: str) -> list[dict] | str:
+    """`titans long-eval` of a finished run at `lengths` (one thread): its per-length results, or the error line."""
+    evaluate = [sys.executable, "-m", "titans", "long-eval", str(run_dir), "--lengths", lengths]
+    done = subprocess.run(
+        [*evaluate, "--samples", "256", "--batch-size", "64", "--threads", "1"], capture_output=True, text=True
+    )
+    (run_dir / "long-eval.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        return (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return json.loads(done.stdout.strip().splitlines()[-1])["results"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows from: {', '.join(ROWS)}")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2)")
     p.add_argument("--out", default="runs/mqar-diagnosis", help="where the runs go")
+    p.add_argument(
+        "--lengths",
+        help="also evaluate every finished run at these lengths, e.g. 64,128,192,254 (each below the vocabulary)",
+    )
+    p.add_argument("--plot", help="with --lengths: a PNG of accuracy against length, one line per run")
     args = p.parse_args(argv)
+    if args.plot and not args.lengths:
+        p.error("--plot draws the --lengths evaluations: give --lengths too")
     rows = args.rows.split(",")
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -178,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(row, seed) for row in rows for seed in seeds]
     results = []
     with ThreadPoolExecutor(args.jobs) as pool:
-        for result in pool.map(lambda job: run(job[0], args.vocab, args.steps, job[1], out), jobs):
+        for result in pool.map(lambda job: run(job[0], args.vocab, args.steps, job[1], out, args.lengths), jobs):
             print(json.dumps(result), flush=True)
             results.append(result)
     print(f"\nMQAR accuracy (%), vocabulary {args.vocab}, {args.steps} steps, median over seeds {seeds}:")
@@ -196,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
             + "  ".join(f"{s}: {m:5.1f}" for s, m in zip(steps, median, strict=True))
             + f"   final per seed {final}   in context {named}"
         )
+    swept = {f"{r['row']} seed {r['seed']}": r["lengths"] for r in results if isinstance(r.get("lengths"), list)}
+    for label, sweep in swept.items():
+        print(f"{label:28s} at length " + "  ".join(f"{x['length']}: {100 * x['mqar_accuracy']:5.1f}" for x in sweep))
+    if args.plot and swept:
+        title = f"MQAR recall, vocabulary {args.vocab}, {args.steps} steps"
+        print(f"plot: {plot_length_sweep(swept, 'mqar_accuracy', args.plot, title, trained_length=64)}")
     print(json.dumps({"script": "mqar_diagnosis", "vocab": args.vocab, "steps": args.steps, "results": results}))
     return 0
 
