@@ -5,13 +5,14 @@
     python scripts/mqar_diagnosis.py --rows delta --seeds 0,1,2,3 --jobs 2
     python scripts/mqar_diagnosis.py --steps 6000 --rows lmm-defaults --seeds 0 --lengths 64,128,192,254 --plot a.png
 
-Every row trains an LMM (the `mac-` rows a MAC) with `titans train` on MQAR as `titans.tasks.mqar` defines it (T 64,
-4 key-value pairs, fresh examples, batch 32), d_model 64, 4 heads, 2 layers, AdamW lr 2e-3 with 50 warm-up steps and
-the project's cosine schedule, one CPU thread per run, `--jobs` runs at a time, and reads the held-out accuracy from
-the run's metrics.jsonl at four evenly spaced steps, with the last evaluation's share of answers that name one of the
-example's context values (`mqar_in_context`). The control, `delta`, is the memory at depth 1 with no momentum, no
-forgetting, chunk 1 and no inner-gradient clip: exactly the delta rule with beta = 2 theta. Prints one line per run,
-a table of the median over seeds, then one JSON line. `--lengths` also evaluates each finished run at those lengths
+Every row trains an LMM (the `mac-` rows a MAC, the others as named) with `titans train` on MQAR as
+`titans.tasks.mqar` defines it (T 64, 4 key-value pairs, fresh examples, batch 32), d_model 64, 4 heads, 2 layers,
+AdamW lr 2e-3 (`--lr`) with 50 warm-up steps and the project's cosine schedule, one CPU thread per run, `--jobs` runs
+at a time, and reads the held-out accuracy from the run's metrics.jsonl at four evenly spaced steps, with the last
+evaluation's share of answers that name one of the example's context values (`mqar_in_context`). The control,
+`delta`, is the memory at depth 1 with no momentum, no forgetting, chunk 1 and no inner-gradient clip: exactly the
+delta rule with beta = 2 theta. Prints one line per run, a table of the median over seeds, then one JSON line.
+`--lengths` also evaluates each finished run at those lengths
 (`titans long-eval`, 256 fresh examples each: the same keys and values, farther apart), and `--plot` draws those
 accuracies against the length, one line per run.
 """
@@ -133,12 +134,12 @@ ROWS = {
 }
 
 
-def overrides(row: str, vocab: int, steps: int, seed: int, out: Path) -> list[str]:
+def overrides(row: str, vocab: int, steps: int, seed: int, out: Path, lr: float = 2e-3) -> list[str]:
     return [
         "model.variant=LMM", "model.d_model=64", "model.n_heads=4", "model.n_layers=2",
         "data.dataset=mqar", "data.seq_len=64", f"data.vocab_size={vocab}", "data.mqar_num_kv_pairs=4",
         "data.fresh_samples=true", "data.num_samples=512", "training.batch_size=32",
-        "training.learning_rate=2e-3", "training.warmup_steps=50", f"training.max_steps={steps}",
+        f"training.learning_rate={lr}", "training.warmup_steps=50", f"training.max_steps={steps}",
         f"training.eval_every={max(steps // 4, 1)}", "training.checkpoint_every=1000000", "training.device=cpu",
         "training.threads=1", "training.progress=false", "training.nan_policy=skip", f"seed={seed}",
         *([] if row in UNPINNED else PINNED), *ROWS[row],
@@ -146,12 +147,12 @@ def overrides(row: str, vocab: int, steps: int, seed: int, out: Path) -> list[st
     ]  # fmt: skip
 
 
-def run(row: str, vocab: int, steps: int, seed: int, out: Path, lengths: str | None = None) -> dict:
+def run(row: str, vocab: int, steps: int, seed: int, out: Path, lengths: str | None = None, lr: float = 2e-3) -> dict:
     """Train one row with one seed; its accuracy (%) at each evaluation and the last 50 steps' mean loss, and with
     `lengths` the trained model's `titans long-eval` results at those lengths."""
     name = f"{row}-seed{seed}"
     done = subprocess.run(
-        [sys.executable, "-m", "titans", "train", *overrides(row, vocab, steps, seed, out)],
+        [sys.executable, "-m", "titans", "train", *overrides(row, vocab, steps, seed, out, lr)],
         capture_output=True,
         text=True,
     )
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=800, help="optimizer steps per run (default 800)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows from: {', '.join(ROWS)}")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default 2e-3)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2)")
     p.add_argument("--out", default="runs/mqar-diagnosis", help="where the runs go")
     p.add_argument(
@@ -210,15 +212,20 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown --rows {unknown}; choose from {', '.join(ROWS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    out = Path(args.out) / f"vocab{args.vocab}-steps{args.steps}"
+    # runs at another learning rate go to their own folder, so that a sweep never mixes them up
+    out = Path(args.out) / (f"vocab{args.vocab}-steps{args.steps}" + ("" if args.lr == 2e-3 else f"-lr{args.lr:g}"))
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(row, seed) for row in rows for seed in seeds]
     results = []
     with ThreadPoolExecutor(args.jobs) as pool:
-        for result in pool.map(lambda job: run(job[0], args.vocab, args.steps, job[1], out, args.lengths), jobs):
+        for result in pool.map(
+            lambda job: run(job[0], args.vocab, args.steps, job[1], out, args.lengths, args.lr), jobs
+        ):
             print(json.dumps(result), flush=True)
             results.append(result)
-    print(f"\nMQAR accuracy (%), vocabulary {args.vocab}, {args.steps} steps, median over seeds {seeds}:")
+    print(
+        f"\nMQAR accuracy (%), vocabulary {args.vocab}, {args.steps} steps, lr {args.lr:g}, median over seeds {seeds}:"
+    )
     for row in rows:
         runs = [r for r in results if r["row"] == row and "accuracy" in r]
         if not runs:
@@ -239,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot and swept:
         title = f"MQAR recall, vocabulary {args.vocab}, {args.steps} steps"
         print(f"plot: {plot_length_sweep(swept, 'mqar_accuracy', args.plot, title, trained_length=64)}")
-    print(json.dumps({"script": "mqar_diagnosis", "vocab": args.vocab, "steps": args.steps, "results": results}))
+    summary = {"script": "mqar_diagnosis", "vocab": args.vocab, "steps": args.steps, "lr": args.lr}
+    print(json.dumps({**summary, "results": results}))
     return 0
 
 

@@ -22,6 +22,15 @@ def test_rows_are_evaluated_at_longer_lengths_and_plotted(tmp_path, capsys) -> N
     assert [r["length"] for r in result["lengths"]] == [64, 128]
     assert all(0.0 <= r["mqar_accuracy"] <= 1.0 and r["samples"] == 256 for r in result["lengths"])
     assert png.stat().st_size > 0
+    assert (tmp_path / "vocab256-steps2" / "baseline-swa-seed0" / "metrics.jsonl").exists()
+
+
+def test_another_learning_rate_trains_with_it_in_its_own_folder(tmp_path, capsys) -> None:
+    args = ["--steps", "1", "--rows", "baseline-swa", "--seeds", "0", "--out", str(tmp_path), "--lr", "5e-4"]
+    assert mqar_diagnosis.main(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["lr"] == 5e-4
+    config = (tmp_path / "vocab256-steps1-lr0.0005" / "baseline-swa-seed0" / "config.yaml").read_text()
+    assert "learning_rate: 0.0005" in config
 
 
 def test_a_plot_needs_lengths(tmp_path) -> None:
