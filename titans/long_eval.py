@@ -298,14 +298,20 @@ def plot_length_sweep(
 ) -> Path:
     """Accuracy vs evaluation length, one line per label (e.g. variant) -> the PNG written at `path`."""
     # Imported here: matplotlib costs a second to import and only plotting needs it.
+    import matplotlib
     from matplotlib.figure import Figure
 
     if not sweeps:
         raise ValueError("plot_length_sweep needs at least one sweep to draw")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure = Figure(figsize=(6, 4))
+    # past a handful of lines the legend goes beside the axes (inside it would hide them) and the colours come from
+    # a 20-colour cycle (the default repeats after 10)
+    crowded = len(sweeps) > 6
+    figure = Figure(figsize=(9 if crowded else 6, 4))
     axes = figure.add_subplot()
+    if crowded:
+        axes.set_prop_cycle(color=[matplotlib.colormaps["tab20"](i % 20) for i in range(len(sweeps))])
     for label, rows in sweeps.items():
         axes.plot([r["length"] for r in rows], [r[metric] for r in rows], marker="o", label=label)
     if trained_length is not None:
@@ -314,8 +320,11 @@ def plot_length_sweep(
     axes.set_xlabel("evaluation length (tokens)")
     axes.set_ylabel(metric)
     axes.set_ylim(-0.02, 1.02)
-    axes.set_title(title)
-    axes.legend()
+    axes.set_title(title, fontsize="medium")
+    if crowded:
+        axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
+    else:
+        axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     return path
