@@ -36,7 +36,7 @@ from titans.long_eval import plot_length_sweep
 PINNED = ["model.memory.theta_init=0.05", "model.memory.exact_last_layer=false"]
 UNPINNED = (
     "lmm-defaults", "lmm-s14", "lmm-s14-eta0.1", "mac-defaults", "mac-nomomentum", "mac-theta0.25", "mac-lmm",
-    "baseline-full", "baseline-swa", "mag-defaults", "mal-defaults",
+    "baseline-full", "baseline-swa", "mag-defaults", "mal-defaults", "mag-lmm", "mal-lmm",
 )  # fmt: skip
 DELTA_RULE = [
     "model.memory_layers=1",
@@ -46,6 +46,7 @@ DELTA_RULE = [
     "model.memory.inner_grad_clip=null",
     "model.memory.theta_init=0.25",
 ]
+LMM_MEMORY = ["model.memory.theta_init=0.25", "model.memory.exact_last_layer=true", "model.memory.momentum=false"]
 DEPTH2_CLIP = ["model.memory_layers=2", "model.memory.inner_grad_clip=1.0"]
 ROWS = {
     # the LMM as it is configured by default now (theta_init 0.25, the exact last layer, no momentum)
@@ -61,19 +62,16 @@ ROWS = {
     # MAC with the LMM's stronger write (theta_init 0.25, momentum on, anchored), and with all three of the LMM's
     # defaults (theta_init 0.25, the exact last layer, no momentum)
     "mac-theta0.25": ["model.variant=MAC", "model.segment_len=16", "model.memory.theta_init=0.25"],
-    "mac-lmm": [
-        "model.variant=MAC",
-        "model.segment_len=16",
-        "model.memory.theta_init=0.25",
-        "model.memory.exact_last_layer=true",
-        "model.memory.momentum=false",
-    ],
+    "mac-lmm": ["model.variant=MAC", "model.segment_len=16", *LMM_MEMORY],
     # the other rows of the recall table (docs/results.md): full attention, and the sliding window of 16 that MAG and
     # MAL attend with (two layers reach 30 tokens back, so a key more than that before its query is out of sight)
     "baseline-full": ["model.variant=baseline", "model.baseline_attention=full"],
     "baseline-swa": ["model.variant=baseline", "model.baseline_attention=sliding", "model.window=16"],
     "mag-defaults": ["model.variant=MAG", "model.window=16"],
     "mal-defaults": ["model.variant=MAL", "model.window=16"],
+    # MAG and MAL with the LMM's memory defaults (theta_init 0.25, the exact last layer, no momentum)
+    "mag-lmm": ["model.variant=MAG", "model.window=16", *LMM_MEMORY],
+    "mal-lmm": ["model.variant=MAL", "model.window=16", *LMM_MEMORY],
     "lmm": [],  # the LMM's defaults before session 14 (PINNED)
     "delta": DELTA_RULE,
     "lmm-noclip": ["model.memory.inner_grad_clip=null"],

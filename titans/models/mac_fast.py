@@ -173,7 +173,7 @@ class MACBlockFastPaths:
         ys, ms = [], []
         # one split per tensor: a slice per segment would make each slice's backward fill a zero tensor as long as T
         for q_r, q_s, k_s, v_s in zip(*(t.split(sizes, dim=2) for t in (queries, q, k_x, v_x)), strict=True):
-            retrieved = self._read_committed(q_r, state.committed, x.dtype)  # Eq. 21
+            retrieved = self._read_committed(q_r, state.committed, h.dtype)  # Eq. 21
             y, state = self._attend(q_s, k_s, v_s, retrieved, state)  # Eqs. 22-23
             m, memory = self.memory(y, state.memory)  # Eqs. 24-25
             state = self._advance(state, memory, conv, q_s.shape[2])
