@@ -47,7 +47,9 @@ def accuracy_by_distance(run: str, length: int | None, samples: int, edges: list
     bins = {}
     for low, high in zip([1, *(e + 1 for e in edges)], [*edges, None], strict=True):
         label = f"{low}-{high}" if high is not None else f"{low}+"
-        mask = scored & (distance >= low) & (distance <= (high if high is not None else distance.max()))
+        mask = scored & (distance >= low)
+        if high is not None:
+            mask &= distance <= high
         count = int(mask.sum())
         bins[label] = {"accuracy": round(100 * correct[mask].float().mean().item(), 1) if count else None, "n": count}
     return {"run": run, "variant": cfg.model.variant, "length": task.seq_len, "bins": bins}

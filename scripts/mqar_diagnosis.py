@@ -12,9 +12,8 @@ at a time, and reads the held-out accuracy from the run's metrics.jsonl at four 
 evaluation's share of answers that name one of the example's context values (`mqar_in_context`). The control,
 `delta`, is the memory at depth 1 with no momentum, no forgetting, chunk 1 and no inner-gradient clip: exactly the
 delta rule with beta = 2 theta. Prints one line per run, a table of the median over seeds, then one JSON line.
-`--lengths` also evaluates each finished run at those lengths
-(`titans long-eval`, 256 fresh examples each: the same keys and values, farther apart), and `--plot` draws those
-accuracies against the length, one line per run.
+`--lengths` also evaluates each finished run at those lengths (`titans long-eval`, 256 fresh examples each: the same
+keys and values, farther apart), and `--plot` draws those accuracies against the length, one line per run.
 """
 
 from __future__ import annotations
@@ -47,6 +46,7 @@ DELTA_RULE = [
     "model.memory.theta_init=0.25",
 ]
 LMM_MEMORY = ["model.memory.theta_init=0.25", "model.memory.exact_last_layer=true", "model.memory.momentum=false"]
+DEFAULT_LR = 2e-3  # the peak learning rate of every table made with this script before --lr existed
 DEPTH2_CLIP = ["model.memory_layers=2", "model.memory.inner_grad_clip=1.0"]
 ROWS = {
     # the LMM as it is configured by default now (theta_init 0.25, the exact last layer, no momentum)
@@ -132,7 +132,7 @@ ROWS = {
 }
 
 
-def overrides(row: str, vocab: int, steps: int, seed: int, out: Path, lr: float = 2e-3) -> list[str]:
+def overrides(row: str, vocab: int, steps: int, seed: int, out: Path, lr: float = DEFAULT_LR) -> list[str]:
     return [
         "model.variant=LMM", "model.d_model=64", "model.n_heads=4", "model.n_layers=2",
         "data.dataset=mqar", "data.seq_len=64", f"data.vocab_size={vocab}", "data.mqar_num_kv_pairs=4",
@@ -145,7 +145,9 @@ def overrides(row: str, vocab: int, steps: int, seed: int, out: Path, lr: float 
     ]  # fmt: skip
 
 
-def run(row: str, vocab: int, steps: int, seed: int, out: Path, lengths: str | None = None, lr: float = 2e-3) -> dict:
+def run(
+    row: str, vocab: int, steps: int, seed: int, out: Path, lengths: str | None = None, lr: float = DEFAULT_LR
+) -> dict:
     """Train one row with one seed; its accuracy (%) at each evaluation and the last 50 steps' mean loss, and with
     `lengths` the trained model's `titans long-eval` results at those lengths."""
     name = f"{row}-seed{seed}"
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=800, help="optimizer steps per run (default 800)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows from: {', '.join(ROWS)}")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default 2e-3)")
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"peak AdamW learning rate (default {DEFAULT_LR:g})")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2)")
     p.add_argument("--out", default="runs/mqar-diagnosis", help="where the runs go")
     p.add_argument(
@@ -211,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown --rows {unknown}; choose from {', '.join(ROWS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     # runs at another learning rate go to their own folder, so that a sweep never mixes them up
-    out = Path(args.out) / (f"vocab{args.vocab}-steps{args.steps}" + ("" if args.lr == 2e-3 else f"-lr{args.lr:g}"))
+    out = Path(args.out) / (
+        f"vocab{args.vocab}-steps{args.steps}" + ("" if args.lr == DEFAULT_LR else f"-lr{args.lr:g}")
+    )
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(row, seed) for row in rows for seed in seeds]
     results = []

@@ -246,10 +246,10 @@ class NeuralMemory(nn.Module):
         if logits is None:
             logits = torch.cat([layer(x) for layer in layers], dim=-1)
         # theta / max_lr, then eta and alpha where they exist: one sigmoid for all
-        gates = dict(zip(layers, torch.sigmoid(logits).split([m.out_features for m in layers], dim=-1), strict=True))
-        theta = self.max_lr * per_head(gates[self.to_theta])
-        eta = per_head(gates[self.to_eta]) if self.to_eta is not None else None
-        alpha = per_head(gates[self.to_alpha]) if self.to_alpha is not None else None
+        gates = iter(torch.sigmoid(logits).split([m.out_features for m in layers], dim=-1))
+        theta = self.max_lr * per_head(next(gates))
+        eta = per_head(next(gates)) if self.to_eta is not None else None
+        alpha = per_head(next(gates)) if self.to_alpha is not None else None
         if alpha is not None and self.channelwise_forget:
             alpha = list(alpha.split([d_out for d_out, _ in self.network.shapes], dim=-1))
         if self.ablation is not None:
@@ -431,7 +431,7 @@ class NeuralMemory(nn.Module):
         heads, head_dim, n_gate, n = self.heads, self.head_dim, self.gate_groups, row.shape[0] * self.heads
         inner, depth = self.heads * self.head_dim, self.network.depth
         inner_dtype = torch.promote_types(row.dtype, torch.float32)
-        gate_layers = [m for m in (self.to_theta, self.to_eta, self.to_alpha) if m is not None]
+        gate_layers = self._gate_layers()
         if row.dtype == inner_dtype:
             # every projection of x in one matmul: q/k/v, the gates and the output gate
             fused = decode_linear(row, self.to_qkv, self.to_gate, *gate_layers)
