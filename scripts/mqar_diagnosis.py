@@ -4,14 +4,16 @@
     python scripts/mqar_diagnosis.py --vocab 1024 --steps 1500 --seeds 0 --rows lmm,delta,lmm-theta0.25
     python scripts/mqar_diagnosis.py --rows delta --seeds 0,1,2,3 --jobs 2
     python scripts/mqar_diagnosis.py --steps 6000 --rows lmm-defaults --seeds 0 --lengths 64,128,192,254 --plot a.png
+    python scripts/mqar_diagnosis.py --seq-len 128 --pairs 8 --steps 6000 --rows lmm-defaults --seeds 0
 
 Every row trains an LMM (the `mac-` rows a MAC, the others as named) with `titans train` on MQAR as
-`titans.tasks.mqar` defines it (T 64, 4 key-value pairs, fresh examples, batch 32), d_model 64, 4 heads, 2 layers,
-AdamW lr 2e-3 (`--lr`) with 50 warm-up steps and the project's cosine schedule, one CPU thread per run, `--jobs` runs
-at a time, and reads the held-out accuracy from the run's metrics.jsonl at four evenly spaced steps, with the last
-evaluation's share of answers that name one of the example's context values (`mqar_in_context`). The control,
-`delta`, is the memory at depth 1 with no momentum, no forgetting, chunk 1 and no inner-gradient clip: exactly the
-delta rule with beta = 2 theta. Prints one line per run, a table of the median over seeds, then one JSON line.
+`titans.tasks.mqar` defines it (T 64 and 4 key-value pairs, or `--seq-len` and `--pairs`; fresh examples, batch 32),
+d_model 64, 4 heads, 2 layers, AdamW lr 2e-3 (`--lr`) with 50 warm-up steps and the project's cosine schedule, one
+CPU thread per run, `--jobs` runs at a time, and reads the held-out accuracy from the run's metrics.jsonl at four
+evenly spaced steps, with the last evaluation's share of answers that name one of the example's context values
+(`mqar_in_context`). The control, `delta`, is the memory at depth 1 with no momentum, no forgetting, chunk 1 and no
+inner-gradient clip: exactly the delta rule with beta = 2 theta. Prints one line per run, a table of the median over
+seeds, then one JSON line.
 `--lengths` also evaluates each finished run at those lengths (`titans long-eval`, 256 fresh examples each: the same
 keys and values, farther apart), and `--plot` draws those accuracies against the length, one line per run.
 """
@@ -132,10 +134,12 @@ ROWS = {
 }
 
 
-def overrides(row: str, vocab: int, steps: int, seed: int, out: Path, lr: float = DEFAULT_LR) -> list[str]:
+def overrides(
+    row: str, vocab: int, steps: int, seed: int, out: Path, lr: float = DEFAULT_LR, seq_len: int = 64, pairs: int = 4
+) -> list[str]:
     return [
         "model.variant=LMM", "model.d_model=64", "model.n_heads=4", "model.n_layers=2",
-        "data.dataset=mqar", "data.seq_len=64", f"data.vocab_size={vocab}", "data.mqar_num_kv_pairs=4",
+        "data.dataset=mqar", f"data.seq_len={seq_len}", f"data.vocab_size={vocab}", f"data.mqar_num_kv_pairs={pairs}",
         "data.fresh_samples=true", "data.num_samples=512", "training.batch_size=32",
         f"training.learning_rate={lr}", "training.warmup_steps=50", f"training.max_steps={steps}",
         f"training.eval_every={max(steps // 4, 1)}", "training.checkpoint_every=1000000", "training.device=cpu",
@@ -146,13 +150,21 @@ def overrides(row: str, vocab: int, steps: int, seed: int, out: Path, lr: float 
 
 
 def run(
-    row: str, vocab: int, steps: int, seed: int, out: Path, lengths: str | None = None, lr: float = DEFAULT_LR
+    row: str,
+    vocab: int,
+    steps: int,
+    seed: int,
+    out: Path,
+    lengths: str | None = None,
+    lr: float = DEFAULT_LR,
+    seq_len: int = 64,
+    pairs: int = 4,
 ) -> dict:
     """Train one row with one seed; its accuracy (%) at each evaluation and the last 50 steps' mean loss, and with
     `lengths` the trained model's `titans long-eval` results at those lengths."""
     name = f"{row}-seed{seed}"
     done = subprocess.run(
-        [sys.executable, "-m", "titans", "train", *overrides(row, vocab, steps, seed, out, lr)],
+        [sys.executable, "-m", "titans", "train", *overrides(row, vocab, steps, seed, out, lr, seq_len, pairs)],
         capture_output=True,
         text=True,
     )
@@ -197,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows from: {', '.join(ROWS)}")
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"peak AdamW learning rate (default {DEFAULT_LR:g})")
+    p.add_argument("--seq-len", type=int, default=64, help="training length T (default 64)")
+    p.add_argument("--pairs", type=int, default=4, help="key-value pairs per example (default 4)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2)")
     p.add_argument("--out", default="runs/mqar-diagnosis", help="where the runs go")
     p.add_argument(
@@ -212,21 +226,26 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown --rows {unknown}; choose from {', '.join(ROWS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    # runs at another learning rate go to their own folder, so that a sweep never mixes them up
+    # runs at another learning rate or layout go to their own folder, so that a sweep never mixes them up
+    layout = "" if (args.seq_len, args.pairs) == (64, 4) else f"-T{args.seq_len}-pairs{args.pairs}"
     out = Path(args.out) / (
-        f"vocab{args.vocab}-steps{args.steps}" + ("" if args.lr == DEFAULT_LR else f"-lr{args.lr:g}")
+        f"vocab{args.vocab}{layout}-steps{args.steps}" + ("" if args.lr == DEFAULT_LR else f"-lr{args.lr:g}")
     )
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(row, seed) for row in rows for seed in seeds]
     results = []
     with ThreadPoolExecutor(args.jobs) as pool:
         for result in pool.map(
-            lambda job: run(job[0], args.vocab, args.steps, job[1], out, args.lengths, args.lr), jobs
+            lambda job: run(
+                job[0], args.vocab, args.steps, job[1], out, args.lengths, args.lr, args.seq_len, args.pairs
+            ),
+            jobs,
         ):
             print(json.dumps(result), flush=True)
             results.append(result)
     print(
-        f"\nMQAR accuracy (%), vocabulary {args.vocab}, {args.steps} steps, lr {args.lr:g}, median over seeds {seeds}:"
+        f"\nMQAR accuracy (%), T {args.seq_len}, {args.pairs} pairs, vocabulary {args.vocab}, {args.steps} steps, "
+        f"lr {args.lr:g}, median over seeds {seeds}:"
     )
     for row in rows:
         runs = [r for r in results if r["row"] == row and "accuracy" in r]
@@ -246,9 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     for label, sweep in swept.items():
         print(f"{label:28s} at length " + "  ".join(f"{x['length']}: {100 * x['mqar_accuracy']:5.1f}" for x in sweep))
     if args.plot and swept:
-        title = f"MQAR recall, vocabulary {args.vocab}, {args.steps} steps"
-        print(f"plot: {plot_length_sweep(swept, 'mqar_accuracy', args.plot, title, trained_length=64)}")
+        title = f"MQAR recall, T {args.seq_len}, {args.pairs} pairs, vocabulary {args.vocab}, {args.steps} steps"
+        print(f"plot: {plot_length_sweep(swept, 'mqar_accuracy', args.plot, title, trained_length=args.seq_len)}")
     summary = {"script": "mqar_diagnosis", "vocab": args.vocab, "steps": args.steps, "lr": args.lr}
+    summary |= {"seq_len": args.seq_len, "pairs": args.pairs}
     print(json.dumps({**summary, "results": results}))
     return 0
 

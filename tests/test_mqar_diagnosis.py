@@ -33,6 +33,15 @@ def test_another_learning_rate_trains_with_it_in_its_own_folder(tmp_path, capsys
     assert "learning_rate: 0.0005" in config
 
 
+def test_another_layout_trains_with_it_in_its_own_folder(tmp_path, capsys) -> None:
+    args = ["--steps", "1", "--rows", "mac-defaults", "--seeds", "0", "--out", str(tmp_path)]
+    assert mqar_diagnosis.main([*args, "--seq-len", "32", "--pairs", "2"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["seq_len"], summary["pairs"]) == (32, 2) and "accuracy" in summary["results"][0]
+    config = (tmp_path / "vocab256-T32-pairs2-steps1" / "mac-defaults-seed0" / "config.yaml").read_text()
+    assert "seq_len: 32" in config and "mqar_num_kv_pairs: 2" in config
+
+
 def test_a_plot_needs_lengths(tmp_path) -> None:
     with pytest.raises(SystemExit):
         mqar_diagnosis.main(["--steps", "2", "--rows", "delta", "--out", str(tmp_path), "--plot", "x.png"])
