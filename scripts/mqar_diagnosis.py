@@ -36,7 +36,8 @@ from titans.long_eval import plot_length_sweep
 # variant's defaults are; the other unpinned rows change one of them.
 PINNED = ["model.memory.theta_init=0.05", "model.memory.exact_last_layer=false"]
 UNPINNED = (
-    "lmm-defaults", "lmm-s14", "lmm-s14-eta0.1", "mac-defaults", "mac-nomomentum", "mac-theta0.25", "mac-lmm",
+    "lmm-defaults", "lmm-s14", "lmm-s14-eta0.1", "mac-defaults", "mac-attention", "mac-nomomentum", "mac-theta0.25",
+    "mac-lmm", "mac-residual",
     "baseline-full", "baseline-swa", "mag-defaults", "mal-defaults", "mag-lmm", "mal-lmm",
 )  # fmt: skip
 DELTA_RULE = [
@@ -48,6 +49,7 @@ DELTA_RULE = [
     "model.memory.theta_init=0.25",
 ]
 LMM_MEMORY = ["model.memory.theta_init=0.25", "model.memory.exact_last_layer=true", "model.memory.momentum=false"]
+MAC = ["model.variant=MAC", "model.segment_len=16"]
 DEFAULT_LR = 2e-3  # the peak learning rate of every table made with this script before --lr existed
 DEPTH2_CLIP = ["model.memory_layers=2", "model.memory.inner_grad_clip=1.0"]
 ROWS = {
@@ -58,13 +60,17 @@ ROWS = {
     "lmm-s14": ["model.memory.momentum=true"],
     "lmm-s14-eta0.1": ["model.memory.momentum=true", "model.memory.eta_init=0.1"],
     # MAC with segments of 16 (four per sequence: a key in an earlier segment reaches its query only through the
-    # memory), with its defaults (momentum on) and without momentum
-    "mac-defaults": ["model.variant=MAC", "model.segment_len=16"],
-    "mac-nomomentum": ["model.variant=MAC", "model.segment_len=16", "model.memory.momentum=false"],
-    # MAC with the LMM's stronger write (theta_init 0.25, momentum on, anchored), and with all three of the LMM's
-    # defaults (theta_init 0.25, the exact last layer, no momentum)
-    "mac-theta0.25": ["model.variant=MAC", "model.segment_len=16", "model.memory.theta_init=0.25"],
-    "mac-lmm": ["model.variant=MAC", "model.segment_len=16", *LMM_MEMORY],
+    # memory), with its defaults
+    "mac-defaults": MAC,
+    # the memory writing the attention output y (Eq. 24 as written; MAC's default up to session 16), with MAC's memory
+    # defaults, without momentum, with the LMM's stronger write (theta_init 0.25, momentum on, anchored), and with all
+    # three of the LMM's memory defaults (theta_init 0.25, the exact last layer, no momentum)
+    "mac-attention": [*MAC, "model.mac_memory_input=attention"],
+    "mac-nomomentum": [*MAC, "model.mac_memory_input=attention", "model.memory.momentum=false"],
+    "mac-theta0.25": [*MAC, "model.mac_memory_input=attention", "model.memory.theta_init=0.25"],
+    "mac-lmm": [*MAC, "model.mac_memory_input=attention", *LMM_MEMORY],
+    # the memory writing the residual stream after attention, the block's normed input plus y
+    "mac-residual": [*MAC, "model.mac_memory_input=residual"],
     # the other rows of the recall table (docs/results.md): full attention, and the sliding window of 16 that MAG and
     # MAL attend with (two layers reach 30 tokens back, so a key more than that before its query is out of sight)
     "baseline-full": ["model.variant=baseline", "model.baseline_attention=full"],

@@ -8,7 +8,12 @@ VOCAB = 11
 
 
 def tiny_model_config(
-    variant: str, segment_len: int = 6, baseline_attention: str = "sliding", attention_impl: str = "sdpa", **memory
+    variant: str,
+    segment_len: int = 6,
+    baseline_attention: str = "sliding",
+    attention_impl: str = "sdpa",
+    mac_memory_input: str = "residual",
+    **memory,
 ) -> ModelConfig:
     """d_model 16, 2 heads, 2 layers, window 5, 2 persistent tokens, memory chunk 4 (expansion 2).
 
@@ -26,5 +31,6 @@ def tiny_model_config(
         persistent_memory_size=2,
         baseline_attention=baseline_attention,
         attention_impl=attention_impl,
+        mac_memory_input=mac_memory_input,
         memory=MemoryConfig(chunk_size=4, expansion=2, **memory),
     )

@@ -171,10 +171,18 @@ def test_attention_one_token_at_a_time_equals_the_dense_reference(window: int | 
     torch.testing.assert_close(torch.cat(outs, dim=1), reference)
 
 
-@pytest.mark.parametrize("variant", ["baseline", "LMM", "MAC", "MAG", "MAL"])
+def variant_config(variant: str):
+    """tiny_model_config of a variant name with an option after a dash: baseline-full, MAC-attention."""
+    name, _, option = variant.partition("-")
+    attention = "full" if option == "full" else "sliding"
+    memory_input = "attention" if option == "attention" else "residual"
+    return tiny_model_config(name, baseline_attention=attention, mac_memory_input=memory_input)
+
+
+@pytest.mark.parametrize("variant", ["baseline", "LMM", "MAC", "MAC-attention", "MAG", "MAL"])
 def test_decoding_token_by_token_equals_one_forward(variant: str) -> None:
     torch.manual_seed(0)
-    model = build_model(tiny_model_config(variant)).to(DT)
+    model = build_model(variant_config(variant)).to(DT)
     idx = torch.randint(0, 11, (2, 23), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full, _, _ = model(idx)
@@ -264,13 +272,12 @@ def test_attention_fixed_cache_equals_the_dense_reference(window: int | None, n_
     assert int(fixed.position) == 17
 
 
-@pytest.mark.parametrize("variant", ["baseline", "baseline-full", "LMM", "MAC", "MAG", "MAL"])
+@pytest.mark.parametrize("variant", ["baseline", "baseline-full", "LMM", "MAC", "MAC-attention", "MAG", "MAL"])
 @pytest.mark.parametrize("prefill", [1, 5, 9])
 def test_fixed_decode_step_equals_one_forward(variant: str, prefill: int) -> None:
     """generate's step on fixed-shape states (what compile_decode compiles) gives the logits of one forward."""
-    attention = "full" if variant == "baseline-full" else "sliding"
     torch.manual_seed(0)
-    model = build_model(tiny_model_config(variant.split("-")[0], baseline_attention=attention)).to(DT)
+    model = build_model(variant_config(variant)).to(DT)
     idx = torch.randint(0, 11, (2, 26), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full, _, full_state = model(idx)
@@ -280,7 +287,7 @@ def test_fixed_decode_step_equals_one_forward(variant: str, prefill: int) -> Non
             logits, fixed = model._fixed_step(idx[:, t : t + 1], fixed)
             pieces.append(logits.unsqueeze(1))
     torch.testing.assert_close(torch.cat(pieces, dim=1), full)
-    if variant == "MAC":  # the fixed state converts back to the stream state of one forward
+    if variant.startswith("MAC"):  # the fixed state converts back to the stream state of one forward
         for block, fixed_block, want in zip(model.blocks, fixed, full_state.block_states, strict=True):
             got = block.state_from_fixed(fixed_block)
             assert got.position == want.position == 26

@@ -22,13 +22,14 @@ CASES = {
     "no persistent tokens": {"persistent_memory_size": 0},
     "strong write, exact last layer": {"theta_init": 0.25, "exact_last_layer": True},
     "no momentum, no forgetting": {"momentum": False, "forgetting": False},
+    "memory on the attention output": {"mac_memory_input": "attention"},
 }
 
 
 def mac(case: str, seed: int = 0):
     options = dict(CASES[case])
     persistent = options.pop("persistent_memory_size", 2)
-    cfg = tiny_model_config("MAC", **options)
+    cfg = tiny_model_config("MAC", mac_memory_input=options.pop("mac_memory_input", "residual"), **options)
     cfg.persistent_memory_size = persistent
     torch.manual_seed(seed)
     return build_model(cfg).to(DT)

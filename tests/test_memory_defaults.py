@@ -65,3 +65,13 @@ def test_a_checkpoint_from_before_the_options_keeps_eq_16_and_momentum() -> None
     cfg = config_from_checkpoint({"config": stored}, [])
     assert (cfg.model.memory.exact_last_layer, cfg.model.memory.momentum) == (False, True)
     assert memory_defaults("LMM", cfg.model.memory)[1:] == (False, True)
+
+
+def test_a_mac_checkpoint_from_before_the_option_keeps_writing_the_attention_output() -> None:
+    """MAC's memory wrote the attention output alone before `model.mac_memory_input` existed (now residual by
+    default); a checkpoint without the key must load as it trained, and an explicit override still wins."""
+    stored = {"model": {"variant": "MAC"}}
+    assert config_from_checkpoint({"config": stored}, []).model.mac_memory_input == "attention"
+    override = ["model.mac_memory_input=residual"]
+    assert config_from_checkpoint({"config": stored}, override).model.mac_memory_input == "residual"
+    assert ModelConfig().mac_memory_input == "residual"

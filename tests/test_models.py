@@ -158,3 +158,30 @@ def test_mac_reuses_persistent_keys_only_until_a_parameter_changes() -> None:
         cached, _, _ = model(idx)
     fresh, _, _ = model(idx)  # with gradients on: nothing is cached
     torch.testing.assert_close(cached, fresh, rtol=0, atol=1e-12)
+
+
+def test_mac_memory_on_the_residual_stream_writes_the_normed_input_plus_the_attention_output() -> None:
+    """`model.mac_memory_input=residual` (the default) hands the memory h + y (the block's normed input plus the
+    attention output) where Eq. 24 read literally (`attention`) hands it y; within the first segment both read the
+    same initial memory, so y agrees and the two inputs differ by exactly h. The model stays causal."""
+    attention = small_model("MAC", mac_memory_input="attention")
+    residual = small_model("MAC")  # the default
+    residual.load_state_dict(attention.state_dict())
+    seen: dict[str, list[torch.Tensor]] = {"attention": [], "residual": [], "h": []}
+    for name, model in (("attention", attention), ("residual", residual)):
+        block = model.blocks[0]
+        block.memory.register_forward_pre_hook(lambda _, args, name=name: seen[name].append(args[0]))
+    attention.blocks[0].register_forward_pre_hook(lambda block, args: seen["h"].append(block.norm(args[0])))
+    idx = tokens(2, 6)  # one segment
+    with torch.no_grad():
+        attention(idx)
+        residual(idx)
+    torch.testing.assert_close(seen["residual"][0], seen["attention"][0] + seen["h"][0])
+    assert not torch.allclose(seen["residual"][0], seen["attention"][0])
+
+    idx = tokens(2, 19)
+    logits, _, _ = residual(idx)
+    for t in (3, 5, 6, 11):
+        changed = idx.clone()
+        changed[:, t + 1 :] = (changed[:, t + 1 :] + 1) % VOCAB
+        torch.testing.assert_close(residual(changed)[0][:, : t + 1], logits[:, : t + 1], rtol=0, atol=0)

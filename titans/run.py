@@ -349,6 +349,9 @@ def config_from_checkpoint(state: dict[str, Any], overrides: Sequence[str]) -> R
         # LMM (titans.config.model.memory_defaults)
         memory.setdefault("exact_last_layer", False)
         memory.setdefault("momentum", True)
+    model = stored.get("model")
+    if isinstance(model, dict):
+        model.setdefault("mac_memory_input", "attention")  # MAC wrote y alone before the key existed
     # load_config is the one validating path from YAML to RunConfig, so the stored dict goes through a file.
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"

@@ -189,6 +189,11 @@ class ModelConfig:
     segment_len: int = 32
     """MAC attention segment length C."""
 
+    mac_memory_input: Literal["residual", "attention"] = "residual"
+    """What MAC's memory writes and reads (Eqs. 24-25): residual = the block's normed input plus the attention output
+    y_t, the residual stream after the attention sublayer; attention = y_t alone, Eq. 24 read literally (which left
+    MAC on MQAR's bag of values; docs/results.md, "MAC learns recall when its memory reads the residual stream")."""
+
     baseline_attention: Literal["full", "sliding"] = "full"
     """The baseline's attention: full causal, or a sliding window of `window` tokens."""
 

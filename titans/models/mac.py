@@ -6,13 +6,16 @@ the end of segment s-1:
     h   = M*_{s-1}(q),  q = S W_Q                    Eq. 21: retrieve the past, no update
     S~  = [p_1 .. p_Np] || h || S                    Eq. 22: persistent tokens, retrieved tokens, the segment
     y   = Attn(S~)                                   Eq. 23: attention inside the segment only
-    M_t = M_{t-1}(y_t)                               Eq. 24: write the attention output into the memory
-    o   = y (x) M*(y)                                Eq. 25: read it back after the write
+    M_t = M_{t-1}(u_t),  u = h_in + y                Eq. 24: write the residual stream after attention
+    o   = y (x) M*(u)                                Eq. 25: read it back after the write
 
 Causality (the paper leaves it open; see docs/paper_alignment.md): token i of a segment attends to all persistent
-tokens, to h_j and to S_j for j <= i only. The write is per token, so M*(y_i) reads the state that holds y_1..y_i and
+tokens, to h_j and to S_j for j <= i only. The write is per token, so M*(u_i) reads the state that holds u_1..u_i and
 nothing later (the chunked memory's per-token states). Across segments information flows only through the memory.
-(x) is GatedCombine: RMSNorm(y) * sigmoid(RMSNorm(M*(y))). Each block then adds a SwiGLU MLP.
+(x) is GatedCombine: RMSNorm(y) * sigmoid(RMSNorm(M*(u))). Each block then adds a SwiGLU MLP. h_in is the block's
+normed input, so u is the residual stream after the attention sublayer (the paper's blocks are residual);
+`model.mac_memory_input: attention` writes and reads y alone instead, Eq. 24 read literally (`_memory_input`;
+docs/paper_alignment.md says why the default is u).
 
 Streaming: the state holds the memory (written up to the last token), the committed memory M*_{s-1}, and the keys and
 values of the current segment's retrieved and input tokens — at most 2C positions, so decoding cost is bounded.
@@ -70,6 +73,7 @@ class MACBlock(MACBlockFastPaths, nn.Module):
         if d % cfg.n_heads or (d // cfg.n_heads) % 2:
             raise ValueError(f"n_heads ({cfg.n_heads}) must divide d_model ({d}) into even head sizes (RoPE)")
         self.segment_len = cfg.segment_len
+        self.memory_input = cfg.mac_memory_input
         self.n_persistent = cfg.persistent_memory_size
         self.heads, self.head_dim, self.rope_base = cfg.n_heads, d // cfg.n_heads, cfg.rope_base
         self.norm = RMSNorm(d)
@@ -149,7 +153,8 @@ class MACBlock(MACBlockFastPaths, nn.Module):
         retrieved = self._read_committed(queries, state.committed, h.dtype)  # Eq. 21
         q, k_x, v_x = self._segment_qkv(h, state.position)
         y, state = self._attend(q, k_x, v_x, retrieved, state)  # Eqs. 22-23
-        m, memory = self.memory(y, state.memory)  # Eqs. 24-25: write y token by token, read after each write
+        # Eqs. 24-25: write u = h + y token by token, read after each write
+        m, memory = self.memory(self._memory_input(h, y), state.memory)
         return self._combine_and_mlp(piece, y, m), self._advance(state, memory, conv, piece.shape[1])
 
     def _advance(self, state: MACState, memory: NeuralMemoryState, conv: torch.Tensor, n: int) -> MACState:
@@ -161,6 +166,12 @@ class MACBlock(MACBlockFastPaths, nn.Module):
             return MACState(memory, memory.memory, conv, empty, empty, empty, empty, position)
         kv = (state.h_keys, state.h_values, state.x_keys, state.x_values)
         return MACState(memory, state.committed, conv, *kv, position)
+
+    def _memory_input(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Eq. 24's y_t as the memory writes and reads it: the attention output y, or with `model.mac_memory_input:
+        residual` the residual stream after the attention sublayer, the block's normed input h plus y. h, y [B, n, D]
+        (or [B, D] for one decoded token)."""
+        return y if self.memory_input == "attention" else h + y
 
     def _combine_and_mlp(self, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """Eq. 25's o = y (x) M*(y) into the residual stream, then the block's MLP: x, y, m [B, n, D] -> [B, n, D]."""

@@ -142,7 +142,7 @@ class MACBlockFastPaths:
         visible = ((slots < Np) | (in_segment <= offset))[None, :]  # Eq. 22's causal mask for this token, [1, S]
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)  # Eq. 23
         y = decode_linear(y.reshape(B, d), self.attn_out)
-        m, memory_state = memory.decode_fixed(y, fixed.memory)  # Eqs. 24-25
+        m, memory_state = memory.decode_fixed(self._memory_input(h, y), fixed.memory)  # Eqs. 24-25
         piece = row + self.combine(y, m)
         out = piece + self.mlp(self.mlp_norm(piece))
         # the segment's last token commits the memory for the next segment's retrieval; stale slots stay masked
@@ -172,10 +172,11 @@ class MACBlockFastPaths:
         sizes = self._segment_sizes(state.position, x.shape[1])
         ys, ms = [], []
         # one split per tensor: a slice per segment would make each slice's backward fill a zero tensor as long as T
-        for q_r, q_s, k_s, v_s in zip(*(t.split(sizes, dim=2) for t in (queries, q, k_x, v_x)), strict=True):
+        pieces = zip(*(t.split(sizes, dim=2) for t in (queries, q, k_x, v_x)), h.split(sizes, dim=1), strict=True)
+        for q_r, q_s, k_s, v_s, h_s in pieces:
             retrieved = self._read_committed(q_r, state.committed, h.dtype)  # Eq. 21
             y, state = self._attend(q_s, k_s, v_s, retrieved, state)  # Eqs. 22-23
-            m, memory = self.memory(y, state.memory)  # Eqs. 24-25
+            m, memory = self.memory(self._memory_input(h_s, y), state.memory)  # Eqs. 24-25
             state = self._advance(state, memory, conv, q_s.shape[2])
             ys.append(y)
             ms.append(m)
