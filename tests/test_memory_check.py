@@ -46,6 +46,8 @@ def test_memory_check_reports_updates_surprise_and_ablation(tmp_path, variant: s
         "exact_last_layer": strong,
         "momentum": not strong,
     }
+    if variant == "MAC":  # and what its memory writes: by default the residual stream after attention
+        expected_rule["mac_memory_input"] = "residual"
     assert result["update_rule"] == expected_rule
     assert len(result["update_norm_per_layer"]) == 2
     assert all(u > 0 for u in result["update_norm_per_layer"])

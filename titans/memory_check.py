@@ -100,6 +100,8 @@ def memory_check(
 
     metric = task.metric
     rule = _update_rule(layers[0])
+    if cfg.model.variant == "MAC":  # what MAC's memory writes (Eq. 24): the residual stream after attention, or y
+        rule["mac_memory_input"] = cfg.model.mac_memory_input
     print(f"memory-check of {path} ({cfg.model.variant}, {task.name}, {len(layers)} memory layers)")
     print(f"  update rule: {_describe(rule)}")
     print(f"  mean write norm ||theta u|| per token, per layer: {', '.join(f'{u:.4g}' for u in update_norm)}")
@@ -165,7 +167,11 @@ def _describe(rule: dict[str, Any]) -> str:
         else "every inner gradient at the chunk start (Eq. 16)"
     )
     surprise = "with momentum (Eq. 14)" if rule["momentum"] else "without momentum (each token's gradient applied once)"
-    return f"theta_t from {rule['theta_init']:g} at initialisation, chunks of {rule['chunk_size']}, {where}, {surprise}"
+    text = f"theta_t from {rule['theta_init']:g} at initialisation, chunks of {rule['chunk_size']}, {where}, {surprise}"
+    if "mac_memory_input" in rule:
+        written = {"residual": "the residual stream after attention (h + y)", "attention": "the attention output y"}
+        text += f"; MAC's memory writes {written[rule['mac_memory_input']]}"
+    return text
 
 
 def _yes(holds: bool) -> str:
