@@ -29,7 +29,7 @@ CASES = {
 def mac(case: str, seed: int = 0):
     options = dict(CASES[case])
     persistent = options.pop("persistent_memory_size", 2)
-    cfg = tiny_model_config("MAC", mac_memory_input=options.pop("mac_memory_input", "residual"), **options)
+    cfg = tiny_model_config("MAC", **options)
     cfg.persistent_memory_size = persistent
     torch.manual_seed(seed)
     return build_model(cfg).to(DT)

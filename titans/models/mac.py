@@ -168,13 +168,13 @@ class MACBlock(MACBlockFastPaths, nn.Module):
         return MACState(memory, state.committed, conv, *kv, position)
 
     def _memory_input(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Eq. 24's y_t as the memory writes and reads it: the attention output y, or with `model.mac_memory_input:
-        residual` the residual stream after the attention sublayer, the block's normed input h plus y. h, y [B, n, D]
-        (or [B, D] for one decoded token)."""
+        """Eq. 24's y_t as the memory writes and reads it: the residual stream after the attention sublayer, the
+        block's normed input h plus y (`model.mac_memory_input: residual`, the default), or the attention output y
+        alone (`attention`). h, y [B, n, D] (or [B, D] for one decoded token)."""
         return y if self.memory_input == "attention" else h + y
 
     def _combine_and_mlp(self, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """Eq. 25's o = y (x) M*(y) into the residual stream, then the block's MLP: x, y, m [B, n, D] -> [B, n, D]."""
+        """Eq. 25's o = y (x) M*(u) into the residual stream, then the block's MLP: x, y, m [B, n, D] -> [B, n, D]."""
         x = x + self.combine(y, m)
         return x + self.mlp(self.mlp_norm(x))
 
