@@ -150,9 +150,10 @@ class MACBlock(MACBlockFastPaths, nn.Module):
         """Eqs. 21-25 for the n tokens of `piece` [B, n, D] given the state before them (the eager reference)."""
         h = self.norm(piece)
         queries, conv = self._retrieval_queries(h, state.retrieve_conv)
-        retrieved = self._read_committed(queries, state.committed, h.dtype)  # Eq. 21
+        read = self._read_committed(queries, state.committed, h.dtype)  # Eq. 21
         q, k_x, v_x = self._segment_qkv(h, state.position)
-        y, state = self._attend(q, k_x, v_x, retrieved, state)  # Eqs. 22-23
+        k_h, v_h = self._retrieved_kv(self.retrieve_out(read), self._retrieved_kv_weights())
+        y, state = self._attend(q, k_x, v_x, k_h, v_h, state)  # Eqs. 22-23
         # Eqs. 24-25: write u = h + y token by token, read after each write
         m, memory = self.memory(self._memory_input(h, y), state.memory)
         return self._combine_and_mlp(piece, y, m), self._advance(state, memory, conv, piece.shape[1])
@@ -188,14 +189,15 @@ class MACBlock(MACBlockFastPaths, nn.Module):
 
     def _read_committed(self, q: torch.Tensor, committed: MemoryState, dtype: torch.dtype) -> torch.Tensor:
         """Eq. 21: M*_{s-1}(q), a read of the committed weights, no update: q [B, H_mem, n, D_mem] -> [B, n, D] in
-        `dtype` (the block's activations')."""
+        `dtype` (the block's activations'), each memory head's read RMS-normed; `retrieve_out` is applied by the
+        caller (`_retrieved_kv`)."""
         B, heads, n, head_dim = q.shape
         inner = committed.weights[0].dtype
         r = self.memory.network.forward_with(committed.weights, q if q.dtype == inner else q.to(inner))
         norm_weight = self.retrieve_norm if self.retrieve_norm.dtype == r.dtype else self.retrieve_norm.to(r.dtype)
         r = F.rms_norm(r, (head_dim,), norm_weight, eps=1e-6)
         r = r.transpose(1, 2).reshape(B, n, heads * head_dim)
-        return self.retrieve_out(r if r.dtype == dtype else r.to(dtype))
+        return r if r.dtype == dtype else r.to(dtype)
 
     def _segment_qkv(self, h: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The segment tokens' query, key and value, [B, H, n, Dh] each, q and k rotated to their local positions
@@ -205,18 +207,39 @@ class MACBlock(MACBlockFastPaths, nn.Module):
         q, k = apply_rope(torch.stack([q, k]), cos, sin).unbind(0)  # one rotation for both
         return q, k, v
 
-    def _attend(
-        self, q: torch.Tensor, k_x: torch.Tensor, v_x: torch.Tensor, retrieved: torch.Tensor, state: MACState
-    ) -> tuple[torch.Tensor, MACState]:
-        """Eqs. 22-23 for n tokens of the current segment: q, k_x, v_x [B, H, n, Dh] from `_segment_qkv`, the
-        retrieved tokens [B, n, D] -> (y [B, n, D], the state with the segment's longer key/value cache)."""
-        B, _, n, _ = q.shape
-        d = retrieved.shape[-1]
-        offset = state.position % self.segment_len  # tokens of this segment already seen
-        # the retrieved tokens serve only as keys and values: their rows of W_QKV, not the query's
+    def _retrieved_kv_weights(self, fold_out: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The retrieved tokens' key and value projection: W_QKV's k and v rows [2D, D] and their bias (the
+        retrieved tokens serve only as keys and values, never as queries). fold_out: multiplied by `retrieve_out`'s
+        weight, so that the normed read goes to keys and values in one product instead of two (retrieve_out has no
+        bias); one [2D, D] x [D, D] product per call, saving a [n, D] x [D, D] one per segment."""
+        d = self.qkv.weight.shape[1]
         kv_weight = self.qkv.weight[d:]
         kv_bias = None if self.qkv.bias is None else self.qkv.bias[d:]
-        k_h, v_h = (self._heads(t) for t in F.linear(retrieved, kv_weight, kv_bias).split(d, dim=-1))
+        return (kv_weight @ self.retrieve_out.weight if fold_out else kv_weight), kv_bias
+
+    def _retrieved_kv(
+        self, retrieved: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, H, n, Dh] (keys not yet rotated) of n retrieved tokens [B, n, D] under `weights`
+        (`_retrieved_kv_weights`)."""
+        d = retrieved.shape[-1]
+        return tuple(self._heads(t) for t in F.linear(retrieved, *weights).split(d, dim=-1))
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k_x: torch.Tensor,
+        v_x: torch.Tensor,
+        k_h: torch.Tensor,
+        v_h: torch.Tensor,
+        state: MACState,
+    ) -> tuple[torch.Tensor, MACState]:
+        """Eqs. 22-23 for n tokens of the current segment: q, k_x, v_x [B, H, n, Dh] from `_segment_qkv`, the
+        retrieved tokens' k_h, v_h [B, H, n, Dh] from `_retrieved_kv` -> (y [B, n, D], the state with the segment's
+        longer key/value cache)."""
+        B, _, n, _ = q.shape
+        d = self.heads * self.head_dim
+        offset = state.position % self.segment_len  # tokens of this segment already seen
         # positions: persistent tokens 0..Np-1, then the j-th retrieved token and the j-th segment token both at Np + j
         k_h = apply_rope(k_h, *self._local_rope(state.position, n, q.dtype, q.device))
         cache, keys, values = self._extend_cache(state, k_h, v_h, k_x, v_x)

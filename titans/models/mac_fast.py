@@ -161,8 +161,10 @@ class MACBlockFastPaths:
         the retrieval queries (projection, conv, SiLU, L2 norm), the segment tokens' q, k, v and their rotation
         depend on x alone, and Eq. 25's combine and the MLP on y and M*(y) alone. Those run once over all T (fewer,
         larger ops, and one autograd node each instead of one per segment); the loop keeps the read of the committed
-        memory, the attention over [persistent | retrieved | segment] and the memory's writes. Same values as the
-        reference up to float rounding (tests/test_mac_hoisted.py, float64).
+        memory, the attention over [persistent | retrieved | segment] and the memory's writes. The read goes to the
+        retrieved tokens' keys and values through one product with `retrieve_out` folded into W_QKV's k and v rows
+        (the reference applies the two in turn). Same values as the reference up to float rounding
+        (tests/test_mac_hoisted.py, float64).
         """
         if x.shape[1] == 0:
             return x, state
@@ -170,12 +172,14 @@ class MACBlockFastPaths:
         queries, conv = self._retrieval_queries(h, state.retrieve_conv)
         q, k_x, v_x = self._segment_qkv(h, state.position)
         sizes = self._segment_sizes(state.position, x.shape[1])
+        # retrieve_out folded into the retrieved tokens' key and value rows: one product per segment instead of two
+        kv_weights = self._retrieved_kv_weights(fold_out=True)
         ys, ms = [], []
         # one split per tensor: a slice per segment would make each slice's backward fill a zero tensor as long as T
         pieces = zip(*(t.split(sizes, dim=2) for t in (queries, q, k_x, v_x)), h.split(sizes, dim=1), strict=True)
         for q_r, q_s, k_s, v_s, h_s in pieces:
-            retrieved = self._read_committed(q_r, state.committed, h.dtype)  # Eq. 21
-            y, state = self._attend(q_s, k_s, v_s, retrieved, state)  # Eqs. 22-23
+            read = self._read_committed(q_r, state.committed, h.dtype)  # Eq. 21
+            y, state = self._attend(q_s, k_s, v_s, *self._retrieved_kv(read, kv_weights), state)  # Eqs. 22-23
             m, memory = self.memory(self._memory_input(h_s, y), state.memory)  # Eqs. 24-25
             state = self._advance(state, memory, conv, q_s.shape[2])
             ys.append(y)
