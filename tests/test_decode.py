@@ -222,6 +222,29 @@ def test_decode_caches_follow_parameter_changes() -> None:
     assert not torch.allclose(after, before)
 
 
+def test_decode_caches_follow_a_fused_optimizer() -> None:
+    """torch's fused AdamW updates weights without bumping their version counters: evaluation and generation after
+    such a step must still read the new weights (TitansLM drops its weight copies on train/eval and generate)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config("MAC")).to(DT)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    idx = torch.randint(0, 11, (2, 13), generator=torch.Generator().manual_seed(3))
+    for _ in range(2):
+        model.eval()
+        with torch.no_grad():
+            logits, _, _ = model(idx)
+            generated = model.generate(idx[:, :5], 6, temperature=0)
+        with torch.enable_grad():
+            reference, _, _ = model(idx)  # gradients on: no cached weights
+        torch.testing.assert_close(logits, reference.detach())
+        torch.testing.assert_close(generated, model.generate(idx[:, :5], 6, temperature=0, use_cache=False))
+        model.train()
+        _, loss, _ = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def test_decode_linear_equals_the_layers_side_by_side() -> None:
     torch.manual_seed(0)
     layers = [torch.nn.Linear(8, 5, bias=False).to(DT), torch.nn.Linear(8, 3).to(DT)]

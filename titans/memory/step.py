@@ -38,9 +38,11 @@ def decode_linear(x: Tensor, *layers: nn.Linear) -> Tensor:
 
     For decoding (gradients off): one `mm` against a cached contiguous [in, sum of out] copy of the concatenated
     weights, instead of one transposed-weight matmul per layer (on CPU a one-row matmul against W^T as stored costs
-    about three times as much). The copy is rebuilt whenever a weight or bias changes (storage or version counter:
-    optimizer steps, load_state_dict and .to() all change one), so it never serves stale weights. Same values as the
-    separate layers, up to the matmul's summation order.
+    about three times as much). The copy is rebuilt whenever a weight or bias changes storage or version counter
+    (in-place updates, load_state_dict and .to() all change one). torch's fused optimizers (`fused=True`) update
+    weights without bumping version counters, so `TitansLM` also drops every such copy (`drop_weight_caches`) when
+    it switches between training and evaluation and when `generate` starts. Same values as the separate layers, up
+    to the matmul's summation order.
     """
     if torch.compiler.is_compiling():
         # traced (a compiled decode step): the cache below is Python state the trace cannot keep; the compiler
@@ -64,6 +66,20 @@ def decode_linear(x: Tensor, *layers: nn.Linear) -> Tensor:
         hit = cache[key[0]] = (key, weight, bias)
     _, weight, bias = hit
     return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
+
+
+# Where the decode-time copies of weights live: decode_linear's on the first layer it was given, MAC's persistent
+# keys and values on their block (`MACBlock._persistent_kv`).
+WEIGHT_CACHES = ("_decode_weights", "_persistent_cache")
+
+
+def drop_weight_caches(model: nn.Module) -> None:
+    """Forget every copy of weights kept for decoding in `model`'s modules (`WEIGHT_CACHES`); the next call rebuilds
+    them from the weights as they are."""
+    for module in model.modules():
+        for name in WEIGHT_CACHES:
+            if name in module.__dict__:
+                module.__dict__[name] = None if name == "_persistent_cache" else {}
 
 
 def rms_norm_rows(x: Tensor, weight: Tensor, eps: float) -> Tensor:

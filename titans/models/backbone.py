@@ -31,7 +31,7 @@ from torch import nn
 
 from titans.config import ModelConfig
 from titans.memory.module import NeuralMemory
-from titans.memory.step import decode_linear
+from titans.memory.step import decode_linear, drop_weight_caches
 from titans.models.layers import ResidualProjection, RMSNorm
 from titans.system import compile_options
 from titans.tasks.base import IGNORE_INDEX
@@ -153,6 +153,12 @@ class TitansLM(nn.Module):
         for module in self.modules():
             if module is not self and callable(getattr(module, "init_weights", None)):
                 module.init_weights()
+
+    def train(self, mode: bool = True) -> TitansLM:
+        """nn.Module.train (and so eval), which also drops the decode-time copies of weights (`drop_weight_caches`):
+        a fused optimizer's updates leave the version counters those copies are keyed on unchanged."""
+        drop_weight_caches(self)
+        return super().train(mode)
 
     def compile_blocks(self, enabled: bool = True, backend: str = "inductor") -> None:
         """Run each block's sequential inner loop through torch.compile (eager when enabled is False).
@@ -322,6 +328,7 @@ class TitansLM(nn.Module):
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be an int >= 1 or None (no truncation), got {top_k!r}")
 
+        drop_weight_caches(self)  # built afresh from the weights as they are now (see `train`)
         new_tokens: list[torch.Tensor] = []
         logits, _, state = self(idx)
         logits = logits[:, -1]

@@ -282,8 +282,9 @@ class MACBlock(MACBlockFastPaths, nn.Module):
         """Rotated keys and values of the persistent tokens, [1, H, Np, Dh] each (Eq. 22's p_1 .. p_Np).
 
         They depend on parameters only, so with gradients off they are computed once and reused until a parameter
-        changes (version counters and storage identify it); with gradients on they are recomputed (autograd needs
-        the graph) and no key is read: under torch.func transforms (vmap, functional_call) a parameter has no storage.
+        changes (version counters and storage identify it; `drop_weight_caches` clears the copy for updates that
+        bump neither, as fused optimizers' do); with gradients on they are recomputed (autograd needs the graph) and
+        no key is read: under torch.func transforms (vmap, functional_call) a parameter has no storage.
         """
         p, w = self.persistent, self.qkv.weight
         cached = not torch.is_grad_enabled()
