@@ -185,7 +185,9 @@ class DataConfig:
 
     def length_at(self, step: int) -> int:
         """The training length of optimizer step `step` (0-based): a curriculum length, then seq_len."""
-        stage = step // self.curriculum_steps if self.curriculum_lengths else len(self.curriculum_lengths)
+        if not self.curriculum_lengths:
+            return self.seq_len
+        stage = step // self.curriculum_steps
         return self.curriculum_lengths[stage] if stage < len(self.curriculum_lengths) else self.seq_len
 
     def split_sizes(self) -> tuple[int, int]:
