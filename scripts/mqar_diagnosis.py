@@ -37,7 +37,7 @@ from titans.long_eval import plot_length_sweep
 PINNED = ["model.memory.theta_init=0.05", "model.memory.exact_last_layer=false"]
 UNPINNED = (
     "lmm-defaults", "lmm-s14", "lmm-s14-eta0.1", "mac-defaults", "mac-attention", "mac-nomomentum", "mac-theta0.25",
-    "mac-lmm", "mac-residual", "mac-residual-nomomentum",
+    "mac-lmm", "mac-residual", "mac-residual-nomomentum", "mac-residual-seg32",
     "baseline-full", "baseline-swa", "mag-defaults", "mal-defaults", "mag-lmm", "mal-lmm",
 )  # fmt: skip
 DELTA_RULE = [
@@ -71,6 +71,8 @@ ROWS = {
     "mac-lmm": [*MAC, "model.mac_memory_input=attention", *LMM_MEMORY],
     # the memory writing the residual stream after attention, the block's normed input plus y
     "mac-residual": [*MAC, "model.mac_memory_input=residual"],
+    # with segments of 32: at T 128 four segments per sequence, as segments of 16 are at T 64
+    "mac-residual-seg32": [*MAC, "model.mac_memory_input=residual", "model.segment_len=32"],
     # and without surprise momentum (a cheaper scan: no S state to carry, read or write)
     "mac-residual-nomomentum": [*MAC, "model.mac_memory_input=residual", "model.memory.momentum=false"],
     # the other rows of the recall table (docs/results.md): full attention, and the sliding window of 16 that MAG and
