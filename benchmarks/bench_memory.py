@@ -38,7 +38,8 @@ from typing import Any
 
 # Before torch loads libgomp: sleep rather than spin between parallel regions. The default (ACTIVE) spinning makes
 # small ops 10-30x slower whenever the 2 cores are shared with other processes (see benchmarks/README.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if not os.environ.get("TITANS_BENCH_OMP_DEFAULT"):  # set by worker_env("unset"): keep libgomp's own default
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
@@ -137,8 +138,10 @@ def worker_env(
     """The environment of a worker (ours or the peer's), with OpenMP's wait policy and the allocator set before
     torch loads.
 
-    ACTIVE (libgomp's default) spins between parallel regions; on a shared, oversubscribed machine a spinning
-    thread holds a core another thread needs, and small ops slow down by 10-30x. PASSIVE sleeps instead.
+    ACTIVE spins between parallel regions; on a shared, oversubscribed machine a spinning thread holds a core another
+    thread needs, and small ops slow down by 10-30x. PASSIVE sleeps instead. "unset" leaves the variable out:
+    libgomp's own default, spinning a while before sleeping, is what `titans train` and a user's script run with, and
+    on an idle machine the fastest of the three for many small ops (each parallel region's threads are still awake).
     huge_pages: glibc's malloc asks for transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1), fewer TLB
     misses over a training step's hundreds of MB of activations; a process setting, like the allocator's.
     allocator: "system" (the C library's malloc) or a malloc replacement preloaded into the worker (LD_PRELOAD, as
@@ -148,7 +151,12 @@ def worker_env(
     env = allocator_env(allocator, env)
     if huge_pages:
         env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
-    return {**env, "OMP_WAIT_POLICY": omp_wait_policy.upper(), **MALLOC_ENV[malloc]}
+    for name in ("OMP_WAIT_POLICY", "TITANS_BENCH_OMP_DEFAULT"):
+        env.pop(name, None)
+    # the worker imports this module, whose first lines would otherwise set PASSIVE again
+    unset = {"TITANS_BENCH_OMP_DEFAULT": "1"}
+    policy = unset if omp_wait_policy == "unset" else {"OMP_WAIT_POLICY": omp_wait_policy.upper()}
+    return {**env, **policy, **MALLOC_ENV[malloc]}
 
 
 def run_isolated(
@@ -545,9 +553,10 @@ def shared_parser(doc: str | None, unit: str, budget: float) -> argparse.Argumen
     p.add_argument("--mem-cap-gb", type=float, default=8.0, help="kill a worker above this RSS (default 8)")
     p.add_argument(
         "--omp-wait-policy",
-        choices=["passive", "active"],
+        choices=["passive", "active", "unset"],
         default="passive",
-        help="OMP_WAIT_POLICY of the workers (default passive: no spinning on a shared machine)",
+        help="OMP_WAIT_POLICY of the workers (default passive: no spinning on a shared machine; unset: libgomp's "
+        "default, what titans train runs with, fastest on an idle machine)",
     )
     p.add_argument(
         "--huge-pages",

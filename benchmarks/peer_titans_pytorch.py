@@ -24,7 +24,8 @@ from typing import Any
 
 # Before torch loads libgomp: sleep rather than spin between parallel regions. The default (ACTIVE) spinning makes
 # small ops 10-30x slower whenever the 2 cores are shared with other processes (see benchmarks/README.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if not os.environ.get("TITANS_BENCH_OMP_DEFAULT"):  # set by worker_env("unset"): keep libgomp's own default
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 

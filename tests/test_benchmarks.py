@@ -162,3 +162,15 @@ def test_ddp_training_measurement_splits_the_global_batch_over_processes():
     assert out["tokens_per_s"] == pytest.approx(4 * 24 / out["seconds"])
     with pytest.raises(ValueError, match="divide the batch"):
         bench_models.ModelCase("MAC", 24, batch=4, processes=3)
+
+
+@pytest.mark.parametrize(("policy", "expected"), [("passive", "PASSIVE"), ("active", "ACTIVE"), ("unset", "None")])
+def test_a_worker_runs_with_the_omp_wait_policy_asked_for(policy, expected, monkeypatch):
+    """Including `unset` (libgomp's default, what `titans train` gets), which the worker's import of bench_memory
+    must not turn back into PASSIVE; the parent's own setting never leaks into a worker."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "SOMETHING_ELSE")
+    env = bench_memory.worker_env(policy)
+    probe = "import os, bench_memory; print(os.environ.get('OMP_WAIT_POLICY'))"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, cwd=BENCH, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == expected
