@@ -140,8 +140,7 @@ def worker_env(
 
     ACTIVE spins between parallel regions; on a shared, oversubscribed machine a spinning thread holds a core another
     thread needs, and small ops slow down by 10-30x. PASSIVE sleeps instead. "unset" leaves the variable out:
-    libgomp's own default, spinning a while before sleeping, is what `titans train` and a user's script run with, and
-    on an idle machine the fastest of the three for many small ops (each parallel region's threads are still awake).
+    libgomp's own default, spinning a while before sleeping, is what `titans train` and a user's script run with.
     huge_pages: glibc's malloc asks for transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1), fewer TLB
     misses over a training step's hundreds of MB of activations; a process setting, like the allocator's.
     allocator: "system" (the C library's malloc) or a malloc replacement preloaded into the worker (LD_PRELOAD, as
@@ -556,7 +555,7 @@ def shared_parser(doc: str | None, unit: str, budget: float) -> argparse.Argumen
         choices=["passive", "active", "unset"],
         default="passive",
         help="OMP_WAIT_POLICY of the workers (default passive: no spinning on a shared machine; unset: libgomp's "
-        "default, what titans train runs with, fastest on an idle machine)",
+        "default, what titans train runs with)",
     )
     p.add_argument(
         "--huge-pages",

@@ -3,8 +3,6 @@ optimizer steps, then at data.seq_len; evaluation always at seq_len; bad curricu
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -26,7 +24,7 @@ def test_each_stage_draws_its_length_then_seq_len():
     lengths = [data.micro_batches(step)[0].batch.inputs.shape[1] for step in range(6)]
     assert lengths == [380, 380, 448, 448, 512, 512]
     # the rows are the stage task's fresh rows for that step: the same draw a run at that length would make
-    stage = make_task(replace(cfg.data, seq_len=448, curriculum_lengths=()))
+    stage = make_task(cfg.data.at_length(448))
     expected = sample_rows(stage, cfg.seed, 3, range(2))
     got = data.micro_batches(3)[0].batch
     assert torch.equal(got.inputs, expected.inputs) and torch.equal(got.targets, expected.targets)

@@ -15,7 +15,7 @@ rows (`rank_rows`), so the union over the ranks is exactly what one process woul
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -75,9 +75,7 @@ class TrainData:
         # data.curriculum_lengths: the task at each shorter training length, which fresh rows are drawn from until the
         # curriculum reaches data.seq_len (`task_at`); evaluation keeps `task`
         self.data_config = cfg.data
-        self.stage_tasks = {
-            n: make_task(replace(cfg.data, seq_len=n, curriculum_lengths=())) for n in cfg.data.curriculum_lengths
-        }
+        self.stage_tasks = {n: make_task(cfg.data.at_length(n)) for n in cfg.data.curriculum_lengths}
         self.examples_per_step = t.batch_size * t.grad_accum_steps
         self.steps_per_epoch = math.ceil(len(self.train_set) / self.examples_per_step)
         # Text with data.text_carry_state: step s trains on segment s (mod the epoch) of examples_per_step contiguous

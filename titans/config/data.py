@@ -179,9 +179,13 @@ class DataConfig:
         )
         for length in lengths:
             try:
-                TASKS[self.dataset](replace(self, seq_len=length, curriculum_lengths=()))
+                TASKS[self.dataset](self.at_length(length))
             except ConfigError as error:
                 raise ConfigError(f"{p}curriculum_lengths: at length {length}: {error}") from None
+
+    def at_length(self, length: int) -> DataConfig:
+        """This config trained at `length` with no curriculum: the data of one curriculum stage."""
+        return replace(self, seq_len=length, curriculum_lengths=())
 
     def length_at(self, step: int) -> int:
         """The training length of optimizer step `step` (0-based): a curriculum length, then seq_len."""
