@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU, the Triton kernels run in Triton's interpreter (tests/test_scan_triton.py). Triton reads the flag at
+# its first import, which no test module makes before this file runs; with a GPU they compile as users run them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

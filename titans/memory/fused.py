@@ -31,7 +31,7 @@ from titans.memory.network import MemoryMLP
 from titans.memory.scan_torch import ScanGates, ScanSettings
 from titans.memory.state import MemoryState
 
-BACKENDS = ("auto", "cpp", "torch")
+BACKENDS = ("auto", "cpp", "torch", "triton")
 
 
 def fused_supports(network: MemoryMLP, gates: Sequence[LayerGates], stats: dict | None) -> str | None:
@@ -79,8 +79,14 @@ def scan_stride(
 
 
 def _kernels(backend: str, device: torch.device):
-    """The module whose scan_forward / scan_backward run the scan: the C++ op (CPU tensors), or `scan_torch` (any
-    device; on CUDA until a GPU kernel exists)."""
+    """The module whose scan_forward / scan_backward run the scan: the C++ op (CPU tensors), `scan_torch` (any
+    device; "auto" on CUDA until the Triton kernel has been timed on a GPU), or `scan_triton` (its forward one Triton
+    kernel, compiled on CUDA and interpreted on CPU; the calls it does not cover run `scan_torch`, see
+    `scan_triton.unsupported`)."""
+    if backend == "triton":
+        from titans.memory import scan_triton
+
+        return scan_triton
     if backend == "torch" or (backend == "auto" and device.type != "cpu"):
         return scan_torch
     from titans.memory import scan_cpp
@@ -185,8 +191,9 @@ def fused_memory(
     checkpoint_every: a call of more chunks than this keeps the chunk-start state only every this many chunks for
     backward and recomputes the others (0 keeps every one; None: every one while the kept tensors of the call fit
     KEEP_ALL_BYTES, else groups sized by `scan_stride`; results are identical either way).
-    backend: "cpp" (the compiled CPU op; an error if it cannot be built), "torch" (tensor ops, any device), or
-    "auto" (the C++ op for CPU tensors when it builds and loads, else tensor ops).
+    backend: "cpp" (the compiled CPU op; an error if it cannot be built), "torch" (tensor ops, any device),
+    "triton" (the forward as one Triton kernel, `scan_triton`; tensor ops where it does not apply), or "auto" (the
+    C++ op for CPU tensors when it builds and loads, else tensor ops).
     """
     if backend not in BACKENDS:
         raise ValueError(f"fused_memory backend must be one of {BACKENDS}, got {backend!r}")
@@ -219,7 +226,13 @@ def fused_memory(
     clip = float(grad_clip or 0.0)
     settings = ScanSettings(tuple(lengths), chunk_size, network.activation, clip, stride, exact_last_layer)
     layout = (depth, momentum, forgetting, resumes_mid_chunk)
-    outputs = _FusedScan.apply(settings, _kernels(backend, q.device), layout, save, *tensors)
+    kernels = _kernels(backend, q.device)
+    if backend == "triton":
+        if (problem := kernels.unavailable(q)) is not None:
+            raise RuntimeError(problem)
+        if kernels.unsupported(network, settings, q) is not None:
+            kernels = scan_torch  # what the kernel does not cover: the same algorithm in tensor ops
+    outputs = _FusedScan.apply(settings, kernels, layout, save, *tensors)
 
     def unflat(t: Tensor) -> Tensor:
         return t.reshape(batch, heads, *t.shape[1:])

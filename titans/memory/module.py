@@ -8,7 +8,8 @@
     out     = W_O (RMSNorm(y) * SiLU(x W_G))                           §4.4: normalisation and gating before W_O
 
 Training and several tokens run the fused scan (`fused_memory`, `impl="fused"`, the default): one op with a
-hand-written backward. `impl="chunked"` and `impl="naive"` run the references it is tested against; under
+hand-written backward; `impl="triton"` runs the same op with its forward one Triton kernel (`scan_triton`, CUDA).
+`impl="chunked"` and `impl="naive"` run the references they are tested against; under
 torch.compile the layer runs `chunked_memory`, which the compiler traces. Decoding: a single token (T = 1) with
 gradients off, outside autocast and with memory writes on, takes the fast one-token path (`decode_step`, built on
 `titans.memory.step`): the same recurrence in a few dozen tensor ops. Tests hold every path equal.
@@ -83,7 +84,7 @@ class NeuralMemory(nn.Module):
         activation: Activation = "gelu",
         residual_norm: bool = False,
         chunk_size: int = 16,
-        impl: Literal["fused", "chunked", "naive"] = "fused",
+        impl: Literal["fused", "triton", "chunked", "naive"] = "fused",
         momentum: bool = True,
         forgetting: bool = True,
         per_layer_gates: bool = True,
@@ -100,8 +101,8 @@ class NeuralMemory(nn.Module):
         super().__init__()
         if dim % heads != 0:
             raise ValueError(f"memory heads ({heads}) must divide the model dimension ({dim})")
-        if impl not in ("fused", "chunked", "naive"):
-            raise ValueError(f"memory impl must be 'fused', 'chunked' or 'naive', got {impl!r}")
+        if impl not in ("fused", "triton", "chunked", "naive"):
+            raise ValueError(f"memory impl must be 'fused', 'triton', 'chunked' or 'naive', got {impl!r}")
         if conv_kernel < 1 or chunk_size < 1 or max_lr <= 0:
             raise ValueError(
                 f"need conv_kernel >= 1, chunk_size >= 1 and max_lr > 0; got {conv_kernel}, {chunk_size}, {max_lr}"
@@ -362,8 +363,9 @@ class NeuralMemory(nn.Module):
         exact = {"exact_last_layer": self.exact_last_layer}
         if self.impl == "naive":
             return naive_memory, exact
-        if self.impl == "fused" and not torch.compiler.is_compiling():
-            return fused_memory, {"checkpoint_every": self.checkpoint_every, **exact}
+        if self.impl in ("fused", "triton") and not torch.compiler.is_compiling():
+            backend = {"fused": "auto", "triton": "triton"}[self.impl]
+            return fused_memory, {"checkpoint_every": self.checkpoint_every, "backend": backend, **exact}
         return chunked_memory, {
             "checkpoint_every": self.checkpoint_every, "compile_backend": self.compile_backend, **exact
         }  # fmt: skip
