@@ -7,7 +7,8 @@ sliding-window models, and cached generation.
 What it does, in order:
 1. Training steps (forward, backward, AdamW step; float32 weights, bf16 autocast unless --dtype float32) of every
    variant at d_model 256, 4 heads, 2 layers, batch 4, window 256, MAC segment 128, memory chunk 64, for each T;
-   baseline-sliding, MAG and MAL with `model.attention_impl` sdpa and flex side by side. Each case gets a warm-up
+   baseline-sliding, MAG and MAL with `model.attention_impl` sdpa and flex side by side, and the memory variants
+   with `model.memory.impl=triton` (the scan's Triton kernels) beside the default. Each case gets a warm-up
    (FlexAttention's kernel compiles there), then the median of up to --repeats synchronised steps; peak memory is
    torch.cuda.max_memory_allocated over the timed steps.
 2. Cached generation: tokens/s of `generate` (the fixed-shape step, eager) after a 64-token prompt, batch 1.
@@ -33,21 +34,28 @@ from titans.config import MemoryConfig, ModelConfig  # noqa: E402
 from titans.models import build_model  # noqa: E402
 
 VOCAB = 256
-# (label, variant, baseline attention, attention impl)
+# (label, variant, baseline attention, attention impl, memory overrides)
 CASES = [
-    ("baseline-full", "baseline", "full", "sdpa"),
-    ("baseline-sliding", "baseline", "sliding", "sdpa"),
-    ("baseline-sliding flex", "baseline", "sliding", "flex"),
-    ("LMM", "LMM", "full", "sdpa"),
-    ("MAC", "MAC", "full", "sdpa"),
-    ("MAG", "MAG", "full", "sdpa"),
-    ("MAG flex", "MAG", "full", "flex"),
-    ("MAL", "MAL", "full", "sdpa"),
-    ("MAL flex", "MAL", "full", "flex"),
+    ("baseline-full", "baseline", "full", "sdpa", {}),
+    ("baseline-sliding", "baseline", "sliding", "sdpa", {}),
+    ("baseline-sliding flex", "baseline", "sliding", "flex", {}),
+    ("LMM", "LMM", "full", "sdpa", {}),
+    ("MAC", "MAC", "full", "sdpa", {}),
+    ("MAG", "MAG", "full", "sdpa", {}),
+    ("MAG flex", "MAG", "full", "flex", {}),
+    ("MAL", "MAL", "full", "sdpa", {}),
+    ("MAL flex", "MAL", "full", "flex", {}),
+    # the memory scan's Triton kernels (memory.impl=triton) beside the default tensor-op scan on CUDA; the LMM's
+    # default exact last layer is outside the kernels, so its pair runs the anchored last layer
+    ("LMM anchored", "LMM", "full", "sdpa", {"exact_last_layer": False}),
+    ("LMM anchored triton", "LMM", "full", "sdpa", {"exact_last_layer": False, "impl": "triton"}),
+    ("MAC triton", "MAC", "full", "sdpa", {"impl": "triton"}),
+    ("MAG triton", "MAG", "full", "sdpa", {"impl": "triton"}),
+    ("MAL triton", "MAL", "full", "sdpa", {"impl": "triton"}),
 ]
 
 
-def model_config(variant: str, baseline_attention: str, impl: str) -> ModelConfig:
+def model_config(variant: str, baseline_attention: str, impl: str, memory: dict[str, Any]) -> ModelConfig:
     return ModelConfig(
         variant=variant,
         d_model=256,
@@ -59,7 +67,7 @@ def model_config(variant: str, baseline_attention: str, impl: str) -> ModelConfi
         persistent_memory_size=4,
         baseline_attention=baseline_attention,
         attention_impl=impl,
-        memory=MemoryConfig(chunk_size=64),
+        memory=MemoryConfig(chunk_size=64, **memory),
     )
 
 
@@ -142,22 +150,23 @@ def main(argv: list[str] | None = None) -> int:
     train_rows: list[dict] = []
     skipped: list[str] = []
     for T in seq_lens:
-        for label, variant, attention, impl in CASES:
+        for label, variant, attention, impl, memory in CASES:
             if time.perf_counter() - start > args.budget:
                 skipped.append(f"{label} T={T}")
                 continue
-            row = train_case(label, model_config(variant, attention, impl), T, args.batch, args.dtype, args)
+            row = train_case(label, model_config(variant, attention, impl, memory), T, args.batch, args.dtype, args)
             torch.cuda.empty_cache()  # the case's model and optimiser are gone; give their blocks back
             train_rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     generation_rows: list[dict] = []
-    for label, variant, attention, impl in CASES:
-        if impl == "flex":  # one-token decoding runs SDPA whatever the setting
+    for label, variant, attention, impl, memory in CASES:
+        if impl == "flex" or memory.get("impl") == "triton":  # one-token decoding runs neither
             continue
         if time.perf_counter() - start > args.budget:
             skipped.append(f"{label} generation")
             continue
-        generation_rows.append(generation_case(label, model_config(variant, attention, impl), args.new_tokens, args))
+        config = model_config(variant, attention, impl, memory)
+        generation_rows.append(generation_case(label, config, args.new_tokens, args))
 
     device = torch.cuda.get_device_name()
     print(

@@ -9,6 +9,7 @@ SDPA / eager paths in float32.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import shutil
 from pathlib import Path
@@ -243,3 +244,37 @@ def test_compiled_decode_on_cuda_equals_eager(variant: str) -> None:
     compiled = model.generate(prompt, 24, temperature=0.0)
     again = model.generate(prompt, 24, temperature=0.0)
     assert torch.equal(compiled, eager) and torch.equal(again, eager)
+
+
+@pytest.mark.parametrize("option", ["defaults", "no-momentum", "neither"])
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triton_scan_kernels_on_cuda_equal_the_cpu_reference(option: str, depth: int, dtype: torch.dtype) -> None:
+    """The memory scan's Triton kernels, compiled (memory.impl=triton), against chunked_memory on CPU in float64:
+    outputs, final state and every input's gradient; a partial last chunk, widths padded to the kernels' tiles."""
+    pytest.importorskip("triton")
+    from test_fused import OPTIONS, _loss
+    from test_memory import leaves, make_inputs
+
+    from titans.memory import MemoryState, chunked_memory
+    from titans.memory.fused import fused_memory
+
+    inputs = make_inputs(37, depth, D=16, seed=depth, **OPTIONS[option])
+    named = leaves(inputs)
+    ref, ref_state = chunked_memory(**inputs, chunk_size=16, grad_clip=0.3)
+    ref_grads = torch.autograd.grad(_loss(ref, ref_state), list(named.values()))
+    network = copy.deepcopy(inputs["network"]).to(CUDA, dtype)
+    on_gpu = {n: t.detach().to(CUDA, dtype).requires_grad_() for n, t in named.items() if not n.startswith("M0")}
+    gpu_inputs = {**inputs, **on_gpu, "network": network}
+    out, state = fused_memory(**gpu_inputs, chunk_size=16, grad_clip=0.3, backend="triton")
+    on_gpu.update({f"M0_{i}": p for i, p in enumerate(network.initial_weights)})  # leaves()'s order
+
+    def back(ts):  # onto the CPU in float64, differentiably
+        return tuple(t.double().cpu() for t in ts)
+
+    state = MemoryState(back(state.weights), back(state.momentum), back(state.anchor), state.position)
+    gpu_grads = torch.autograd.grad(_loss(out.double().cpu(), state), list(on_gpu.values()))
+    tol = {"rtol": 1e-9, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(out.double().cpu(), ref.detach(), **tol)
+    for name, a, b in zip(named, gpu_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a.double().cpu(), b, msg=lambda m, n=name: f"d{n}: {m}", **tol)
