@@ -7,10 +7,10 @@ sliding-window models, and cached generation.
 What it does, in order:
 1. Training steps (forward, backward, AdamW step; float32 weights, bf16 autocast unless --dtype float32) of every
    variant at d_model 256, 4 heads, 2 layers, batch 4, window 256, MAC segment 128, memory chunk 64, for each T;
-   baseline-sliding, MAG and MAL with `model.attention_impl` sdpa and flex side by side, and the memory variants
-   with `model.memory.impl=triton` (the scan's Triton kernels) beside the default. Each case gets a warm-up
-   (FlexAttention's kernel compiles there), then the median of up to --repeats synchronised steps; peak memory is
-   torch.cuda.max_memory_allocated over the timed steps.
+   baseline-sliding, MAG and MAL with `model.attention_impl` sdpa and flex side by side, and the memory variants'
+   default (the scan's Triton kernels on CUDA) beside the tensor-op scan (`fused.TRITON_ON_CUDA = False`). Each
+   case gets a warm-up (FlexAttention's and the scan's kernels compile there), then the median of up to --repeats
+   synchronised steps; peak memory is torch.cuda.max_memory_allocated over the timed steps.
 2. Cached generation: tokens/s of `generate` (the fixed-shape step, eager) after a 64-token prompt, batch 1.
 3. An aligned table, then ONE JSON line. Cases are skipped, not failed, once the --budget of seconds is spent.
 """
@@ -31,9 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import format_table  # noqa: E402
 
 from titans.config import MemoryConfig, ModelConfig  # noqa: E402
+from titans.memory import fused  # noqa: E402
 from titans.models import build_model  # noqa: E402
 
 VOCAB = 256
+TENSOR_OP = "tensor-op scan"  # a case's flag: fused.TRITON_ON_CUDA off, the memory scan in tensor ops
 # (label, variant, baseline attention, attention impl, memory overrides)
 CASES = [
     ("baseline-full", "baseline", "full", "sdpa", {}),
@@ -45,13 +47,13 @@ CASES = [
     ("MAG flex", "MAG", "full", "flex", {}),
     ("MAL", "MAL", "full", "sdpa", {}),
     ("MAL flex", "MAL", "full", "flex", {}),
-    # the memory scan's Triton kernels (memory.impl=triton) beside the default tensor-op scan on CUDA; the LMM's
-    # default exact last layer is outside the kernels, so its pair runs the anchored last layer
+    # the rows above run the memory scan's Triton kernels (the default on CUDA); these the tensor-op scan, the
+    # default before them. The LMM's default exact last layer is outside the kernels: its pair is anchored.
     ("LMM anchored", "LMM", "full", "sdpa", {"exact_last_layer": False}),
-    ("LMM anchored triton", "LMM", "full", "sdpa", {"exact_last_layer": False, "impl": "triton"}),
-    ("MAC triton", "MAC", "full", "sdpa", {"impl": "triton"}),
-    ("MAG triton", "MAG", "full", "sdpa", {"impl": "triton"}),
-    ("MAL triton", "MAL", "full", "sdpa", {"impl": "triton"}),
+    ("LMM anchored tensor-op", "LMM", "full", "sdpa", {"exact_last_layer": False, TENSOR_OP: True}),
+    ("MAC tensor-op", "MAC", "full", "sdpa", {TENSOR_OP: True}),
+    ("MAG tensor-op", "MAG", "full", "sdpa", {TENSOR_OP: True}),
+    ("MAL tensor-op", "MAL", "full", "sdpa", {TENSOR_OP: True}),
 ]
 
 
@@ -67,7 +69,7 @@ def model_config(variant: str, baseline_attention: str, impl: str, memory: dict[
         persistent_memory_size=4,
         baseline_attention=baseline_attention,
         attention_impl=impl,
-        memory=MemoryConfig(chunk_size=64, **memory),
+        memory=MemoryConfig(chunk_size=64, **{k: v for k, v in memory.items() if k != TENSOR_OP}),
     )
 
 
@@ -154,13 +156,14 @@ def main(argv: list[str] | None = None) -> int:
             if time.perf_counter() - start > args.budget:
                 skipped.append(f"{label} T={T}")
                 continue
+            fused.TRITON_ON_CUDA = not memory.get(TENSOR_OP, False)
             row = train_case(label, model_config(variant, attention, impl, memory), T, args.batch, args.dtype, args)
             torch.cuda.empty_cache()  # the case's model and optimiser are gone; give their blocks back
             train_rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     generation_rows: list[dict] = []
     for label, variant, attention, impl, memory in CASES:
-        if impl == "flex" or memory.get("impl") == "triton":  # one-token decoding runs neither
+        if impl == "flex" or TENSOR_OP in memory:  # one-token decoding runs neither FlexAttention nor the scan
             continue
         if time.perf_counter() - start > args.budget:
             skipped.append(f"{label} generation")

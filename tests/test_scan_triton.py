@@ -147,3 +147,51 @@ def test_impl_triton_without_triton_or_a_gpu_says_what_to_do(monkeypatch) -> Non
     monkeypatch.setattr(scan_triton, "triton", None)
     with pytest.raises(RuntimeError, match="pip install triton"):
         fused_memory(**inputs, chunk_size=4, backend="triton")
+
+
+def test_wide_layers_and_a_gpu_short_of_shared_memory_run_the_tensor_op_reverse_scan(monkeypatch) -> None:
+    """Layers above BACKWARD_MAX_LAYER_ELEMENTS take scan_torch's reverse scan on the forward kernel's kept states,
+    and a kernel that does not fit the GPU (OutOfResources) falls back with one warning: the same gradients."""
+    inputs = make_inputs(19, 2, seed=3)
+    calls = []
+    backward = scan_torch.scan_backward
+    monkeypatch.setattr(scan_torch, "scan_backward", lambda *a: calls.append(1) or backward(*a))
+    monkeypatch.setattr(scan_triton, "BACKWARD_MAX_LAYER_ELEMENTS", 16 * 16 - 1)  # the padded 16 x 16 layers
+    out, state = fused_memory(**inputs, chunk_size=4, grad_clip=0.3, backend="triton")
+    assert_same(out, state, *chunked_memory(**inputs, chunk_size=4, grad_clip=0.3), leaves(inputs))
+    assert calls
+
+    def too_big(*args):
+        raise scan_triton.triton.runtime.errors.OutOfResources(300_000, 232_448, "shared memory")
+
+    calls.clear()
+    monkeypatch.setattr(scan_triton, "BACKWARD_MAX_LAYER_ELEMENTS", 64 * 256)
+    monkeypatch.setattr(scan_triton, "_kernel_backward", too_big)
+    monkeypatch.setattr(scan_triton, "_warned", set())
+    out, state = fused_memory(**inputs, chunk_size=4, grad_clip=0.3, backend="triton")
+    with pytest.warns(UserWarning, match="does not fit this GPU"):
+        assert_same(out, state, *chunked_memory(**inputs, chunk_size=4, grad_clip=0.3), leaves(inputs))
+    assert calls
+
+
+def test_auto_picks_the_triton_kernels_for_cuda_tensors_where_they_apply(monkeypatch) -> None:
+    """fused_memory's default on CUDA: the Triton kernels when triton imports and the call is covered, else (or
+    with fused.TRITON_ON_CUDA off) the tensor-op scan; on CPU the C++ op or its fallback, never the kernels."""
+    from types import SimpleNamespace
+
+    from titans.memory import fused
+    from titans.memory.scan_torch import ScanSettings
+
+    network = make_inputs(4, 2)["network"]
+    cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
+    cpu = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
+    anchored = ScanSettings((4,), 4, "gelu", 0.0, 1)
+    exact = anchored._replace(exact_last=True)
+    assert fused._kernels("auto", cuda, network, anchored) is scan_triton
+    assert fused._kernels("auto", cuda, network, exact) is scan_torch
+    assert fused._kernels("auto", cpu, network, anchored) is not scan_triton
+    monkeypatch.setattr(fused, "TRITON_ON_CUDA", False)
+    assert fused._kernels("auto", cuda, network, anchored) is scan_torch
+    monkeypatch.setattr(scan_triton, "triton", None)
+    monkeypatch.setattr(fused, "TRITON_ON_CUDA", True)
+    assert fused._kernels("auto", cuda, network, anchored) is scan_torch  # no triton: no error, tensor ops

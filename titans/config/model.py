@@ -49,8 +49,8 @@ class MemoryConfig:
     """Tokens whose inner gradients share one anchor (Eq. 16; NeurIPS App. E.1: 16); 1 = per-token updates."""
 
     impl: Literal["fused", "triton", "chunked", "naive"] = "fused"
-    """fused: the fused scan (one op with a hand-written backward); triton: the same with its forward one Triton
-    kernel (CUDA; titans/memory/scan_triton.py); chunked, naive: the references they are tested on."""
+    """fused: the fused scan (one op with a hand-written backward; C++ on CPU, Triton kernels on CUDA where they
+    apply); triton: the Triton kernels, an error without triton; chunked, naive: the references they are tested on."""
 
     momentum: bool | None = None
     """Surprise momentum S_t (Eq. 14); false sets eta = 0. null = the variant's: false for LMM, true for MAC, MAG and

@@ -78,15 +78,24 @@ def scan_stride(
     return min(max(group, 2), n)
 
 
-def _kernels(backend: str, device: torch.device):
-    """The module whose scan_forward / scan_backward run the scan: the C++ op (CPU tensors), `scan_torch` (any
-    device; "auto" on CUDA until the Triton kernel has been timed on a GPU), or `scan_triton` (its forward one Triton
-    kernel, compiled on CUDA and interpreted on CPU; the calls it does not cover run `scan_torch`, see
-    `scan_triton.unsupported`)."""
-    if backend == "triton":
+# "auto" on CUDA runs the Triton kernels where they apply (`scan_triton`); False runs the tensor-op scan there
+# instead (benchmarks/bench_cuda.py times both).
+TRITON_ON_CUDA = True
+
+
+def _kernels(backend: str, q: Tensor, network: MemoryMLP, settings: ScanSettings):
+    """The module whose scan_forward / scan_backward run this call: `scan_triton` ("triton", or "auto" on CUDA when
+    triton imports; the calls its kernels do not cover run `scan_torch`), the C++ op ("cpp", "auto" on CPU), or
+    `scan_torch` ("torch"; "auto" elsewhere or when the C++ op cannot be built)."""
+    device = q.device
+    if backend == "triton" or (backend == "auto" and device.type == "cuda" and TRITON_ON_CUDA):
         from titans.memory import scan_triton
 
-        return scan_triton
+        if (problem := scan_triton.unavailable(q)) is not None:
+            if backend == "triton":
+                raise RuntimeError(problem)
+            return scan_torch  # auto on CUDA without triton
+        return scan_torch if scan_triton.unsupported(network, settings, q) is not None else scan_triton
     if backend == "torch" or (backend == "auto" and device.type != "cpu"):
         return scan_torch
     from titans.memory import scan_cpp
@@ -192,8 +201,9 @@ def fused_memory(
     backward and recomputes the others (0 keeps every one; None: every one while the kept tensors of the call fit
     KEEP_ALL_BYTES, else groups sized by `scan_stride`; results are identical either way).
     backend: "cpp" (the compiled CPU op; an error if it cannot be built), "torch" (tensor ops, any device),
-    "triton" (the forward as one Triton kernel, `scan_triton`; tensor ops where it does not apply), or "auto" (the
-    C++ op for CPU tensors when it builds and loads, else tensor ops).
+    "triton" (the Triton kernels, `scan_triton`; tensor ops for what they do not cover; an error without triton), or
+    "auto" (CPU: the C++ op when it builds and loads, else tensor ops; CUDA: as "triton" when triton imports, else
+    tensor ops).
     """
     if backend not in BACKENDS:
         raise ValueError(f"fused_memory backend must be one of {BACKENDS}, got {backend!r}")
@@ -226,13 +236,7 @@ def fused_memory(
     clip = float(grad_clip or 0.0)
     settings = ScanSettings(tuple(lengths), chunk_size, network.activation, clip, stride, exact_last_layer)
     layout = (depth, momentum, forgetting, resumes_mid_chunk)
-    kernels = _kernels(backend, q.device)
-    if backend == "triton":
-        if (problem := kernels.unavailable(q)) is not None:
-            raise RuntimeError(problem)
-        if kernels.unsupported(network, settings, q) is not None:
-            kernels = scan_torch  # what the kernel does not cover: the same algorithm in tensor ops
-    outputs = _FusedScan.apply(settings, kernels, layout, save, *tensors)
+    outputs = _FusedScan.apply(settings, _kernels(backend, q, network, settings), layout, save, *tensors)
 
     def unflat(t: Tensor) -> Tensor:
         return t.reshape(batch, heads, *t.shape[1:])

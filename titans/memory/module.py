@@ -8,7 +8,7 @@
     out     = W_O (RMSNorm(y) * SiLU(x W_G))                           §4.4: normalisation and gating before W_O
 
 Training and several tokens run the fused scan (`fused_memory`, `impl="fused"`, the default): one op with a
-hand-written backward; `impl="triton"` runs the same op with its forward one Triton kernel (`scan_triton`, CUDA).
+hand-written backward (C++ on CPU, Triton kernels on CUDA: `scan_triton`); `impl="triton"` insists on the kernels.
 `impl="chunked"` and `impl="naive"` run the references they are tested against; under
 torch.compile the layer runs `chunked_memory`, which the compiler traces. Decoding: a single token (T = 1) with
 gradients off, outside autocast and with memory writes on, takes the fast one-token path (`decode_step`, built on

@@ -32,14 +32,16 @@ Float32 products use `input_precision="ieee"`: TF32 would round the inner gradie
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from titans.memory import scan_torch
 from titans.memory.network import MemoryMLP
 from titans.memory.scan_torch import ScanGates, ScanSettings
-from titans.memory.scan_triton_backward import scan_backward
+from titans.memory.scan_triton_backward import scan_backward as _kernel_backward
 from titans.memory.scan_triton_parts import (
     INTERPRETING,
     _activation,
@@ -54,8 +56,13 @@ from titans.memory.scan_triton_parts import (
     triton,
 )
 
-# The largest layer (out x in, padded) the kernel keeps in registers untiled; wider states need the tiled kernel.
+# The largest layer (out x in, padded) the kernels keep on chip untiled; wider states need tiled kernels (not
+# written). Compiled for sm_90 here, the forward takes 117 KB of shared memory at 64 x 256 (d_head 64, expansion 4)
+# and the backward 151 KB at 32 x 128, which fits an H100's 227 KB where its 64 x 256 form would not: wider layers
+# run the forward kernel and the tensor-op reverse scan (its kept states are in the same layout).
 MAX_LAYER_ELEMENTS = 64 * 256
+BACKWARD_MAX_LAYER_ELEMENTS = 32 * 128
+_warned: set[str] = set()
 
 
 def unavailable(q: Tensor) -> str | None:
@@ -211,18 +218,58 @@ def scan_forward(
     a1, a2 = per_layer([a.contiguous() for a in anchor]) if anchor else (w1, w2)
     kw1, kw2 = per_layer(kept[:depth]) if save else (w1, w2)
     ks1, ks2 = per_layer(kept[depth:]) if save else (w1, w2)
-    _scan_kernel[(n_mem,)](
+    arguments = (
         q.contiguous(), k.contiguous(), v.contiguous(), y,
         w1, s1, a1, w2, s2, a2,
         decay, carry, mix, ends, end_mixes, starts, spans,
         w_end[0], s_end[0], w_last[0], w_end[-1], s_end[-1], w_last[-1], kw1, ks1, kw2, ks2,
         n_mem, T, n, n_kept, settings.stride, float(settings.clip),
+    )  # fmt: skip
+    constants = dict(
         DEPTH=depth, I1=d_in, O1=d_outs[0], O2=d_outs[-1],
         BI1=_block(d_in), BO1=_block(d_outs[0]), BO2=_block(d_outs[-1]), R=rows,
         SILU=settings.activation == "silu", MOMENTUM=gates[0].eta is not None, ANCHOR=bool(anchor),
         CLIP=settings.clip > 0, SAVE=save,
     )  # fmt: skip
+    try:
+        _scan_kernel[(n_mem,)](*arguments, **constants)
+    except triton.runtime.errors.OutOfResources as err:  # a GPU with less shared memory than the limits assume
+        _warn_once("forward", err)
+        return scan_torch.scan_forward(q, k, v, gates, weights, momentum, anchor, settings, save)
     return y, w_end, s_end, w_last, kept
 
 
-__all__ = ["INTERPRETING", "scan_backward", "scan_forward", "triton", "unavailable", "unsupported"]
+def scan_backward(
+    grad_y: Tensor,
+    grad_weights: Sequence[Tensor],
+    grad_momentum: Sequence[Tensor],
+    grad_last_start: Sequence[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gates: Sequence[ScanGates],
+    anchor: Sequence[Tensor],
+    saved: Sequence[Tensor],
+    settings: ScanSettings,
+):
+    """The reverse scan (`scan_torch.scan_backward`'s arguments and returns): the Triton kernel
+    (`scan_triton_backward.py`) for layers up to BACKWARD_MAX_LAYER_ELEMENTS, else, or where the GPU lacks the
+    shared memory, the tensor-op reverse scan on the same kept states."""
+    arguments = (grad_y, grad_weights, grad_momentum, grad_last_start, q, k, v, gates, anchor, saved, settings)
+    if any(_block(w.shape[-2]) * _block(w.shape[-1]) > BACKWARD_MAX_LAYER_ELEMENTS for w in grad_weights):
+        return scan_torch.scan_backward(*arguments)
+    try:
+        return _kernel_backward(*arguments)
+    except triton.runtime.errors.OutOfResources as err:
+        _warn_once("backward", err)
+        return scan_torch.scan_backward(*arguments)
+
+
+def _warn_once(which: str, err: Exception) -> None:
+    if which not in _warned:
+        _warned.add(which)
+        warnings.warn(
+            f"titans: the memory scan's Triton {which} kernel does not fit this GPU ({err}); running the tensor-op "
+            "scan for it instead (same results, slower)",
+            stacklevel=3,
+        )
