@@ -16,16 +16,17 @@ What the kernel computes per span (the dual form of `scan_torch`, titans/memory/
 The gates' coefficients (decay, carry, mix, the end row) are built before the launch for all spans at once, in
 tensor ops (`_coefficients`); they are O(T x chunk) numbers next to the state's O(T x width^2) arithmetic.
 
-Coverage: memories of depth 1 and 2 (the paper's L_M <= 2 rows and every preset here), GELU and SiLU, momentum on or
-off, forgetting on or off (one gate per token; channel-wise forgetting and residual + LayerNorm already route to
-`chunked_memory` in `fused.py`), the inner-gradient clip, partial first and last spans and a first span that resumes
-mid-chunk with its own anchor, float32 and float64. Widths and the chunk are padded to powers of two of at least 16
-(`tl.dot`'s smallest tile) with zeros, which leave every result unchanged: a zero row of W stays zero and adds
-nothing. `unsupported` names what is not covered (deeper memories, `exact_last_layer`, states too wide to keep on
-chip untiled); `fused_memory` runs those calls with `scan_torch` instead.
+Coverage: memories of depth 1 and 2 (NeurIPS §3.3's default L_M = 2, and the linear memory), GELU and SiLU,
+momentum on or off, forgetting on or off (one gate per token; channel-wise forgetting and residual + LayerNorm
+already route to `chunked_memory` in `fused.py`), the inner-gradient clip, partial first and last spans and a first
+span that resumes mid-chunk with its own anchor, float32 and float64. Widths and the chunk are padded to powers of
+two of at least 16 (`tl.dot`'s smallest tile) with zeros, which leave every result unchanged: a zero row of W stays
+zero and adds nothing. `unsupported` names what is not covered (deeper memories, `exact_last_layer`, states too wide
+to keep on chip untiled); `fused_memory` runs those calls with `scan_torch` instead, and `scan_backward` the reverse
+scan of layers wider than BACKWARD_MAX_LAYER_ELEMENTS.
 
-On a GPU the kernel is compiled; with TRITON_INTERPRET=1 set before Python starts it runs in Triton's interpreter
-(numpy), on CPU tensors too: that is how tests/test_scan_triton.py checks it without a GPU.
+On a GPU the kernels are compiled; with TRITON_INTERPRET=1 set before Python starts they run in Triton's interpreter
+(numpy), on CPU tensors too: that is how tests/test_scan_triton.py checks them without a GPU.
 Float32 products use `input_precision="ieee"`: TF32 would round the inner gradients to 10 bits.
 """
 
