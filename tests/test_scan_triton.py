@@ -26,6 +26,7 @@ DT = torch.float64
 # recomputed; then the defaults without the clip, with chunks of 1 and of 16 (a partial last one) and all kept
 CASES = [(option, depth, 0.3, 4, 19, 2) for option in OPTIONS for depth in (1, 2)]
 CASES += [("defaults", depth, None, chunk, T, 0) for depth in (1, 2) for chunk, T in [(1, 7), (16, 37)]]
+EXACT_CASES = [(option, depth, clip) for option in ("defaults", "neither") for depth in (1, 2) for clip in (None, 0.3)]
 
 
 @pytest.mark.parametrize("option, depth, clip, chunk_size, T, every", CASES, ids=str)
@@ -39,6 +40,17 @@ def test_triton_scan_equals_chunked_and_reference(option, depth, clip, chunk_siz
     if T < 20:  # and the per-token ground truth
         naive, naive_state = naive_memory(**inputs, chunk_size=chunk_size, grad_clip=clip)
         assert_same(out, state, naive, naive_state, leaves(inputs))
+
+
+@pytest.mark.parametrize("option, depth, clip", EXACT_CASES, ids=str)
+def test_exact_last_layer_in_the_forward_kernel(option, depth, clip) -> None:
+    """`exact_last_layer` (the LMM's default): the forward kernel's row-by-row substitution, then the tensor-op
+    reverse scan on its kept states; outputs, states and every gradient equal the references."""
+    inputs = make_inputs(19, depth, seed=19 + depth, **OPTIONS[option])
+    opts = dict(chunk_size=4, grad_clip=clip, exact_last_layer=True)
+    out, state = fused_memory(**inputs, backend="triton", **opts)
+    assert_same(out, state, *chunked_memory(**inputs, **opts), leaves(inputs))
+    assert_same(out, state, *naive_memory(**inputs, **opts), leaves(inputs))
 
 
 @pytest.mark.parametrize("activation", ["gelu", "silu"])
@@ -97,14 +109,15 @@ def test_float32_agrees_with_float64() -> None:
 
 
 def test_the_kernel_runs_and_what_it_does_not_cover_runs_the_tensor_op_scan(monkeypatch) -> None:
-    """Depth 1-2 calls launch the kernel; depth 3 and the exact last layer run scan_torch's forward (same results)."""
+    """Depth 1-2 calls launch the forward kernel (with the exact last layer too); depth 3 runs scan_torch's forward
+    (same results)."""
     launched = []
     forward = scan_triton.scan_forward
     monkeypatch.setattr(scan_triton, "scan_forward", lambda *a, **k: launched.append(1) or forward(*a, **k))
     torch_forward = scan_torch.scan_forward
     fallbacks = []
     monkeypatch.setattr(scan_torch, "scan_forward", lambda *a, **k: fallbacks.append(1) or torch_forward(*a, **k))
-    for depth, exact, covered in [(2, False, True), (3, False, False), (2, True, False)]:
+    for depth, exact, covered in [(2, False, True), (3, False, False), (2, True, True), (1, True, True)]:
         inputs = make_inputs(9, depth, seed=depth)
         launched.clear()
         fallbacks.clear()
@@ -118,15 +131,14 @@ def test_the_kernel_runs_and_what_it_does_not_cover_runs_the_tensor_op_scan(monk
 def test_models_with_impl_triton_give_the_reference_logits_and_gradients(variant: str, monkeypatch) -> None:
     """`memory.impl=triton` in every memory variant, against the per-token reference: logits and every parameter's
     gradient, on a sequence that crosses chunk and segment boundaries and ends inside a chunk. The LMM's default
-    exact last layer is outside the kernel, so its row runs the anchored last layer (the kernel must run)."""
+    exact last layer runs in the forward kernel, its backward in tensor ops (the kernel must run)."""
     from test_models import small_model, tokens
 
     launches = []
     forward = scan_triton.scan_forward
     monkeypatch.setattr(scan_triton, "scan_forward", lambda *a, **k: launches.append(1) or forward(*a, **k))
-    memory = {"exact_last_layer": False} if variant == "LMM" else {}
-    model = small_model(variant, impl="triton", **memory)
-    naive = small_model(variant, impl="naive", **memory)
+    model = small_model(variant, impl="triton")
+    naive = small_model(variant, impl="naive")
     naive.load_state_dict(model.state_dict())
     idx = tokens(2, 15)
     a, loss_a, _ = model(idx, idx)
@@ -188,7 +200,8 @@ def test_auto_picks_the_triton_kernels_for_cuda_tensors_where_they_apply(monkeyp
     anchored = ScanSettings((4,), 4, "gelu", 0.0, 1)
     exact = anchored._replace(exact_last=True)
     assert fused._kernels("auto", cuda, network, anchored) is scan_triton
-    assert fused._kernels("auto", cuda, network, exact) is scan_torch
+    assert fused._kernels("auto", cuda, network, exact) is scan_triton  # its forward; backward: tensor ops
+    assert fused._kernels("auto", cuda, make_inputs(4, 3)["network"], anchored) is scan_torch  # depth 3
     assert fused._kernels("auto", cpu, network, anchored) is not scan_triton
     monkeypatch.setattr(fused, "TRITON_ON_CUDA", False)
     assert fused._kernels("auto", cuda, network, anchored) is scan_torch

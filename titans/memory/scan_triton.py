@@ -21,9 +21,10 @@ momentum on or off, forgetting on or off (one gate per token; channel-wise forge
 already route to `chunked_memory` in `fused.py`), the inner-gradient clip, partial first and last spans and a first
 span that resumes mid-chunk with its own anchor, float32 and float64. Widths and the chunk are padded to powers of
 two of at least 16 (`tl.dot`'s smallest tile) with zeros, which leave every result unchanged: a zero row of W stays
-zero and adds nothing. `unsupported` names what is not covered (deeper memories, `exact_last_layer`, states too wide
-to keep on chip untiled); `fused_memory` runs those calls with `scan_torch` instead, and `scan_backward` the reverse
-scan of layers wider than BACKWARD_MAX_LAYER_ELEMENTS.
+zero and adds nothing. The exact last layer (`exact_last_layer`) is solved row by row inside each span in the forward
+kernel (`_exact_last_layer`); its backward runs in tensor ops. `unsupported` names what is not covered (deeper
+memories, states too wide to keep on chip untiled); `fused_memory` runs those calls with `scan_torch` instead, and
+`scan_backward` the reverse scan of the exact last layer and of layers wider than BACKWARD_MAX_LAYER_ELEMENTS.
 
 On a GPU the kernels are compiled; with TRITON_INTERPRET=1 set before Python starts they run in Triton's interpreter
 (numpy), on CPU tensors too: that is how tests/test_scan_triton.py checks them without a GPU.
@@ -51,6 +52,7 @@ from titans.memory.scan_triton_parts import (
     _coefficients,
     _dual_layer,
     _end_state,
+    _key_gradients,
     _span_coefficients,
     jit,
     tl,
@@ -84,8 +86,6 @@ def unsupported(network: MemoryMLP, settings: ScanSettings, q: Tensor) -> str | 
     """None when the kernel covers this call, else what it does not cover (the call then runs `scan_torch`)."""
     if network.depth not in (1, 2):
         return f"memory depth {network.depth} (the kernel covers depth 1 and 2)"
-    if settings.exact_last:
-        return "the exact last layer (memory.exact_last_layer)"
     if q.dtype not in (torch.float32, torch.float64):
         return f"dtype {q.dtype} (the memory's inner arithmetic is float32 or float64)"
     if any(_block(d_out) * _block(d_in) > MAX_LAYER_ELEMENTS for d_out, d_in in network.shapes):
@@ -103,6 +103,7 @@ def _scan_kernel(
     DEPTH: tl.constexpr, I1: tl.constexpr, O1: tl.constexpr, O2: tl.constexpr,
     BI1: tl.constexpr, BO1: tl.constexpr, BO2: tl.constexpr, R: tl.constexpr,
     SILU: tl.constexpr, MOMENTUM: tl.constexpr, ANCHOR: tl.constexpr, CLIP: tl.constexpr, SAVE: tl.constexpr,
+    EXACT: tl.constexpr,
 ):  # fmt: skip
     """One memory (program_id 0 of N) through every span. Layer 1 is [O1, I1]; layer 2 (DEPTH 2) [O2, O1]; the
     output width is O2 (at depth 1, O2 = O1); B* are the padded widths, R the padded chunk. Tensors are contiguous,
@@ -132,18 +133,21 @@ def _scan_kernel(
         dec1, car1, mix1, om1, vs1, ed1, ec1, md1 = _span_coefficients(
             decay_ptr, carry_ptr, mix_ptr, ends_ptr, end_mix_ptr, m * n + c, R
         )
-        # key path at the anchor: pre-activation gradients G^l of the inner loss ||M(k) - v||^2
-        K1 = tl.dot(kc, tl.trans(P1), input_precision="ieee")
+        # key path at the anchor (the exact last layer at its current weights): the gradients G^l of the inner loss
         if DEPTH == 2:
             if ANCHOR:
                 P2 = tl.where(c == 0, P2, W2)
             else:
                 P2 = W2
-            H1, D1 = _activation(K1, SILU)
-            G2 = 2.0 * (tl.dot(H1, tl.trans(P2), input_precision="ieee") - vc)
-            G1 = tl.dot(G2, P2, input_precision="ieee") * D1
+            H1, G1, G2 = _key_gradients(
+                kc, vc, P1, P2, W2, S2, decay_ptr, carry_ptr, mix_ptr, (n_mem + m) * n + c, clip,
+                DEPTH, SILU, EXACT, CLIP, MOMENTUM, R,
+            )  # fmt: skip
         else:
-            G1 = 2.0 * (K1 - vc)
+            H1, G1, G2 = _key_gradients(
+                kc, vc, P1, P1, W1, S1, decay_ptr, carry_ptr, mix_ptr, m * n + c, clip,
+                DEPTH, SILU, EXACT, CLIP, MOMENTUM, R,
+            )  # fmt: skip
         if CLIP:
             s1 = _clip_scale(G1, kc, clip)
             mix1, om1, vs1 = mix1 * s1[None, :], om1 * s1, vs1 * s1
@@ -230,7 +234,7 @@ def scan_forward(
         DEPTH=depth, I1=d_in, O1=d_outs[0], O2=d_outs[-1],
         BI1=_block(d_in), BO1=_block(d_outs[0]), BO2=_block(d_outs[-1]), R=rows,
         SILU=settings.activation == "silu", MOMENTUM=gates[0].eta is not None, ANCHOR=bool(anchor),
-        CLIP=settings.clip > 0, SAVE=save,
+        CLIP=settings.clip > 0, SAVE=save, EXACT=settings.exact_last,
     )  # fmt: skip
     try:
         _scan_kernel[(n_mem,)](*arguments, **constants)
@@ -257,7 +261,8 @@ def scan_backward(
     (`scan_triton_backward.py`) for layers up to BACKWARD_MAX_LAYER_ELEMENTS, else, or where the GPU lacks the
     shared memory, the tensor-op reverse scan on the same kept states."""
     arguments = (grad_y, grad_weights, grad_momentum, grad_last_start, q, k, v, gates, anchor, saved, settings)
-    if any(_block(w.shape[-2]) * _block(w.shape[-1]) > BACKWARD_MAX_LAYER_ELEMENTS for w in grad_weights):
+    wide = any(_block(w.shape[-2]) * _block(w.shape[-1]) > BACKWARD_MAX_LAYER_ELEMENTS for w in grad_weights)
+    if wide or settings.exact_last:  # the backward kernel has no exact last layer (its substitution's VJP) yet
         return scan_torch.scan_backward(*arguments)
     try:
         return _kernel_backward(*arguments)

@@ -127,3 +127,76 @@ def _end_state(W, S, G, A, omega, mom_mix, end_decay, end_carry, mom_decay, MOME
         w += end_carry * S
         s += mom_decay * S
     return w, s
+
+
+@jit
+def _exact_last_layer(
+    a, W, S, vc, decay_ptr, carry_ptr, mix_ptr, at, clip,
+    R: tl.constexpr, CLIP: tl.constexpr, MOMENTUM: tl.constexpr, HIDDEN: tl.constexpr,
+):  # fmt: skip
+    """The exact last layer's gradients by forward substitution (`scan_exact.last_layer`): a [R, d_in] the layer's
+    inputs, (W, S) its span-start weights and momentum, `at` its coefficients' span index. Row t's error is taken at
+    M_{t-1} = decay_{t-1} W + carry_{t-1} S - sum_{i<t} mix[t-1, i] s_i g_i a_i^T, so the rows are solved in order.
+    Returns G^L = 2 e [R, d_out] and B = M_{t-1}^T G^L [R, d_in] for the layer below (HIDDEN; else G^L again)."""
+    rows = tl.arange(0, R)
+    later = rows > 0
+    # the coefficients of M_{t-1}: every row moved down by one, row 0 the start state itself (decay 1, carry 0)
+    decay = tl.load(decay_ptr + at * R + rows - 1, mask=later, other=1.0)
+    mix = tl.load(mix_ptr + at * R * R + (rows[:, None] - 1) * R + rows[None, :], mask=later[:, None], other=0.0)
+    base = decay[:, None] * tl.dot(a, tl.trans(W), input_precision="ieee") - vc
+    if MOMENTUM:
+        carry = tl.load(carry_ptr + at * R + rows - 1, mask=later, other=0.0)
+        base += carry[:, None] * tl.dot(a, tl.trans(S), input_precision="ieee")
+    weight = mix * tl.dot(a, tl.trans(a), input_precision="ieee")
+    a_norm = tl.sqrt(tl.sum(a * a, 1))
+    errors = tl.zeros_like(base)
+    clipped = tl.zeros_like(base)  # s_i g_i of the rows solved so far
+    for t in range(0, R):
+        here = rows == t
+        e = tl.sum(tl.where(here[:, None], base, 0.0), 0)
+        e -= tl.sum(tl.sum(tl.where(here[:, None], weight, 0.0), 0)[:, None] * clipped, 0)
+        g = 2.0 * e
+        if CLIP:
+            g = g * (clip / tl.maximum(clip, tl.sqrt(tl.sum(g * g, 0)) * tl.sum(tl.where(here, a_norm, 0.0), 0)))
+        errors = tl.where(here[:, None], e[None, :], errors)
+        clipped = tl.where(here[:, None], g[None, :], clipped)
+    G = 2.0 * errors
+    B = G
+    if HIDDEN:
+        B = decay[:, None] * tl.dot(G, W, input_precision="ieee")
+        if MOMENTUM:
+            B += carry[:, None] * tl.dot(G, S, input_precision="ieee")
+        B -= tl.dot(mix * tl.dot(G, tl.trans(clipped), input_precision="ieee"), a, input_precision="ieee")
+    return G, B
+
+
+@jit
+def _key_gradients(
+    kc, vc, P1, P2, W, S, decay_ptr, carry_ptr, mix_ptr, at_last, clip,
+    DEPTH: tl.constexpr, SILU: tl.constexpr, EXACT: tl.constexpr, CLIP: tl.constexpr, MOMENTUM: tl.constexpr,
+    R: tl.constexpr,
+):  # fmt: skip
+    """The span's keys through the anchor (P1, P2): the hidden features A^2 = sigma(k P1^T) and the pre-activation
+    gradients G^1, G^2 of the inner loss ||M(k) - v||^2; with EXACT the last layer's at its current weights (W, S:
+    its span-start state; at_last: its coefficients' span index). At depth 1 A^2 and G^2 repeat k and G^1."""
+    K1 = tl.dot(kc, tl.trans(P1), input_precision="ieee")
+    if DEPTH == 2:
+        H1, D1 = _activation(K1, SILU)
+        if EXACT:
+            G2, B1 = _exact_last_layer(
+                H1, W, S, vc, decay_ptr, carry_ptr, mix_ptr, at_last, clip, R, CLIP, MOMENTUM, True
+            )
+        else:
+            G2 = 2.0 * (tl.dot(H1, tl.trans(P2), input_precision="ieee") - vc)
+            B1 = tl.dot(G2, P2, input_precision="ieee")
+        G1 = B1 * D1
+    else:
+        H1 = kc
+        if EXACT:
+            G1, _ = _exact_last_layer(
+                kc, W, S, vc, decay_ptr, carry_ptr, mix_ptr, at_last, clip, R, CLIP, MOMENTUM, False
+            )
+        else:
+            G1 = 2.0 * (K1 - vc)
+        G2 = G1
+    return H1, G1, G2
