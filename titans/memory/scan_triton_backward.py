@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from titans.memory.scan_torch import ScanGates, ScanSettings
+from titans.memory.scan_torch import ScanGates, ScanSettings, _zero_if_none
 from titans.memory.scan_triton_parts import (
     _activation,
     _block,
@@ -285,6 +285,18 @@ def _span_backward(
 
 
 @jit
+def _carried(dW, dS, dP, d_anchor_ptrs, mask, c, ANCHOR: tl.constexpr):
+    """The gradients of a span's start (W, S) carried to the span before: the anchor's gradient joins W's, since the
+    anchor is the start weights, except for a first span resumed mid-chunk (ANCHOR), whose anchor keeps its own."""
+    o = dW + dP
+    if ANCHOR:
+        if c == 0:
+            tl.store(d_anchor_ptrs, dP, mask=mask)
+        o = tl.where(c == 0, dW, o)
+    return o, dS
+
+
+@jit
 def _scan_backward_kernel(
     q_ptr, k_ptr, v_ptr, dy_ptr, dq_ptr, dk_ptr, dv_ptr,
     kw1_ptr, kw2_ptr, ks1_ptr, ks2_ptr, a1_ptr, a2_ptr,
@@ -354,22 +366,10 @@ def _scan_backward_kernel(
             tl.store(dq_ptr + tok[:, None] * I1 + i1[None, :], dq, mask=in_rows)
             tl.store(dk_ptr + tok[:, None] * I1 + i1[None, :], dA1, mask=in_rows)
             tl.store(dv_ptr + tok[:, None] * O2 + o2[None, :], dv, mask=out_rows)
-            # (dW, dS) of the span's start state, carried to the span before; a separate anchor keeps its own
-            if ANCHOR:
-                if c == 0:
-                    tl.store(da1_ptr + at1, dP1, mask=in1)
-                o_1 = tl.where(c == 0, dW1, dW1 + dP1)
-            else:
-                o_1 = dW1 + dP1
-            p_1 = dS1
+            # (dW, dS) of the span's start state, carried to the span before
+            o_1, p_1 = _carried(dW1, dS1, dP1, da1_ptr + at1, in1, c, ANCHOR)
             if DEPTH == 2:
-                if ANCHOR:
-                    if c == 0:
-                        tl.store(da2_ptr + at2, dP2, mask=in2)
-                    o_2 = tl.where(c == 0, dW2, dW2 + dP2)
-                else:
-                    o_2 = dW2 + dP2
-                p_2 = dS2
+                o_2, p_2 = _carried(dW2, dS2, dP2, da2_ptr + at2, in2, c, ANCHOR)
             if c == n - 1:  # the weights at the start of the last span are an output too
                 o_1 += tl.load(gl1_ptr + at1, mask=in1, other=0.0)
                 if DEPTH == 2:
@@ -438,7 +438,3 @@ def scan_backward(
     grads = iter(torch.autograd.grad([t for t, _ in pairs], wanted, [d for _, d in pairs], allow_unused=True))
     d_gates = [ScanGates(*(None if t is None else _zero_if_none(next(grads), t) for t in g)) for g in leaves]
     return dq, dk, dv, d_gates, d_w, d_s, d_anchor
-
-
-def _zero_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if grad is None else grad
