@@ -54,6 +54,8 @@ from titans.memory.scan_triton_parts import (
     _end_state,
     _key_gradients,
     _span_coefficients,
+    _span_tensors,
+    _two_layers,
     jit,
     tl,
     triton,
@@ -205,8 +207,7 @@ def scan_forward(
     depth, lengths, n = len(weights), settings.lengths, len(settings.lengths)
     rows = _block(settings.chunk_size)
     decay, carry, mix, ends, end_mixes = _coefficients(gates, lengths, settings.chunk_size, rows)
-    starts = torch.tensor([sum(lengths[:c]) for c in range(n)], dtype=torch.int32, device=q.device)
-    spans = torch.tensor(lengths, dtype=torch.int32, device=q.device)
+    starts, spans = _span_tensors(lengths, q.device)
     d_outs = [w.shape[1] for w in weights]
     y = q.new_empty(n_mem, T, d_outs[-1])
     w_end = [torch.empty_like(w) for w in weights]
@@ -215,14 +216,11 @@ def scan_forward(
     n_kept = math.ceil(n / settings.stride)
     kept = [q.new_empty(n_mem, n_kept, *w.shape[1:]) for w in [*weights, *weights]] if save else []
 
-    def per_layer(ts: Sequence[Tensor]) -> list[Tensor]:  # layer 2's slot repeats layer 1's at depth 1 (unused)
-        return [ts[0], ts[-1]]
-
-    w1, w2 = per_layer([w.contiguous() for w in weights])
-    s1, s2 = per_layer([s.contiguous() for s in momentum])
-    a1, a2 = per_layer([a.contiguous() for a in anchor]) if anchor else (w1, w2)
-    kw1, kw2 = per_layer(kept[:depth]) if save else (w1, w2)
-    ks1, ks2 = per_layer(kept[depth:]) if save else (w1, w2)
+    w1, w2 = _two_layers(weights)
+    s1, s2 = _two_layers(momentum)
+    a1, a2 = _two_layers(anchor) if anchor else (w1, w2)
+    kw1, kw2 = _two_layers(kept[:depth]) if save else (w1, w2)
+    ks1, ks2 = _two_layers(kept[depth:]) if save else (w1, w2)
     arguments = (
         q.contiguous(), k.contiguous(), v.contiguous(), y,
         w1, s1, a1, w2, s2, a2,

@@ -27,6 +27,8 @@ from titans.memory.scan_triton_parts import (
     _dual_layer,
     _end_state,
     _span_coefficients,
+    _span_tensors,
+    _two_layers,
     jit,
     tl,
 )
@@ -404,8 +406,7 @@ def scan_backward(
         leaves = [ScanGates(*(None if t is None else t.detach().requires_grad_() for t in g)) for g in gates]
         coefficients = _coefficients(leaves, lengths, settings.chunk_size, rows)
     d_coefficients = [torch.empty_like(t) for t in coefficients]
-    starts = torch.tensor([sum(lengths[:c]) for c in range(n)], dtype=torch.int32, device=q.device)
-    spans = torch.tensor(lengths, dtype=torch.int32, device=q.device)
+    starts, spans = _span_tensors(lengths, q.device)
     shapes = [tuple(w.shape[1:]) for w in grad_weights]
     d_outs = [s[0] for s in shapes]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -413,18 +414,14 @@ def scan_backward(
     d_anchor = [q.new_empty(n_mem, *s) for s in shapes] if anchor else []
     scratch = [q.new_empty(n_mem, settings.stride, *s) for s in shapes + shapes]
 
-    def per_layer(ts: Sequence[Tensor]) -> list[Tensor]:  # layer 2's slot repeats layer 1's at depth 1 (unused)
-        return [ts[0], ts[-1]]
-
-    kw, ks = per_layer([t.contiguous() for t in saved[:depth]]), per_layer([t.contiguous() for t in saved[depth:]])
-    a = per_layer([t.contiguous() for t in anchor]) if anchor else kw
-    gw, gs = per_layer([t.contiguous() for t in grad_weights]), per_layer([t.contiguous() for t in grad_momentum])
-    gl = per_layer([t.contiguous() for t in grad_last_start])
-    da = per_layer(d_anchor) if anchor else kw
+    kw, ks = _two_layers(saved[:depth]), _two_layers(saved[depth:])
+    a = _two_layers(anchor) if anchor else kw
+    gw, gs, gl = _two_layers(grad_weights), _two_layers(grad_momentum), _two_layers(grad_last_start)
+    da = _two_layers(d_anchor) if anchor else kw
     _scan_backward_kernel[(n_mem,)](
         q.contiguous(), k.contiguous(), v.contiguous(), grad_y.contiguous(), dq, dk, dv,
-        *kw, *ks, *a, *gw, *gs, *gl, *per_layer(d_w), *per_layer(d_s), *da,
-        *per_layer(scratch[:depth]), *per_layer(scratch[depth:]),
+        *kw, *ks, *a, *gw, *gs, *gl, *_two_layers(d_w), *_two_layers(d_s), *da,
+        *_two_layers(scratch[:depth]), *_two_layers(scratch[depth:]),
         *coefficients, *d_coefficients, starts, spans,
         n_mem, T, n, saved[0].shape[1], settings.stride, float(settings.clip),
         DEPTH=depth, I1=d_in, O1=d_outs[0], O2=d_outs[-1],

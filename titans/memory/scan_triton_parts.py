@@ -29,6 +29,21 @@ def _block(n: int) -> int:
     return max(16, 1 << max(n - 1, 0).bit_length())
 
 
+def _two_layers(ts: Sequence[Tensor]) -> list[Tensor]:
+    """Per-layer tensors as the kernels take them, contiguous: layer 1's and layer 2's (at depth 1 layer 1's twice,
+    in the slot the kernel never reads)."""
+    return [ts[0].contiguous(), ts[-1].contiguous()]
+
+
+def _span_tensors(lengths: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Each span's first token and length, int32 [n] each, for the kernels."""
+    starts = [sum(lengths[:c]) for c in range(len(lengths))]
+    return (
+        torch.tensor(starts, dtype=torch.int32, device=device),
+        torch.tensor(lengths, dtype=torch.int32, device=device),
+    )
+
+
 def _span_groups(lengths: Sequence[int], chunk: int) -> list[tuple[int, int, int]]:
     """(first token, spans, span length) of each run of whole chunks, and of each partial span alone."""
     groups, i, start = [], 0, 0
