@@ -3,15 +3,18 @@ sliding-window models, and cached generation.
 
     python benchmarks/bench_cuda.py                      # the sweep below, a few minutes on an H100/H200
     python benchmarks/bench_cuda.py --seq-lens 1024 --budget 60
+    python benchmarks/bench_cuda.py --shape issue        # issue 18's shape: d_model 512, 8 heads, 4 layers, T 8192
 
 What it does, in order:
 1. Training steps (forward, backward, AdamW step; float32 weights, bf16 autocast unless --dtype float32) of every
-   variant at d_model 256, 4 heads, 2 layers, batch 4, window 256, MAC segment 128, memory chunk 64, for each T;
+   variant at d_model 256, 4 heads, 2 layers, batch 4, window 256, MAC segment 128, memory chunk 64 (--shape small;
+   --shape issue: d_model 512, 8 heads, 4 layers, window and MAC segment 512), for each T;
    baseline-sliding, MAG and MAL with `model.attention_impl` sdpa and flex side by side, and the memory variants'
    default (the scan's Triton kernels on CUDA) beside the tensor-op scan (`fused.TRITON_ON_CUDA = False`). Each
    case gets a warm-up (FlexAttention's and the scan's kernels compile there), then the median of up to --repeats
    synchronised steps; peak memory is torch.cuda.max_memory_allocated over the timed steps.
-2. Cached generation: tokens/s of `generate` (the fixed-shape step, eager) after a 64-token prompt, batch 1.
+2. Cached generation: tokens/s of `generate` after a 64-token prompt, batch 1, greedy: the fixed-shape step eager
+   and replayed as a CUDA graph (`TitansLM.graph_decode`), alternating, and whether both gave the same tokens.
 3. An aligned table, then ONE JSON line. Cases are skipped, not failed, once the --budget of seconds is spent.
 """
 
@@ -57,19 +60,27 @@ CASES = [
 ]
 
 
-def model_config(variant: str, baseline_attention: str, impl: str, memory: dict[str, Any]) -> ModelConfig:
+# --shape: the model block of every case. "small" is the first GPU measurement's (benchmarks/results/
+# cuda_h200_20261128.md); "issue" the shape issue 18's targets are stated at (T 8192 by default there).
+SHAPES: dict[str, dict[str, int]] = {
+    "small": {"d_model": 256, "n_heads": 4, "n_layers": 2, "window": 256, "segment_len": 128},
+    "issue": {"d_model": 512, "n_heads": 8, "n_layers": 4, "window": 512, "segment_len": 512},
+}
+DEFAULT_SEQ_LENS = {"small": "1024,4096,16384", "issue": "8192"}
+MEMORY_CHUNK = 64
+
+
+def model_config(
+    variant: str, baseline_attention: str, impl: str, memory: dict[str, Any], shape: str = "small"
+) -> ModelConfig:
     return ModelConfig(
         variant=variant,
-        d_model=256,
-        n_heads=4,
-        n_layers=2,
+        **SHAPES[shape],
         vocab_size=VOCAB,
-        window=256,
-        segment_len=128,
         persistent_memory_size=4,
         baseline_attention=baseline_attention,
         attention_impl=impl,
-        memory=MemoryConfig(chunk_size=64, **{k: v for k, v in memory.items() if k != TENSOR_OP}),
+        memory=MemoryConfig(chunk_size=MEMORY_CHUNK, **{k: v for k, v in memory.items() if k != TENSOR_OP}),
     )
 
 
@@ -125,16 +136,33 @@ def train_case(label: str, cfg: ModelConfig, T: int, batch: int, dtype: str, arg
 
 @torch.no_grad()
 def generation_case(label: str, cfg: ModelConfig, new_tokens: int, args: argparse.Namespace) -> dict:
+    """Tokens/s of greedy cached generation, eager and with the step replayed as a CUDA graph (`graph_decode`),
+    alternating; `same_tokens` says whether the two generated the same continuation."""
     torch.manual_seed(0)
     model = build_model(cfg).cuda().eval()
     prompt = torch.randint(0, VOCAB, (1, 64), device="cuda")
-    times = timed(lambda: model.generate(prompt, new_tokens, temperature=0.0), 1, args.repeats, args.case_budget)
-    return {"case": label, "new_tokens": new_tokens, "gen_tokens_per_s": new_tokens / statistics.median(times)}
+    outputs: dict[bool, torch.Tensor] = {}
+    times: dict[bool, list[float]] = {False: [], True: []}
+
+    def generate(graphed: bool) -> None:
+        model.graph_decode(graphed)
+        outputs[graphed] = model.generate(prompt, new_tokens, temperature=0.0)
+
+    for graphed in (False, True):
+        generate(graphed)  # warm-up
+    for _ in range(args.repeats):
+        for graphed in (False, True):
+            times[graphed] += timed(lambda g=graphed: generate(g), 0, 1, args.case_budget)
+    eager, graphed = (new_tokens / statistics.median(times[g]) for g in (False, True))
+    same = bool(torch.equal(outputs[False], outputs[True]))
+    return {"case": label, "new_tokens": new_tokens, "gen_tokens_per_s": eager, "graph_tokens_per_s": graphed,
+            "graph_speedup": graphed / eager, "same_tokens": same, "same": "yes" if same else "NO"}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-lens", default="1024,4096,16384", help="comma-separated T (default 1024,4096,16384)")
+    parser.add_argument("--shape", choices=list(SHAPES), default="small", help="the model block (see SHAPES)")
+    parser.add_argument("--seq-lens", default=None, help="comma-separated T (default: 1024,4096,16384; 8192 for issue)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="autocast dtype")
     parser.add_argument("--warmup", type=int, default=2)
@@ -147,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_cuda needs a CUDA GPU; none is visible to torch here", file=sys.stderr)
         print(json.dumps({"benchmark": "cuda", "error": "no CUDA device"}))
         return 1
-    seq_lens = [int(t) for t in args.seq_lens.split(",")]
+    seq_lens = [int(t) for t in (args.seq_lens or DEFAULT_SEQ_LENS[args.shape]).split(",")]
     start = time.perf_counter()
     train_rows: list[dict] = []
     skipped: list[str] = []
@@ -157,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                 skipped.append(f"{label} T={T}")
                 continue
             fused.TRITON_ON_CUDA = not memory.get(TENSOR_OP, False)
-            row = train_case(label, model_config(variant, attention, impl, memory), T, args.batch, args.dtype, args)
+            config = model_config(variant, attention, impl, memory, args.shape)
+            row = train_case(label, config, T, args.batch, args.dtype, args)
             torch.cuda.empty_cache()  # the case's model and optimiser are gone; give their blocks back
             train_rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
@@ -168,13 +197,16 @@ def main(argv: list[str] | None = None) -> int:
         if time.perf_counter() - start > args.budget:
             skipped.append(f"{label} generation")
             continue
-        config = model_config(variant, attention, impl, memory)
+        config = model_config(variant, attention, impl, memory, args.shape)
         generation_rows.append(generation_case(label, config, args.new_tokens, args))
 
     device = torch.cuda.get_device_name()
+    shape = SHAPES[args.shape]
     print(
-        f"\nTraining on {device}, torch {torch.__version__}: d_model 256, 4 heads, 2 layers, batch {args.batch}, "
-        f"window 256, MAC segment 128, memory chunk 64, autocast {args.dtype}; median of up to {args.repeats} steps"
+        f"\nTraining on {device}, torch {torch.__version__}: d_model {shape['d_model']}, {shape['n_heads']} heads, "
+        f"{shape['n_layers']} layers, batch {args.batch}, window {shape['window']}, MAC segment "
+        f"{shape['segment_len']}, memory chunk {MEMORY_CHUNK}, autocast {args.dtype}; median of up to {args.repeats} "
+        "steps"
     )
     columns = [
         ("case", "case", "s"),
@@ -185,8 +217,15 @@ def main(argv: list[str] | None = None) -> int:
         ("error", "error", "s"),
     ]
     print(format_table(train_rows, columns))
-    print(f"\nCached generation, batch 1, {args.new_tokens} tokens after 64 (eager fixed-shape step)")
-    print(format_table(generation_rows, [("case", "case", "s"), ("tokens/s", "gen_tokens_per_s", ",.0f")]))
+    print(f"\nCached generation, batch 1, {args.new_tokens} tokens after 64: the fixed-shape step eager and replayed")
+    generation_columns = [
+        ("case", "case", "s"),
+        ("eager tokens/s", "gen_tokens_per_s", ",.0f"),
+        ("CUDA graph tokens/s", "graph_tokens_per_s", ",.0f"),
+        ("speed-up", "graph_speedup", ".2f"),
+        ("same tokens", "same", "s"),
+    ]
+    print(format_table(generation_rows, generation_columns))
     if skipped:
         print(f"\nskipped (budget {args.budget:.0f} s spent): {', '.join(skipped)}")
     result = {
@@ -194,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device,
         "torch": torch.__version__,
         "dtype": args.dtype,
+        "shape": {**SHAPES[args.shape], "memory_chunk": MEMORY_CHUNK, "batch": args.batch},
         "train": train_rows,
         "generate": generation_rows,
         "skipped": skipped,

@@ -128,6 +128,10 @@ def test_generate_greedy_continues_the_prompt(trained, capsys, monkeypatch):
     assert cli.main([*args, "--compile"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "C++ compiler" in err
+    # --cuda-graph records CUDA graphs: on a CPU model it is a one-line error naming the device
+    assert cli.main([*args, "--cuda-graph"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "needs a CUDA device, but the model is on cpu" in err
 
 
 def test_config_error_exits_2_with_one_line_and_no_traceback(trained):

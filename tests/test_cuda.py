@@ -244,6 +244,28 @@ def test_compiled_decode_on_cuda_equals_eager(variant: str) -> None:
     compiled = model.generate(prompt, 24, temperature=0.0)
     again = model.generate(prompt, 24, temperature=0.0)
     assert torch.equal(compiled, eager) and torch.equal(again, eager)
+    model.graph_decode()  # the compiled step, recorded as a CUDA graph
+    assert torch.equal(model.generate(prompt, 24, temperature=0.0), eager)
+
+
+@pytest.mark.parametrize(("variant", "attention"), MODELS)
+@torch.no_grad()
+def test_graphed_decode_on_cuda_equals_eager(variant: str, attention: str) -> None:
+    """graph_decode: the fixed-shape step recorded once per generate and replayed per token gives the eager step's
+    tokens, greedy and sampled, across segment, chunk and window boundaries, in two generations in a row."""
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(variant, baseline_attention=attention)).to(CUDA).eval()
+    prompt = tokens(2, 9).to(CUDA)
+
+    def sampled() -> torch.Tensor:
+        generator = torch.Generator(CUDA).manual_seed(2)
+        return model.generate(prompt, 24, temperature=1.3, generator=generator)
+
+    eager, eager_sampled = model.generate(prompt, 24, temperature=0.0), sampled()
+    model.graph_decode()
+    for _ in range(2):
+        assert torch.equal(model.generate(prompt, 24, temperature=0.0), eager)
+    assert torch.equal(sampled(), eager_sampled)
 
 
 @pytest.mark.parametrize("option", ["defaults", "no-momentum", "neither"])

@@ -152,6 +152,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
             )
             return 2
         model.compile_decode()
+    if args.cuda_graph:
+        if device.type != "cuda":
+            print(
+                f"titans generate: --cuda-graph needs a CUDA device, but the model is on {device.type}; pass "
+                "training.device=cuda or drop --cuda-graph",
+                file=sys.stderr,
+            )
+            return 2
+        model.graph_decode()
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(
         prompt[None].to(device), args.max_new_tokens, args.temperature, args.top_k, generator=generator
@@ -252,6 +261,29 @@ def _add_memory_check(commands: Any, process: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_memory_check)
 
 
+def _add_generate(commands: Any, process: argparse.ArgumentParser, overrides: dict[str, Any]) -> None:
+    p = commands.add_parser("generate", help="sample a continuation from a checkpoint", parents=[process])
+    p.add_argument("checkpoint", help="ckpt_*.pt file or run directory")
+    p.add_argument("--prompt", required=True, help="token ids ('3 1 7 2'), or text for byte-level text tasks")
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=16)
+    p.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k likeliest tokens (default all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode with a torch.compile'd step (model.compile_decode): several times the eager tokens/s, after "
+        "a one-time compilation (timings in benchmarks/README.md)",
+    )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay the one-token step as a CUDA graph (model.graph_decode): one launch per token; GPU only",
+    )
+    p.add_argument("overrides", **overrides)
+    p.set_defaults(func=cmd_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="titans", description="Titans: train, evaluate and compare memory models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -305,21 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", **overrides)
     p.set_defaults(func=cmd_compare)
 
-    p = commands.add_parser("generate", help="sample a continuation from a checkpoint", parents=[process])
-    p.add_argument("checkpoint", help="ckpt_*.pt file or run directory")
-    p.add_argument("--prompt", required=True, help="token ids ('3 1 7 2'), or text for byte-level text tasks")
-    p.add_argument("--max-new-tokens", type=non_negative_int, default=16)
-    p.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k likeliest tokens (default all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="decode with a torch.compile'd step (model.compile_decode): several times the eager tokens/s, after "
-        "a one-time compilation (timings in benchmarks/README.md)",
-    )
-    p.add_argument("overrides", **overrides)
-    p.set_defaults(func=cmd_generate)
+    _add_generate(commands, process, overrides)
 
     _add_memory_check(commands, process)
 

@@ -32,6 +32,7 @@ from torch import nn
 from titans.config import ModelConfig
 from titans.memory.module import NeuralMemory
 from titans.memory.step import decode_linear, drop_weight_caches
+from titans.models.decode_graph import Capture, DecodeGraph, cuda_capture
 from titans.models.layers import ResidualProjection, RMSNorm
 from titans.system import compile_options
 from titans.tasks.base import IGNORE_INDEX
@@ -134,6 +135,7 @@ class TitansLM(nn.Module):
         self.norm = RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self._compiled_step = None  # compile_decode()
+        self._decode_capture: Capture | None = None  # graph_decode()
         self._init_parameters()
 
     def _init_parameters(self) -> None:
@@ -333,13 +335,21 @@ class TitansLM(nn.Module):
         logits, _, state = self(idx)
         logits = logits[:, -1]
         fixed = self._fixed_states(state, idx.shape[1] + max_new_tokens) if use_cache else None
+        graph = None
         with contextlib.ExitStack() as guards:
             for step in range(max_new_tokens):
                 next_token = self._sample(logits, temperature, top_k, generator)
                 new_tokens.append(next_token)
                 if step == max_new_tokens - 1:
                     break
-                if fixed is not None and self._compiled_step is not None:
+                if fixed is not None and self._decode_capture is not None:
+                    if graph is None:  # recorded per call: the weight copies it reads were rebuilt above
+                        if self._decode_capture is cuda_capture:
+                            self._require_cuda(idx.device)
+                        decode = self._compiled_step or self._fixed_step
+                        graph = DecodeGraph(decode, next_token, fixed, self._decode_capture)
+                    logits = graph(next_token)
+                elif fixed is not None and self._compiled_step is not None:
                     logits, fixed = self._compiled_step(next_token, fixed)
                     if step == 0:
                         # The first call checked every guard (or compiled). Later calls get the previous step's outputs
@@ -375,6 +385,27 @@ class TitansLM(nn.Module):
             if enabled
             else None
         )
+
+    def graph_decode(self, enabled: bool = True) -> None:
+        """Replay `generate`'s cached one-token step as a CUDA graph (eager launches when enabled is False).
+
+        Each `generate` call records the fixed-shape step (`_fixed_step`, or the compiled one after `compile_decode`)
+        once after two warm-up tokens and replays it for every later token: one launch per token instead of one per
+        kernel (`decode_graph.py`). Results equal the eager step's (tests/test_cuda.py). It applies where the fixed
+        step does (`compile_decode`'s conditions); elsewhere `generate` decodes as without it. Needs the model on a
+        CUDA device.
+        """
+        if enabled:
+            self._require_cuda(self.head.weight.device)
+        self._decode_capture = cuda_capture if enabled else None
+
+    @staticmethod
+    def _require_cuda(device: torch.device) -> None:
+        if device.type != "cuda":
+            raise ValueError(
+                f"graph_decode records CUDA graphs, but the model is on {device.type}; move it to a GPU "
+                "(model.to('cuda')) or call graph_decode(False)"
+            )
 
     def _fixed_states(self, state: LMState, capacity: int) -> list[Any] | None:
         """Every block's state in fixed-shape form (`block.fixed_state`), or None when some block has none or a memory
