@@ -8,14 +8,18 @@ sliding-window models, and cached generation.
 What it does, in order:
 1. Training steps (forward, backward, AdamW step; float32 weights, bf16 autocast unless --dtype float32) of every
    variant at d_model 256, 4 heads, 2 layers, batch 4, window 256, MAC segment 128, memory chunk 64 (--shape small;
-   --shape issue: d_model 512, 8 heads, 4 layers, window and MAC segment 512), for each T;
+   --shape issue: d_model 512, 8 heads, 4 layers, window and MAC segment 512), for each T, and each baseline and
+   memory variant again with its forward and backward replayed from a CUDA graph (training.cuda_graph);
    baseline-sliding, MAG and MAL with `model.attention_impl` sdpa and flex side by side, and the memory variants'
    default (the scan's Triton kernels on CUDA) beside the tensor-op scan (`fused.TRITON_ON_CUDA = False`). Each
    case gets a warm-up (FlexAttention's and the scan's kernels compile there), then the median of up to --repeats
    synchronised steps; peak memory is torch.cuda.max_memory_allocated over the timed steps.
 2. Cached generation: tokens/s of `generate` after a 64-token prompt, batch 1, greedy: the fixed-shape step eager
    and replayed as a CUDA graph (`TitansLM.graph_decode`), alternating, and whether both gave the same tokens.
-3. An aligned table, then ONE JSON line. Cases are skipped, not failed, once the --budget of seconds is spent.
+3. The memory variants' tokens/s over the same-size Transformer's (sliding window and full attention, same T, eager
+   against eager and graphed against graphed), and the memory layer alone: its achieved TFLOP/s beside the GPU's
+   dense matmul rate.
+4. Aligned tables, then ONE JSON line. Cases are skipped, not failed, once the --budget of seconds is spent.
 """
 
 from __future__ import annotations
@@ -31,33 +35,45 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_memory import format_table  # noqa: E402
+from bench_memory import MemoryCase, build_memory, format_table, memory_flops  # noqa: E402
 
 from titans.config import MemoryConfig, ModelConfig  # noqa: E402
 from titans.memory import fused  # noqa: E402
 from titans.models import build_model  # noqa: E402
+from titans.train_graph import WARM_UP_STEPS, GraphedStep, cuda_capture  # noqa: E402
 
 VOCAB = 256
 TENSOR_OP = "tensor-op scan"  # a case's flag: fused.TRITON_ON_CUDA off, the memory scan in tensor ops
+GRAPH = "cuda graph"  # a case's flag: forward and backward replayed from a CUDA graph (training.cuda_graph)
 # (label, variant, baseline attention, attention impl, memory overrides)
 CASES = [
+    # first what issue 18's targets compare: the defaults (the memory scan's Triton kernels on CUDA), eager and with
+    # forward and backward replayed from a CUDA graph (training.cuda_graph, titans/train_graph.py)
     ("baseline-full", "baseline", "full", "sdpa", {}),
     ("baseline-sliding", "baseline", "sliding", "sdpa", {}),
-    ("baseline-sliding flex", "baseline", "sliding", "flex", {}),
     ("LMM", "LMM", "full", "sdpa", {}),
     ("MAC", "MAC", "full", "sdpa", {}),
     ("MAG", "MAG", "full", "sdpa", {}),
-    ("MAG flex", "MAG", "full", "flex", {}),
     ("MAL", "MAL", "full", "sdpa", {}),
+    ("baseline-full graph", "baseline", "full", "sdpa", {GRAPH: True}),
+    ("baseline-sliding graph", "baseline", "sliding", "sdpa", {GRAPH: True}),
+    ("LMM graph", "LMM", "full", "sdpa", {GRAPH: True}),
+    ("MAC graph", "MAC", "full", "sdpa", {GRAPH: True}),
+    ("MAG graph", "MAG", "full", "sdpa", {GRAPH: True}),
+    ("MAL graph", "MAL", "full", "sdpa", {GRAPH: True}),
+    # FlexAttention's sliding-window kernel for the models that have one
+    ("baseline-sliding flex", "baseline", "sliding", "flex", {}),
+    ("MAG flex", "MAG", "full", "flex", {}),
     ("MAL flex", "MAL", "full", "flex", {}),
-    # the rows above run the memory scan's Triton kernels (the default on CUDA); these the tensor-op scan, the
-    # default before them. The LMM's default exact last layer is outside the kernels: its pair is anchored.
+    # the tensor-op scan, the default before the kernels. The LMM's default exact last layer has no backward
+    # kernel: its pair is anchored.
     ("LMM anchored", "LMM", "full", "sdpa", {"exact_last_layer": False}),
     ("LMM anchored tensor-op", "LMM", "full", "sdpa", {"exact_last_layer": False, TENSOR_OP: True}),
     ("MAC tensor-op", "MAC", "full", "sdpa", {TENSOR_OP: True}),
     ("MAG tensor-op", "MAG", "full", "sdpa", {TENSOR_OP: True}),
     ("MAL tensor-op", "MAL", "full", "sdpa", {TENSOR_OP: True}),
 ]
+FLAGS = (TENSOR_OP, GRAPH)
 
 
 # --shape: the model block of every case. "small" is the first GPU measurement's (benchmarks/results/
@@ -80,7 +96,7 @@ def model_config(
         persistent_memory_size=4,
         baseline_attention=baseline_attention,
         attention_impl=impl,
-        memory=MemoryConfig(chunk_size=MEMORY_CHUNK, **{k: v for k, v in memory.items() if k != TENSOR_OP}),
+        memory=MemoryConfig(chunk_size=MEMORY_CHUNK, **{k: v for k, v in memory.items() if k not in FLAGS}),
     )
 
 
@@ -99,24 +115,32 @@ def timed(step, warmup: int, repeats: int, budget_s: float) -> list[float]:
     return times
 
 
-def train_case(label: str, cfg: ModelConfig, T: int, batch: int, dtype: str, args: argparse.Namespace) -> dict:
+def train_case(
+    label: str, cfg: ModelConfig, T: int, batch: int, dtype: str, args: argparse.Namespace, graph: bool = False
+) -> dict:
     torch.manual_seed(0)
     model = build_model(cfg).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     idx = torch.randint(0, VOCAB, (batch, T), device="cuda")
     targets = torch.roll(idx, -1, dims=1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    graphed = GraphedStep(model, torch.bfloat16 if dtype == "bfloat16" else None, cuda_capture) if graph else None
 
     def step() -> None:
+        if graphed is not None:  # as train_step runs it: the gradients stay in place, zeroed by the next replay
+            graphed(idx, targets)
+            optimizer.step()
+            return
         with autocast:
             _, loss, _ = model(idx, targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    row: dict[str, Any] = {"case": label, "T": T}
+    row: dict[str, Any] = {"case": label, "T": T, "variant": cfg.variant, "graph": graph}
     try:
-        for _ in range(args.warmup):
+        # a graphed case's warm-up includes its eager steps and the recording
+        for _ in range(max(args.warmup, WARM_UP_STEPS + 1) if graph else args.warmup):
             step()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -132,6 +156,62 @@ def train_case(label: str, cfg: ModelConfig, T: int, batch: int, dtype: str, arg
     row["tokens_per_s"] = batch * T / median
     row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row
+
+
+def transformer_ratios(rows: list[dict]) -> list[dict]:
+    """Each memory variant's training tokens/s over the same-size Transformer's at the same T, eager against eager
+    and graphed against graphed: the sliding-window baseline (issue 18's target, >= 0.5x) and full attention (the
+    paper's implementation: about 0.77x at 8K, MIRAS paper)."""
+    baselines = {
+        (r["case"].removesuffix(" graph"), r["T"], r["graph"]): r["tokens_per_s"] for r in rows if "tokens_per_s" in r
+    }
+    ratios = []
+    for r in rows:
+        if r["variant"] == "baseline" or "tokens_per_s" not in r:
+            continue
+        ratio = {"case": r["case"], "T": r["T"]}
+        for name in ("baseline-sliding", "baseline-full"):
+            reference = baselines.get((name, r["T"], r["graph"]))
+            if reference is not None:
+                ratio[f"vs_{name.removeprefix('baseline-')}"] = r["tokens_per_s"] / reference
+        ratios.append(ratio)
+    return ratios
+
+
+def memory_layer_case(shape: dict[str, int], T: int, batch: int, args: argparse.Namespace) -> dict:
+    """One NeuralMemory at the model's width (the library's defaults, chunk MEMORY_CHUNK), forward + backward in
+    float32 (the memory's inner arithmetic is float32 under autocast too): ms per call and the achieved TFLOP/s of
+    its analytic FLOPs (bench_memory.memory_flops, the chunk-start states recomputed in the backward)."""
+    case = MemoryCase(shape["d_model"], shape["n_heads"], batch, T, MEMORY_CHUNK, "fwd+bwd")
+    module = build_memory(case).cuda()
+    x = torch.randn(batch, T, case.dim, device="cuda", requires_grad=True)
+
+    def step() -> None:
+        y, _ = module(x)
+        y.square().mean().backward()
+
+    row: dict[str, Any] = {"case": "memory layer fwd+bwd", "T": T}
+    try:
+        times = timed(step, args.warmup, args.repeats, args.case_budget)
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        row["error"] = str(error).splitlines()[0][:100]
+        return row
+    median = statistics.median(times)
+    row["step_ms"] = 1e3 * median
+    row["tflops"] = memory_flops(case)["total"] * case.tokens / median / 1e12
+    return row
+
+
+def matmul_tflops(dtype: torch.dtype, size: int = 8192, repeats: int = 5) -> float:
+    """The GPU's dense matmul rate in `dtype` (float32 without TF32, as the memory kernels compute), TFLOP/s."""
+    a, b = (torch.randn(size, size, device="cuda", dtype=dtype) for _ in range(2))
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        best = min(timed(lambda: a @ b, 1, repeats, 30.0))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return 2 * size**3 / best / 1e12
 
 
 @torch.no_grad()
@@ -186,13 +266,22 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             fused.TRITON_ON_CUDA = not memory.get(TENSOR_OP, False)
             config = model_config(variant, attention, impl, memory, args.shape)
-            row = train_case(label, config, T, args.batch, args.dtype, args)
+            row = train_case(label, config, T, args.batch, args.dtype, args, graph=memory.get(GRAPH, False))
             torch.cuda.empty_cache()  # the case's model and optimiser are gone; give their blocks back
             train_rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
+    layer_rows: list[dict] = []
+    for T in seq_lens:
+        if time.perf_counter() - start > args.budget:
+            skipped.append(f"memory layer T={T}")
+            continue
+        fused.TRITON_ON_CUDA = True
+        layer_rows.append(memory_layer_case(SHAPES[args.shape], T, args.batch, args))
+        torch.cuda.empty_cache()
+    rates = {name: matmul_tflops(dtype) for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
     generation_rows: list[dict] = []
     for label, variant, attention, impl, memory in CASES:
-        if impl == "flex" or TENSOR_OP in memory:  # one-token decoding runs neither FlexAttention nor the scan
+        if impl == "flex" or TENSOR_OP in memory or GRAPH in memory:  # decoding: no FlexAttention, no scan
             continue
         if time.perf_counter() - start > args.budget:
             skipped.append(f"{label} generation")
@@ -217,6 +306,21 @@ def main(argv: list[str] | None = None) -> int:
         ("error", "error", "s"),
     ]
     print(format_table(train_rows, columns))
+    ratios = transformer_ratios(train_rows)
+    print("\nMemory variants vs the same-size Transformer (training tokens/s; eager vs eager, graph vs graph)")
+    ratio_columns = [
+        ("case", "case", "s"),
+        ("T", "T", "d"),
+        ("vs sliding window", "vs_sliding", ".3f"),
+        ("vs full attention (paper ~0.77)", "vs_full", ".3f"),
+    ]
+    print(format_table(ratios, ratio_columns))
+    print(
+        f"\nThe memory layer alone (d {shape['d_model']}, {shape['n_heads']} heads, chunk {MEMORY_CHUNK}, batch "
+        f"{args.batch}, float32); dense matmul: float32 {rates['float32']:.1f}, bf16 {rates['bfloat16']:.1f} TFLOP/s"
+    )
+    print(format_table(layer_rows, [("case", "case", "s"), ("T", "T", "d"), ("ms", "step_ms", ".1f"),
+                                    ("TFLOP/s", "tflops", ".2f"), ("error", "error", "s")]))  # fmt: skip
     print(f"\nCached generation, batch 1, {args.new_tokens} tokens after 64: the fixed-shape step eager and replayed")
     generation_columns = [
         ("case", "case", "s"),
@@ -235,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype,
         "shape": {**SHAPES[args.shape], "memory_chunk": MEMORY_CHUNK, "batch": args.batch},
         "train": train_rows,
+        "vs_transformer": ratios,
+        "memory_layer": layer_rows,
+        "matmul_tflops": rates,
         "generate": generation_rows,
         "skipped": skipped,
         "wall_s": round(time.perf_counter() - start, 1),

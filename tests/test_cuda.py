@@ -206,6 +206,31 @@ def test_training_on_cuda_learns_and_resumes(tmp_path: Path, overrides: list[str
     assert losses(crashed)[20:] == pytest.approx(curve[20:], rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "rel"),
+    [(["model.variant=baseline"], 1e-4), (["model.variant=LMM"], 1e-4), (["model.variant=MAC"], 1e-4),
+     (["model.variant=MAC", "training.dtype=bfloat16"], 3e-2)],
+    ids=["baseline", "LMM", "MAC", "MAC-bf16"],
+)  # fmt: skip
+def test_cuda_graph_training_equals_eager(tmp_path: Path, overrides: list[str], rel: float) -> None:
+    """training.cuda_graph: warm-up steps, the recorded full batch and the recorded short last batch of an epoch
+    (batch 12 of 80 rows), replayed between evaluations, give the eager run's losses and evaluations. Under bf16 the
+    recording casts each weight where it is used (autocast's cache is off), so it rounds differently: 3e-2."""
+    runs = {}
+    for graphed in (False, True):
+        cfg = cuda_run(
+            tmp_path, *overrides, "training.batch_size=12", "training.max_steps=23", "training.eval_every=10",
+            f"training.cuda_graph={graphed}", f"training.run_name=graph-{graphed}",
+        )  # fmt: skip
+        runs[graphed] = train(cfg)
+    records = {g: read_metrics(Path(runs[g]["run_dir"]) / "metrics.jsonl", wall_clock=False) for g in runs}
+    assert [r["kind"] for r in records[True]] == [r["kind"] for r in records[False]]
+    for got, want in zip(records[True], records[False], strict=True):
+        for key in ("loss", "test_loss", "copy_accuracy", "grad_norm"):
+            if key in want:
+                assert got[key] == pytest.approx(want[key], rel=rel, abs=1e-5), (want["step"], key, got[key])
+
+
 # ---- Triton kernels: compiled training segments and the compiled decode step (slow: minutes of compilation)
 
 

@@ -60,6 +60,7 @@ from titans.run import MetricsLog, RunDir, TrainingCheckpoints, open_run_dir
 from titans.stop import StopFlag
 from titans.system import cpu_compiler, loaded_allocator
 from titans.tasks import make_task
+from titans.train_graph import GraphedStep, capture_for
 
 
 class TrainingDivergedError(RuntimeError):
@@ -120,6 +121,16 @@ def check_runtime(cfg: RunConfig, device: torch.device) -> None:
         )
     if cfg.model.attention_impl == "flex" and device.type == "cpu":
         raise ConfigError(FLEX_ON_CPU_ERROR)
+    if t.cuda_graph:
+        try:
+            capture_for(device)
+        except ValueError as error:
+            fix = "train on a GPU (training.device=cuda) or set training.cuda_graph=false"
+            raise ConfigError(f"{error}; {fix}") from None
+        if launch_world_size() > 1:
+            raise ConfigError(
+                "training.cuda_graph=true records one process's step; drop it under torchrun or run one process"
+            )
     check_memory(cfg, device, launch_world_size())  # a size no memory here can hold (titans/footprint.py)
 
 
@@ -182,12 +193,10 @@ def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: D
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = task.vocab_size
     cfg.model.memory = resolved_memory(cfg.model)  # the variant's memory defaults, saved as values
-    # The same seed on every rank: identical initial weights (DDP also broadcasts rank 0's at wrapping).
-    torch.manual_seed(cfg.seed)
-    module = build_model(cfg.model).to(device)
-    if t.compile:
-        module.compile_blocks()  # before wrapping: the compiled steps live inside the single-device model
+    module = _seeded_model(cfg, device)
     model = wrap_model(module, t.parallel, dist_info)  # DDP or FSDP2 under torchrun; `module` stays inside
+    # training.cuda_graph: forward and backward replayed from CUDA graphs (titans/train_graph.py; one process)
+    graphed = GraphedStep(module, _autocast_dtype(t.dtype), capture_for(device)) if t.cuda_graph else None
 
     # ---- data: a fixed split reshuffled per epoch, fresh rows, or a text stream (titans/data.py)
     data = TrainData(cfg, task, dist_info.rank, dist_info.world_size)
@@ -218,7 +227,7 @@ def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: D
         while step < total_steps and not stop_requested:
             step_start, stop.step_started = time.perf_counter(), time.monotonic()
             epoch, index_in_epoch = divmod(step, data.steps_per_epoch)
-            result = train_step(model, data, step, optimizer, scheduler, cfg, dist_info, stop, run)
+            result = train_step(model, data, step, optimizer, scheduler, cfg, dist_info, stop, run, graphed)
             stop_requested = result.stop_requested
             step += 1
             skipped_steps += not result.applied
@@ -264,6 +273,16 @@ def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: D
     summary = {"steps": step, "epochs": step / data.steps_per_epoch, "skipped_steps": skipped_steps}
     summary.update(interrupted=interrupted is not None, wall_s=round(time.time() - start_time, 2), device=str(device))
     return _result(cfg, task, module, log, run, checkpoints, summary)
+
+
+def _seeded_model(cfg: RunConfig, device: torch.device) -> nn.Module:
+    """cfg.model built on device from cfg.seed, compiled when training.compile asks."""
+    # The same seed on every rank: identical initial weights (DDP also broadcasts rank 0's at wrapping).
+    torch.manual_seed(cfg.seed)
+    module = build_model(cfg.model).to(device)
+    if cfg.training.compile:
+        module.compile_blocks()  # before wrapping: the compiled steps live inside the single-device model
+    return module
 
 
 def _header(
@@ -343,9 +362,11 @@ def train_step(
     dist_info: DistInfo,
     stop: StopFlag,
     run: RunDir,
+    graphed: GraphedStep | None = None,
 ) -> StepResult:
     """Optimizer step `step` (0-based) over this process's micro-batches of it: token-weighted backward, one
     all-reduce of the loss and the stop flag, gradient clipping, then the update unless the NaN policy skips it.
+    graphed: the forward and backward replayed from CUDA graphs (one process, one micro-batch, no carried state).
 
     Raises TrainingDivergedError on a non-finite loss or gradient norm when training.nan_policy is 'stop'.
     """
@@ -360,6 +381,11 @@ def train_step(
 
     # ---- forward and backward of each micro-batch; gradients accumulate
     step_loss = torch.zeros((), dtype=torch.float64, device=device)
+    if graphed is not None:  # one micro-batch of every scored token, one process: its loss is the step's
+        (micro,) = micro_batches
+        batch = micro.batch.to(device)
+        step_loss += graphed(batch.inputs, batch.targets)
+        micro_batches = []
     for index, micro in enumerate(micro_batches):
         batch = micro.batch.to(device)
         # All-reduce the accumulated gradients only in the last micro-step's backward.
@@ -392,7 +418,8 @@ def train_step(
     if non_finite is None:
         optimizer.step()
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    if graphed is None:  # a graphed step zeroes its gradients in place: they are recorded by address
+        optimizer.zero_grad(set_to_none=True)
     return StepResult(loss, grad_norm, lr, non_finite is None, non_finite, stop_requested)
 
 

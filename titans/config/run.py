@@ -64,6 +64,11 @@ class RunConfig:
             "(model.baseline_attention=sliding model.window=N)",
         )
         _require(
+            not (self.training.cuda_graph and self.data.dataset == "text" and self.data.text_carry_state),
+            "training.cuda_graph=true replays steps that start from an empty state, but data.text_carry_state=true "
+            "carries each step's state to the next; set data.text_carry_state=false or training.cuda_graph=false",
+        )
+        _require(
             not (self.model.attention_impl == "flex" and self.training.device == "cpu"),
             FLEX_ON_CPU_ERROR,
         )

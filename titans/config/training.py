@@ -94,6 +94,11 @@ class TrainingConfig:
     """torch.compile MAC's segments (memory.impl=chunked: every variant's memory chunks); inductor on CPU needs a
     C++ compiler. The first step pays the compilation; its measured cost is in benchmarks/README.md."""
 
+    cuda_graph: bool = False
+    """Replay each training step's forward and backward as a CUDA graph, recorded per batch shape after two eager
+    steps (titans/train_graph.py): one launch per step instead of thousands. CUDA only, one process,
+    grad_accum_steps 1, no state carried across steps, not with compile."""
+
     def __post_init__(self) -> None:
         _coerce_fields(self)
         p = self._path
@@ -111,6 +116,20 @@ class TrainingConfig:
         _require(self.weight_decay >= 0, f"{p}weight_decay must be >= 0, got {self.weight_decay}")
         _require(all(0 <= b < 1 for b in self.betas), f"{p}betas must each lie in [0, 1), got {list(self.betas)}")
         _require(self.out_dir.strip() != "", f"{p}out_dir must not be empty")
+        _require(
+            not (self.cuda_graph and self.device == "cpu"),
+            f"{p}cuda_graph=true records CUDA graphs, but {p}device is cpu; set {p}device=cuda (or auto on a GPU) "
+            f"or {p}cuda_graph=false",
+        )
+        _require(
+            not (self.cuda_graph and self.grad_accum_steps > 1),
+            f"{p}cuda_graph=true replays one micro-batch per step, but {p}grad_accum_steps is "
+            f"{self.grad_accum_steps}; raise {p}batch_size instead or set {p}cuda_graph=false",
+        )
+        _require(
+            not (self.cuda_graph and self.compile),
+            f"{p}cuda_graph=true and {p}compile=true: use one of them (compiled segments are not recorded)",
+        )
         _require(
             self.run_name is None or (self.run_name not in ("", ".", "..") and not set("/\\") & set(self.run_name)),
             f"{p}run_name must be a plain directory name (no slashes), got {self.run_name!r}",
