@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from host_sync import HostSyncs
 from test_decode import variant_config
 
 from titans.models import build_model
@@ -48,6 +49,26 @@ def test_replayed_logits_equal_the_eager_step_token_by_token() -> None:
     for t in range(4, 21):
         expected, fixed = model._fixed_step(idx[:, t : t + 1], fixed)
         assert torch.equal(graph(idx[:, t : t + 1]), expected)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@torch.no_grad()
+def test_the_recorded_decode_step_could_be_a_cuda_graph(variant: str) -> None:
+    """What DecodeGraph records (the fixed-shape step and the copies over the static states) reads no value on the
+    host and builds no tensor from host data."""
+
+    def checked_capture(record, warm_up):
+        warm_up()
+        with HostSyncs() as found:
+            logits = record()
+        assert not found.hits, f"the recorded decode step reads values on the host: {dict(found.hits)}"
+        return record, logits
+
+    torch.manual_seed(0)
+    model = build_model(variant_config(variant)).to(DT).eval()
+    prompt = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(1))
+    _, _, state = model(prompt)
+    DecodeGraph(model._fixed_step, prompt[:, -1:], model._fixed_states(state, capacity=12), checked_capture)
 
 
 def _swapping_step(token: torch.Tensor, states: tuple[torch.Tensor, torch.Tensor]):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from host_sync import HostSyncs
+from model_configs import tiny_model_config
 from test_decode import variant_config
 from test_train import tiny_config, train_records
 
@@ -103,3 +105,40 @@ def test_a_cuda_graph_run_without_a_gpu_stops_before_training(tmp_path):
     cfg = tiny_config(tmp_path, "training.cuda_graph=true", "training.device=auto", "training.max_steps=2")
     with pytest.raises(ConfigError, match="records CUDA graphs, but the model is on cpu; train on a GPU"):
         train(cfg)
+
+
+def _checked_capture(record, pool):
+    """A capture that runs the recorded work once under `HostSyncs` and fails on anything a CUDA graph cannot hold."""
+    with HostSyncs() as found:
+        record()
+    assert not found.hits, f"the recorded step reads values on the host: {dict(found.hits)}"
+    return record, pool
+
+
+MEMORY_VARIANTS = ["LMM", "MAC", "MAG", "MAL"]
+RECORDED = [
+    ("baseline", None, None),
+    *[(variant, "triton", None) for variant in MEMORY_VARIANTS],
+    *[(variant, "fused", None) for variant in MEMORY_VARIANTS],
+    ("MAC", "triton", torch.bfloat16),
+    ("LMM", "fused", torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize(("variant", "impl", "dtype"), RECORDED, ids=[f"{v}-{i}-{d}" for v, i, d in RECORDED])
+def test_the_recorded_step_could_be_a_cuda_graph(variant, impl, dtype):
+    """What GraphedStep records (gradients zeroed, forward under autocast, backward, loss copied) reads no value on
+    the host and builds no tensor from host data: the memory scan's Triton kernels (the CUDA default, interpreted
+    here) and the fused CPU op, every variant; the input checks run outside the recording."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+    torch.manual_seed(0)
+    memory = {} if impl is None else {"impl": impl}
+    model = build_model(tiny_model_config(variant, **memory))
+    step = train_graph.GraphedStep(model, dtype, _checked_capture)
+    inputs = torch.randint(0, 11, (2, 14), generator=torch.Generator().manual_seed(1))
+    for _ in range(train_graph.WARM_UP_STEPS + 1):  # the last records and replays
+        step(inputs, inputs)
+    assert len(step.graphs) == 1
+    with pytest.raises(ValueError, match="outside the vocabulary"):  # checked before each replay
+        step(torch.full_like(inputs, 11), inputs)

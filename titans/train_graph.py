@@ -19,6 +19,11 @@ equal the eager step's bit for bit (tests/test_train_graph.py on CPU, tests/test
 autocast they round differently: a recording may not use autocast's weight cache, so each use of a weight casts it
 and its gradients are summed in float32, where the eager step casts once and sums the uses' gradients in bf16.
 
+A recording may not read values on the host: the model's token-range checks run before each replay instead
+(`TitansLM.check_inputs`, skipped inside the recording by `inputs_checked_by_caller`), and tables the memory kernels
+build from Python numbers are cached from the warm-up steps. tests/test_train_graph.py runs what is recorded under a
+dispatch mode that fails on any host read or host-data tensor (tests/host_sync.py), for every variant.
+
 Each new shape (the short last batch of an epoch, each curriculum stage) first runs WARM_UP_STEPS eager steps
 (lazily built tensors, Triton's compilation, cuBLAS's workspaces exist before recording, as torch.cuda.graphs asks),
 then is recorded; up to MAX_GRAPHS shapes share one memory pool, later shapes run eagerly. Graphs sharing a pool may
@@ -33,6 +38,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from titans.models.backbone import TitansLM, inputs_checked_by_caller
 
 WARM_UP_STEPS = 2
 MAX_GRAPHS = 8
@@ -85,6 +92,8 @@ class GraphedStep:
         if key in self.graphs:
             replay, static_inputs, static_targets, loss = self.graphs[key]
             self._check_gradients_held()
+            if isinstance(self.model, TitansLM):  # what the recorded forward could not check (a host sync)
+                self.model.check_inputs(inputs, targets)
             static_inputs.copy_(inputs)
             static_targets.copy_(targets)
             replay()
@@ -139,7 +148,8 @@ class GraphedStep:
 
         def record() -> None:
             torch._foreach_zero_(gradients)
-            loss_out.copy_(self._forward_backward(static_inputs, static_targets))
+            with inputs_checked_by_caller():
+                loss_out.copy_(self._forward_backward(static_inputs, static_targets))
 
         replay, self.pool = self.capture(record, self.pool)
         return replay, static_inputs, static_targets, loss_out

@@ -85,7 +85,8 @@ class ChunkCoefficients:
         decay = log_keep.cumsum(-1).exp()  # A_t
         if eta is None:
             mix, carry, mom_decay = decay_ratio, None, None
-            mom_mix = theta * torch.nn.functional.one_hot(torch.tensor(b - 1), b).to(theta)
+            # theta at the chunk's last token, 0 elsewhere (built on theta's device: no host data, CUDA-graph safe)
+            mom_mix = theta * (torch.arange(b, device=theta.device) == b - 1).to(theta)
         else:
             log_eta = torch.log(eta.clamp_min(torch.finfo(eta.dtype).tiny))  # eta == 0 (underflow): same reason
             mom_ratio = segment_sum(log_eta).exp()  # E_s / E_i, [..., b, b]

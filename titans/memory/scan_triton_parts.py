@@ -5,6 +5,7 @@ at once, and the per-layer pieces of the forward that the backward recomputes (j
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -36,7 +37,14 @@ def _two_layers(ts: Sequence[Tensor]) -> list[Tensor]:
 
 
 def _span_tensors(lengths: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Each span's first token and length, int32 [n] each, for the kernels."""
+    """Each span's first token and length, int32 [n] each, for the kernels (read only)."""
+    return _span_tensors_of(tuple(lengths), device)
+
+
+@functools.lru_cache(maxsize=256)
+def _span_tensors_of(lengths: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    # Cached: a copy from host memory would synchronise with the GPU, which a CUDA graph cannot record
+    # (training.cuda_graph); the warm-up steps before a recording build every layout the recorded step asks for.
     starts = [sum(lengths[:c]) for c in range(len(lengths))]
     return (
         torch.tensor(starts, dtype=torch.int32, device=device),

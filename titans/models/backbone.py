@@ -17,11 +17,12 @@ it runs after these defaults.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -96,6 +97,21 @@ def model_signature(cfg: ModelConfig, n_prefix: int) -> str:
 def num_parameters(model: nn.Module) -> int:
     """Number of scalar parameters (each shared tensor counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+# Set while a caller that checked the inputs itself records the forward (train_graph.GraphedStep): the token-range
+# checks read the ids on the host, a synchronisation a CUDA graph cannot record.
+_inputs_checked_by_caller = contextvars.ContextVar("inputs_checked_by_caller", default=False)
+
+
+@contextlib.contextmanager
+def inputs_checked_by_caller() -> Iterator[None]:
+    """Within it, `TitansLM.forward` skips its data-dependent input checks: the caller ran `check_inputs`."""
+    token = _inputs_checked_by_caller.set(True)
+    try:
+        yield
+    finally:
+        _inputs_checked_by_caller.reset(token)
 
 
 def _skip_guard_checks() -> contextlib.AbstractContextManager:
@@ -188,12 +204,17 @@ class TitansLM(nn.Module):
         rank, an empty batch, ids outside [0, vocab_size), or a state from a model of another configuration or
         for another batch size.
         """
+        if not _inputs_checked_by_caller.get():
+            self.check_inputs(idx, targets, state)
+        return self._forward(idx, targets, state)
+
+    def check_inputs(self, idx: Any, targets: Any = None, state: Any = None) -> None:
+        """forward's input checks (its docstring lists the errors); one host synchronisation for the id ranges."""
         self._check_tokens(idx, "idx")
         if targets is not None:
             self._check_targets(targets, idx)
         if state is not None:
             self._check_state(state, idx.shape[0])
-        return self._forward(idx, targets, state)
 
     def _forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None, state: LMState | None
