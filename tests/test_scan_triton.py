@@ -161,29 +161,89 @@ def test_impl_triton_without_triton_or_a_gpu_says_what_to_do(monkeypatch) -> Non
         fused_memory(**inputs, chunk_size=4, backend="triton")
 
 
-def test_wide_layers_and_a_gpu_short_of_shared_memory_run_the_tensor_op_reverse_scan(monkeypatch) -> None:
-    """Layers above BACKWARD_MAX_LAYER_ELEMENTS take scan_torch's reverse scan on the forward kernel's kept states,
-    and a kernel that does not fit the GPU (OutOfResources) falls back with one warning: the same gradients."""
-    inputs = make_inputs(19, 2, seed=3)
-    calls = []
+@pytest.fixture
+def tiled(monkeypatch) -> list[int]:
+    """Every layer counts as wide, and the hidden width is cut into tiles of 16: the tiled reverse scan
+    (`scan_triton_tiled`) runs at test sizes. Returns the list the tensor-op reverse scan appends to when called."""
+    from titans.memory import scan_triton_tiled
+
+    monkeypatch.setattr(scan_triton, "BACKWARD_MAX_LAYER_ELEMENTS", 0)
+    monkeypatch.setattr(scan_triton_tiled, "HIDDEN_TILE", 16)
+    calls: list[int] = []
     backward = scan_torch.scan_backward
     monkeypatch.setattr(scan_torch, "scan_backward", lambda *a: calls.append(1) or backward(*a))
-    monkeypatch.setattr(scan_triton, "BACKWARD_MAX_LAYER_ELEMENTS", 16 * 16 - 1)  # the padded 16 x 16 layers
+    return calls
+
+
+# (option, clip, chunk, T, every, width): hidden 2 x width in tiles of 16 (one padded tile at width 5, two at 16,
+# four at 32); every gate option; chunk states kept and recomputed; partial last chunks
+TILED_CASES = [(option, 0.3, 4, 19, 2, 16) for option in OPTIONS]
+TILED_CASES += [("defaults", None, 16, 37, 0, 16), ("defaults", 0.3, 1, 7, 0, 16), ("defaults", 0.3, 4, 21, 2, 32)]
+TILED_CASES += [("no-forgetting", None, 4, 9, 3, 5)]
+
+
+@pytest.mark.parametrize("option, clip, chunk_size, T, every, width", TILED_CASES, ids=str)
+def test_tiled_reverse_scan_equals_chunked(tiled, option, clip, chunk_size, T, every, width) -> None:
+    """The reverse scan tiled over the hidden width (wide depth-2 memories): outputs, final state and every gradient
+    equal chunked_memory's, and the tensor-op reverse scan is never called."""
+    inputs = make_inputs(T, 2, D=width, seed=T, **OPTIONS[option])
+    opts = dict(chunk_size=chunk_size, grad_clip=clip)
+    out, state = fused_memory(**inputs, checkpoint_every=every, backend="triton", **opts)
+    assert_same(out, state, *chunked_memory(**inputs, **opts), leaves(inputs))
+    assert not tiled
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_tiled_reverse_scan_streams_and_resumes_mid_chunk(tiled, activation) -> None:
+    """Pieces cut inside chunks (each later call's first span resumes with its own anchor, whose gradient the tiled
+    kernel writes in its own buffer) equal one chunked_memory call, with either activation."""
+    inputs = make_inputs(15, 2, D=16, seed=2)
+    inputs["network"].activation = activation
+    state, outs = None, []
+    for piece in _pieces(inputs, [5, 1, 9]):
+        y, state = fused_memory(**piece, state=state, chunk_size=4, grad_clip=0.3, backend="triton")
+        outs.append(y)
+    ref, ref_state = chunked_memory(**inputs, chunk_size=4, grad_clip=0.3)
+    assert_same(torch.cat(outs, dim=2), state, ref, ref_state, leaves(inputs))
+    assert not tiled
+
+
+def test_tiled_reverse_scan_in_float32_agrees_with_float64(tiled) -> None:
+    """float32 through the tiled kernel (IEEE products): gradients within 1e-5 of the float64 tensor-op scan."""
+    inputs = make_inputs(37, 2, D=16, seed=5)
+    inputs32 = {n: t.detach().float().requires_grad_() if isinstance(t, torch.Tensor) else t for n, t in inputs.items()}
+    inputs32["network"] = inputs["network"].float()
+    out32, _ = fused_memory(**inputs32, chunk_size=16, grad_clip=0.3, backend="triton")
+    named32 = {n: t for n, t in inputs32.items() if isinstance(t, torch.Tensor)}
+    grads32 = torch.autograd.grad((out32 * out32).sum(), list(named32.values()), allow_unused=True)
+    assert not tiled  # (the reference below runs the tensor-op scan)
+    inputs["network"] = inputs["network"].double()
+    out64, _ = fused_memory(**inputs, chunk_size=16, grad_clip=0.3, backend="torch")
+    grads64 = torch.autograd.grad((out64 * out64).sum(), [inputs[n] for n in named32], allow_unused=True)
+    for name, a, b in zip(named32, grads32, grads64, strict=True):
+        if b is not None:
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_wide_layers_the_tiled_kernel_does_not_cover_run_the_tensor_op_reverse_scan(tiled, monkeypatch) -> None:
+    """A wide depth-1 memory takes scan_torch's reverse scan on the forward kernel's kept states, and a kernel that
+    does not fit the GPU (OutOfResources) falls back with one warning: the same gradients."""
+    inputs = make_inputs(19, 1, seed=3)
     out, state = fused_memory(**inputs, chunk_size=4, grad_clip=0.3, backend="triton")
     assert_same(out, state, *chunked_memory(**inputs, chunk_size=4, grad_clip=0.3), leaves(inputs))
-    assert calls
+    assert tiled
 
-    def too_big(*args):
+    def too_big(*args, **kwargs):
         raise scan_triton.triton.runtime.errors.OutOfResources(300_000, 232_448, "shared memory")
 
-    calls.clear()
-    monkeypatch.setattr(scan_triton, "BACKWARD_MAX_LAYER_ELEMENTS", 64 * 256)
+    tiled.clear()
+    inputs = make_inputs(19, 2, seed=3)
     monkeypatch.setattr(scan_triton, "_kernel_backward", too_big)
     monkeypatch.setattr(scan_triton, "_warned", set())
     out, state = fused_memory(**inputs, chunk_size=4, grad_clip=0.3, backend="triton")
     with pytest.warns(UserWarning, match="does not fit this GPU"):
         assert_same(out, state, *chunked_memory(**inputs, chunk_size=4, grad_clip=0.3), leaves(inputs))
-    assert calls
+    assert tiled
 
 
 def test_auto_picks_the_triton_kernels_for_cuda_tensors_where_they_apply(monkeypatch) -> None:

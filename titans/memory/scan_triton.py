@@ -23,8 +23,10 @@ span that resumes mid-chunk with its own anchor, float32 and float64. Widths and
 two of at least 16 (`tl.dot`'s smallest tile) with zeros, which leave every result unchanged: a zero row of W stays
 zero and adds nothing. The exact last layer (`exact_last_layer`) is solved row by row inside each span in the forward
 kernel (`_exact_last_layer`); its backward runs in tensor ops. `unsupported` names what is not covered (deeper
-memories, states too wide to keep on chip untiled); `fused_memory` runs those calls with `scan_torch` instead, and
-`scan_backward` the reverse scan of the exact last layer and of layers wider than BACKWARD_MAX_LAYER_ELEMENTS.
+memories, states too wide for the forward kernel); `fused_memory` runs those calls with `scan_torch` instead.
+`scan_backward` runs layers wider than BACKWARD_MAX_LAYER_ELEMENTS through the reverse scan tiled over the hidden
+width (`scan_triton_tiled.py`, depth 2), and the exact last layer's reverse scan and wide depth-1 memories in tensor
+ops.
 
 On a GPU the kernels are compiled; with TRITON_INTERPRET=1 set before Python starts they run in Triton's interpreter
 (numpy), on CPU tensors too: that is how tests/test_scan_triton.py checks them without a GPU.
@@ -40,7 +42,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from titans.memory import scan_torch
+from titans.memory import scan_torch, scan_triton_tiled
 from titans.memory.network import MemoryMLP
 from titans.memory.scan_torch import ScanGates, ScanSettings
 from titans.memory.scan_triton_backward import scan_backward as _kernel_backward
@@ -60,11 +62,11 @@ from titans.memory.scan_triton_parts import (
     tl,
     triton,
 )
+from titans.memory.scan_triton_tiled import _scan_backward_tiled_kernel
 
-# The largest layer (out x in, padded) the kernels keep on chip untiled; wider states need tiled kernels (not
-# written). Compiled for sm_90 here, the forward takes 117 KB of shared memory at 64 x 256 (d_head 64, expansion 4)
-# and the backward 151 KB at 32 x 128, which fits an H100's 227 KB where its 64 x 256 form would not: wider layers
-# run the forward kernel and the tensor-op reverse scan (its kept states are in the same layout).
+# The largest layer (out x in, padded) the forward kernel keeps on chip (compiled for sm_90 here: 117 KB of shared
+# memory at 64 x 256, d_head 64 at expansion 4), and the largest the untiled backward kernel does (151 KB at 32 x 128
+# of an H100's 227 KB); wider depth-2 layers take the backward tiled over the hidden width (75 KB at 64 x 256).
 MAX_LAYER_ELEMENTS = 64 * 256
 BACKWARD_MAX_LAYER_ELEMENTS = 32 * 128
 _warned: set[str] = set()
@@ -260,10 +262,12 @@ def scan_backward(
     shared memory, the tensor-op reverse scan on the same kept states."""
     arguments = (grad_y, grad_weights, grad_momentum, grad_last_start, q, k, v, gates, anchor, saved, settings)
     wide = any(_block(w.shape[-2]) * _block(w.shape[-1]) > BACKWARD_MAX_LAYER_ELEMENTS for w in grad_weights)
-    if wide or settings.exact_last:  # the backward kernel has no exact last layer (its substitution's VJP) yet
+    if settings.exact_last or (wide and len(grad_weights) != 2):
+        # no kernel has the exact last layer's VJP (its substitution) yet; wide memories tile at depth 2 only
         return scan_torch.scan_backward(*arguments)
+    tiled = (_scan_backward_tiled_kernel, scan_triton_tiled.HIDDEN_TILE, scan_triton_tiled.SLOTS) if wide else None
     try:
-        return _kernel_backward(*arguments)
+        return _kernel_backward(*arguments, tiled=tiled)
     except triton.runtime.errors.OutOfResources as err:
         _warn_once("backward", err)
         return scan_torch.scan_backward(*arguments)

@@ -14,6 +14,7 @@ Coverage is `scan_triton`'s (`unsupported`); the same tests hold it equal to the
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -395,10 +396,12 @@ def scan_backward(
     anchor: Sequence[Tensor],
     saved: Sequence[Tensor],
     settings: ScanSettings,
+    tiled: tuple[Any, int, int] | None = None,
 ):
     """`scan_torch.scan_backward` in one kernel launch and one autograd call for the gates; same arguments and
     returns: dq, dk, dv [N, T, D], per layer ScanGates of the gates' gradients (None where a gate is off), dW and dS
-    of the initial state, the anchor's gradient (empty when the first span's anchor is its start state)."""
+    of the initial state, the anchor's gradient (empty when the first span's anchor is its start state).
+    tiled: (kernel, hidden tile, scratch slots) to launch `scan_triton_tiled`'s kernel instead (depth 2)."""
     n_mem, T, d_in = k.shape
     depth, lengths, n = len(gates), settings.lengths, len(settings.lengths)
     rows = _block(settings.chunk_size)
@@ -418,16 +421,23 @@ def scan_backward(
     a = _two_layers(anchor) if anchor else kw
     gw, gs, gl = _two_layers(grad_weights), _two_layers(grad_momentum), _two_layers(grad_last_start)
     da = _two_layers(d_anchor) if anchor else kw
-    _scan_backward_kernel[(n_mem,)](
+    kernel, extra, options = _scan_backward_kernel, [], {}
+    if tiled is not None:  # the hidden width in tiles, its [rows x hidden] intermediates in scratch
+        kernel, tile, slots = tiled
+        extra = [q.new_empty(n_mem, slots, rows, _block(d_outs[0]))]
+        # one stage: software pipelining would keep several copies of each tile load in shared memory (316 KB at
+        # 64 x 256 compiled for sm_90 with the default 3 stages, 75 KB with 1)
+        options = {"BH": min(tile, _block(d_outs[0])), "num_stages": 1}
+    kernel[(n_mem,)](
         q.contiguous(), k.contiguous(), v.contiguous(), grad_y.contiguous(), dq, dk, dv,
         *kw, *ks, *a, *gw, *gs, *gl, *_two_layers(d_w), *_two_layers(d_s), *da,
         *_two_layers(scratch[:depth]), *_two_layers(scratch[depth:]),
-        *coefficients, *d_coefficients, starts, spans,
+        *coefficients, *d_coefficients, starts, spans, *extra,
         n_mem, T, n, saved[0].shape[1], settings.stride, float(settings.clip),
         DEPTH=depth, I1=d_in, O1=d_outs[0], O2=d_outs[-1],
         BI1=_block(d_in), BO1=_block(d_outs[0]), BO2=_block(d_outs[-1]), R=rows,
         SILU=settings.activation == "silu", MOMENTUM=gates[0].eta is not None, ANCHOR=bool(anchor),
-        CLIP=settings.clip > 0,
+        CLIP=settings.clip > 0, **options,
     )  # fmt: skip
     # the gates' gradients: the coefficients' backward, every span at once
     pairs = [(t, d) for t, d in zip(coefficients, d_coefficients, strict=True) if t.requires_grad]
