@@ -296,9 +296,13 @@ def test_graphed_decode_on_cuda_equals_eager(variant: str, attention: str) -> No
 @pytest.mark.parametrize("option", ["defaults", "no-momentum", "neither"])
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_triton_scan_kernels_on_cuda_equal_the_cpu_reference(option: str, depth: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("width", [16, 64])
+def test_triton_scan_kernels_on_cuda_equal_the_cpu_reference(
+    option: str, depth: int, dtype: torch.dtype, width: int
+) -> None:
     """The memory scan's Triton kernels, compiled (memory.impl=triton), against chunked_memory on CPU in float64:
-    outputs, final state and every input's gradient; a partial last chunk, widths padded to the kernels' tiles."""
+    outputs, final state and every input's gradient; a partial last chunk, widths padded to the kernels' tiles; at
+    width 64 (hidden 128) a depth-2 memory runs the kernels tiled over the hidden width."""
     pytest.importorskip("triton")
     from test_fused import OPTIONS, _loss
     from test_memory import leaves, make_inputs
@@ -306,7 +310,7 @@ def test_triton_scan_kernels_on_cuda_equal_the_cpu_reference(option: str, depth:
     from titans.memory import MemoryState, chunked_memory
     from titans.memory.fused import fused_memory
 
-    inputs = make_inputs(37, depth, D=16, seed=depth, **OPTIONS[option])
+    inputs = make_inputs(37, depth, D=width, seed=depth, **OPTIONS[option])
     named = leaves(inputs)
     ref, ref_state = chunked_memory(**inputs, chunk_size=16, grad_clip=0.3)
     ref_grads = torch.autograd.grad(_loss(ref, ref_state), list(named.values()))

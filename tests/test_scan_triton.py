@@ -163,11 +163,12 @@ def test_impl_triton_without_triton_or_a_gpu_says_what_to_do(monkeypatch) -> Non
 
 @pytest.fixture
 def tiled(monkeypatch) -> list[int]:
-    """Every layer counts as wide, and the hidden width is cut into tiles of 16: the tiled reverse scan
-    (`scan_triton_tiled`) runs at test sizes. Returns the list the tensor-op reverse scan appends to when called."""
+    """Every layer counts as wide, and the hidden width is cut into tiles of 16: the tiled forward and reverse scan
+    (`scan_triton_tiled_forward`, `scan_triton_tiled`) run at test sizes. Returns the list the tensor-op reverse scan
+    appends to when called."""
     from titans.memory import scan_triton_tiled
 
-    monkeypatch.setattr(scan_triton, "BACKWARD_MAX_LAYER_ELEMENTS", 0)
+    monkeypatch.setattr(scan_triton, "UNTILED_MAX_LAYER_ELEMENTS", 0)
     monkeypatch.setattr(scan_triton_tiled, "HIDDEN_TILE", 16)
     calls: list[int] = []
     backward = scan_torch.scan_backward
@@ -183,9 +184,9 @@ TILED_CASES += [("no-forgetting", None, 4, 9, 3, 5)]
 
 
 @pytest.mark.parametrize("option, clip, chunk_size, T, every, width", TILED_CASES, ids=str)
-def test_tiled_reverse_scan_equals_chunked(tiled, option, clip, chunk_size, T, every, width) -> None:
-    """The reverse scan tiled over the hidden width (wide depth-2 memories): outputs, final state and every gradient
-    equal chunked_memory's, and the tensor-op reverse scan is never called."""
+def test_tiled_kernels_equal_chunked(tiled, option, clip, chunk_size, T, every, width) -> None:
+    """The forward and the reverse scan tiled over the hidden width (wide depth-2 memories): outputs, final state,
+    kept states and every gradient equal chunked_memory's, and the tensor-op reverse scan is never called."""
     inputs = make_inputs(T, 2, D=width, seed=T, **OPTIONS[option])
     opts = dict(chunk_size=chunk_size, grad_clip=clip)
     out, state = fused_memory(**inputs, checkpoint_every=every, backend="triton", **opts)
@@ -194,7 +195,7 @@ def test_tiled_reverse_scan_equals_chunked(tiled, option, clip, chunk_size, T, e
 
 
 @pytest.mark.parametrize("activation", ["gelu", "silu"])
-def test_tiled_reverse_scan_streams_and_resumes_mid_chunk(tiled, activation) -> None:
+def test_tiled_kernels_stream_and_resume_mid_chunk(tiled, activation) -> None:
     """Pieces cut inside chunks (each later call's first span resumes with its own anchor, whose gradient the tiled
     kernel writes in its own buffer) equal one chunked_memory call, with either activation."""
     inputs = make_inputs(15, 2, D=16, seed=2)
@@ -208,8 +209,8 @@ def test_tiled_reverse_scan_streams_and_resumes_mid_chunk(tiled, activation) -> 
     assert not tiled
 
 
-def test_tiled_reverse_scan_in_float32_agrees_with_float64(tiled) -> None:
-    """float32 through the tiled kernel (IEEE products): gradients within 1e-5 of the float64 tensor-op scan."""
+def test_tiled_kernels_in_float32_agree_with_float64(tiled) -> None:
+    """float32 through the tiled kernels (IEEE products): gradients within 1e-5 of the float64 tensor-op scan."""
     inputs = make_inputs(37, 2, D=16, seed=5)
     inputs32 = {n: t.detach().float().requires_grad_() if isinstance(t, torch.Tensor) else t for n, t in inputs.items()}
     inputs32["network"] = inputs["network"].float()

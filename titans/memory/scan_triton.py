@@ -24,9 +24,9 @@ two of at least 16 (`tl.dot`'s smallest tile) with zeros, which leave every resu
 zero and adds nothing. The exact last layer (`exact_last_layer`) is solved row by row inside each span in the forward
 kernel (`_exact_last_layer`); its backward runs in tensor ops. `unsupported` names what is not covered (deeper
 memories, states too wide for the forward kernel); `fused_memory` runs those calls with `scan_torch` instead.
-`scan_backward` runs layers wider than BACKWARD_MAX_LAYER_ELEMENTS through the reverse scan tiled over the hidden
-width (`scan_triton_tiled.py`, depth 2), and the exact last layer's reverse scan and wide depth-1 memories in tensor
-ops.
+Depth-2 layers wider than UNTILED_MAX_LAYER_ELEMENTS run the forward and reverse scan tiled over the hidden width
+(`scan_triton_tiled_forward.py`, `scan_triton_tiled.py`), except the exact last layer (the untiled forward, and the
+tensor-op reverse scan as for wide depth-1 memories).
 
 On a GPU the kernels are compiled; with TRITON_INTERPRET=1 set before Python starts they run in Triton's interpreter
 (numpy), on CPU tensors too: that is how tests/test_scan_triton.py checks them without a GPU.
@@ -63,12 +63,14 @@ from titans.memory.scan_triton_parts import (
     triton,
 )
 from titans.memory.scan_triton_tiled import _scan_backward_tiled_kernel
+from titans.memory.scan_triton_tiled_forward import _scan_tiled_kernel
 
-# The largest layer (out x in, padded) the forward kernel keeps on chip (compiled for sm_90 here: 117 KB of shared
-# memory at 64 x 256, d_head 64 at expansion 4), and the largest the untiled backward kernel does (151 KB at 32 x 128
-# of an H100's 227 KB); wider depth-2 layers take the backward tiled over the hidden width (75 KB at 64 x 256).
+# The largest layer (out x in, padded) the kernels cover, and the largest the untiled kernels keep in registers:
+# wider depth-2 memories run the kernels tiled over the hidden width (`scan_triton_tiled*.py`). Compiled for sm_90
+# here, the untiled backward takes 151 KB of shared memory at 32 x 128 of an H100's 227 KB, and the untiled forward
+# at 64 x 256 spills about 110 KB per thread (still its path for the exact last layer, which has no tiled form).
 MAX_LAYER_ELEMENTS = 64 * 256
-BACKWARD_MAX_LAYER_ELEMENTS = 32 * 128
+UNTILED_MAX_LAYER_ELEMENTS = 32 * 128
 _warned: set[str] = set()
 
 
@@ -236,8 +238,13 @@ def scan_forward(
         SILU=settings.activation == "silu", MOMENTUM=gates[0].eta is not None, ANCHOR=bool(anchor),
         CLIP=settings.clip > 0, SAVE=save, EXACT=settings.exact_last,
     )  # fmt: skip
+    kernel, extra, options = _scan_kernel, [], {}
+    if _wide(weights) and depth == 2 and not settings.exact_last:  # the hidden width in tiles (module docstring)
+        kernel = _scan_tiled_kernel
+        extra = [q.new_empty(n_mem, scan_triton_tiled.SLOTS, rows, _block(d_outs[0]))]
+        options = {"BH": min(scan_triton_tiled.HIDDEN_TILE, _block(d_outs[0])), **scan_triton_tiled.LAUNCH}
     try:
-        _scan_kernel[(n_mem,)](*arguments, **constants)
+        kernel[(n_mem,)](*arguments[:27], *extra, *arguments[27:], **constants, **options)
     except triton.runtime.errors.OutOfResources as err:  # a GPU with less shared memory than the limits assume
         _warn_once("forward", err)
         return scan_torch.scan_forward(q, k, v, gates, weights, momentum, anchor, settings, save)
@@ -258,19 +265,31 @@ def scan_backward(
     settings: ScanSettings,
 ):
     """The reverse scan (`scan_torch.scan_backward`'s arguments and returns): the Triton kernel
-    (`scan_triton_backward.py`) for layers up to BACKWARD_MAX_LAYER_ELEMENTS, else, or where the GPU lacks the
+    (`scan_triton_backward.py`) for layers up to UNTILED_MAX_LAYER_ELEMENTS, else, or where the GPU lacks the
     shared memory, the tensor-op reverse scan on the same kept states."""
     arguments = (grad_y, grad_weights, grad_momentum, grad_last_start, q, k, v, gates, anchor, saved, settings)
-    wide = any(_block(w.shape[-2]) * _block(w.shape[-1]) > BACKWARD_MAX_LAYER_ELEMENTS for w in grad_weights)
+    wide = _wide(grad_weights)
     if settings.exact_last or (wide and len(grad_weights) != 2):
         # no kernel has the exact last layer's VJP (its substitution) yet; wide memories tile at depth 2 only
         return scan_torch.scan_backward(*arguments)
-    tiled = (_scan_backward_tiled_kernel, scan_triton_tiled.HIDDEN_TILE, scan_triton_tiled.SLOTS) if wide else None
+    tiled = None
+    if wide:  # the hidden width in tiles
+        tiled = (
+            _scan_backward_tiled_kernel,
+            scan_triton_tiled.HIDDEN_TILE,
+            scan_triton_tiled.SLOTS,
+            scan_triton_tiled.LAUNCH,
+        )
     try:
         return _kernel_backward(*arguments, tiled=tiled)
     except triton.runtime.errors.OutOfResources as err:
         _warn_once("backward", err)
         return scan_torch.scan_backward(*arguments)
+
+
+def _wide(weights: Sequence[Tensor]) -> bool:
+    """Whether some layer (padded) is wider than the untiled kernels keep in registers."""
+    return any(_block(w.shape[-2]) * _block(w.shape[-1]) > UNTILED_MAX_LAYER_ELEMENTS for w in weights)
 
 
 def _warn_once(which: str, err: Exception) -> None:

@@ -396,12 +396,12 @@ def scan_backward(
     anchor: Sequence[Tensor],
     saved: Sequence[Tensor],
     settings: ScanSettings,
-    tiled: tuple[Any, int, int] | None = None,
+    tiled: tuple[Any, int, int, dict[str, int]] | None = None,
 ):
     """`scan_torch.scan_backward` in one kernel launch and one autograd call for the gates; same arguments and
     returns: dq, dk, dv [N, T, D], per layer ScanGates of the gates' gradients (None where a gate is off), dW and dS
     of the initial state, the anchor's gradient (empty when the first span's anchor is its start state).
-    tiled: (kernel, hidden tile, scratch slots) to launch `scan_triton_tiled`'s kernel instead (depth 2)."""
+    tiled: (kernel, hidden tile, scratch slots, launch options) to launch `scan_triton_tiled`'s kernel instead."""
     n_mem, T, d_in = k.shape
     depth, lengths, n = len(gates), settings.lengths, len(settings.lengths)
     rows = _block(settings.chunk_size)
@@ -423,11 +423,9 @@ def scan_backward(
     da = _two_layers(d_anchor) if anchor else kw
     kernel, extra, options = _scan_backward_kernel, [], {}
     if tiled is not None:  # the hidden width in tiles, its [rows x hidden] intermediates in scratch
-        kernel, tile, slots = tiled
+        kernel, tile, slots, launch = tiled
         extra = [q.new_empty(n_mem, slots, rows, _block(d_outs[0]))]
-        # one stage: software pipelining would keep several copies of each tile load in shared memory (316 KB at
-        # 64 x 256 compiled for sm_90 with the default 3 stages, 75 KB with 1)
-        options = {"BH": min(tile, _block(d_outs[0])), "num_stages": 1}
+        options = {"BH": min(tile, _block(d_outs[0])), **launch}
     kernel[(n_mem,)](
         q.contiguous(), k.contiguous(), v.contiguous(), grad_y.contiguous(), dq, dk, dv,
         *kw, *ks, *a, *gw, *gs, *gl, *_two_layers(d_w), *_two_layers(d_s), *da,

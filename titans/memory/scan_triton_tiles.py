@@ -71,6 +71,12 @@ def _key_passes(
 
 
 @jit
+def _store_tile(pointers_mask, value):
+    pointers, mask = pointers_mask
+    tl.store(pointers, value, mask=mask)
+
+
+@jit
 def _add_tile(pointers_mask, value):
     pointers, mask = pointers_mask
     tl.store(pointers, tl.load(pointers, mask=mask, other=0.0) + value, mask=mask)
@@ -81,10 +87,8 @@ def _copy_tiles(src1, dst1, src2, dst2, I1: tl.constexpr, O1: tl.constexpr, O2: 
                 BI1: tl.constexpr, BO1: tl.constexpr, BO2: tl.constexpr, BH: tl.constexpr):  # fmt: skip
     """dst1 <- src1 (a layer-1 matrix) and dst2 <- src2 (a layer-2 matrix), tile by tile."""
     for h0 in range(0, BO1, BH):
-        pointers, mask = _first(dst1, h0, I1, O1, BH, BI1)
-        tl.store(pointers, _load(_first(src1, h0, I1, O1, BH, BI1)), mask=mask)
-        pointers, mask = _second(dst2, h0, O1, O2, BH, BO2)
-        tl.store(pointers, _load(_second(src2, h0, O1, O2, BH, BO2)), mask=mask)
+        _store_tile(_first(dst1, h0, I1, O1, BH, BI1), _load(_first(src1, h0, I1, O1, BH, BI1)))
+        _store_tile(_second(dst2, h0, O1, O2, BH, BO2), _load(_second(src2, h0, O1, O2, BH, BO2)))
 
 
 @jit
@@ -111,14 +115,10 @@ def _end_state_tiles(
             new_s1 += md1 * S1
             new_w2 += ec2 * S2
             new_s2 += md2 * S2
-        pointers, mask = _first(n1, h0, I1, O1, BH, BI1)
-        tl.store(pointers, new_w1, mask=mask)
-        pointers, mask = _first(t1, h0, I1, O1, BH, BI1)
-        tl.store(pointers, new_s1, mask=mask)
-        pointers, mask = _second(n2, h0, O1, O2, BH, BO2)
-        tl.store(pointers, new_w2, mask=mask)
-        pointers, mask = _second(t2, h0, O1, O2, BH, BO2)
-        tl.store(pointers, new_s2, mask=mask)
+        _store_tile(_first(n1, h0, I1, O1, BH, BI1), new_w1)
+        _store_tile(_first(t1, h0, I1, O1, BH, BI1), new_s1)
+        _store_tile(_second(n2, h0, O1, O2, BH, BO2), new_w2)
+        _store_tile(_second(t2, h0, O1, O2, BH, BO2), new_s2)
     tl.debug_barrier()
 
 
