@@ -46,6 +46,7 @@ from titans.train_graph import WARM_UP_STEPS, GraphedStep, cuda_capture  # noqa:
 VOCAB = 256
 TENSOR_OP = "tensor-op scan"  # a case's flag: fused.TRITON_ON_CUDA off, the memory scan in tensor ops
 GRAPH = "cuda graph"  # a case's flag: forward and backward replayed from a CUDA graph (training.cuda_graph)
+UNTILED = "untiled"  # a case's flag: the untiled Triton kernels at every width they cover (no hidden tiles)
 # (label, variant, baseline attention, attention impl, memory overrides)
 CASES = [
     # first what issue 18's targets compare: the defaults (the memory scan's Triton kernels on CUDA), eager and with
@@ -73,8 +74,23 @@ CASES = [
     ("MAC tensor-op", "MAC", "full", "sdpa", {TENSOR_OP: True}),
     ("MAG tensor-op", "MAG", "full", "sdpa", {TENSOR_OP: True}),
     ("MAL tensor-op", "MAL", "full", "sdpa", {TENSOR_OP: True}),
+    # the kernels that keep whole layers in registers, where the defaults tile the hidden width (chosen from ptxas's
+    # spill reports, not yet from timings)
+    ("MAC untiled", "MAC", "full", "sdpa", {UNTILED: True}),
+    ("MAG untiled", "MAG", "full", "sdpa", {UNTILED: True}),
 ]
-FLAGS = (TENSOR_OP, GRAPH)
+FLAGS = (TENSOR_OP, GRAPH, UNTILED)
+
+
+def use_untiled_kernels(untiled: bool) -> None:
+    """The Triton scan's width limit for its untiled kernels: the default, or every width they cover."""
+    try:
+        from titans.memory import scan_triton
+    except ImportError:  # no triton: the tensor-op scan runs either way
+        return
+    default = getattr(use_untiled_kernels, "default", scan_triton.UNTILED_MAX_LAYER_ELEMENTS)
+    use_untiled_kernels.default = default  # type: ignore[attr-defined]
+    scan_triton.UNTILED_MAX_LAYER_ELEMENTS = scan_triton.MAX_LAYER_ELEMENTS if untiled else default
 
 
 # --shape: the model block of every case. "small" is the first GPU measurement's (benchmarks/results/
@@ -269,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 skipped.append(f"{label} T={T}")
                 continue
             fused.TRITON_ON_CUDA = not memory.get(TENSOR_OP, False)
+            use_untiled_kernels(memory.get(UNTILED, False))
             config = model_config(variant, attention, impl, memory, args.shape)
             row = train_case(label, config, T, args.batch, args.dtype, args, graph=memory.get(GRAPH, False))
             torch.cuda.empty_cache()  # the case's model and optimiser are gone; give their blocks back
@@ -280,12 +297,13 @@ def main(argv: list[str] | None = None) -> int:
             skipped.append(f"memory layer T={T}")
             continue
         fused.TRITON_ON_CUDA = True
+        use_untiled_kernels(False)
         layer_rows.append(memory_layer_case(args.shape, T, args.batch, args))
         torch.cuda.empty_cache()
     rates = {name: matmul_tflops(dtype) for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
     generation_rows: list[dict] = []
     for label, variant, attention, impl, memory in CASES:
-        if impl == "flex" or TENSOR_OP in memory or GRAPH in memory:  # decoding: no FlexAttention, no scan
+        if impl == "flex" or any(flag in memory for flag in FLAGS):  # decoding: no FlexAttention, no scan
             continue
         if time.perf_counter() - start > args.budget:
             skipped.append(f"{label} generation")

@@ -169,6 +169,7 @@ def tiled(monkeypatch) -> list[int]:
     from titans.memory import scan_triton_tiled
 
     monkeypatch.setattr(scan_triton, "UNTILED_MAX_LAYER_ELEMENTS", 0)
+    monkeypatch.setattr(scan_triton, "UNTILED_BACKWARD_MAX_LAYER_ELEMENTS", 0)  # and wide depth-1 memories
     monkeypatch.setattr(scan_triton_tiled, "HIDDEN_TILE", 16)
     calls: list[int] = []
     backward = scan_torch.scan_backward

@@ -65,12 +65,16 @@ from titans.memory.scan_triton_parts import (
 from titans.memory.scan_triton_tiled import _scan_backward_tiled_kernel
 from titans.memory.scan_triton_tiled_forward import _scan_tiled_kernel
 
-# The largest layer (out x in, padded) the kernels cover, and the largest the untiled kernels keep in registers:
-# wider depth-2 memories run the kernels tiled over the hidden width (`scan_triton_tiled*.py`). Compiled for sm_90
-# here, the untiled backward takes 151 KB of shared memory at 32 x 128 of an H100's 227 KB, and the untiled forward
-# at 64 x 256 spills about 110 KB per thread (still its path for the exact last layer, which has no tiled form).
+# The largest layer (out x in, padded) the kernels cover, and the largest the untiled kernels (whole layers in
+# registers) run: wider depth-2 memories take the kernels tiled over the hidden width (`scan_triton_tiled*.py`).
+# Chosen from ptxas's reports, compiled for sm_90 here with chunks of 16 (register spills per thread, untiled /
+# tiled): 64 x 16 forward 1.0 KB / none, backward 23 KB / 72 B; 128 x 32 forward 31 KB / none, backward 92 KB /
+# 0.5 KB; 256 x 64 forward 110 KB / none, backward (untiled 151 KB of shared memory already at 128 x 32) / 1.9 KB.
+# The untiled kernels stay the path of depth-1 memories and of the exact last layer's forward; the untiled backward
+# launches up to 32 x 128 (151 KB of shared memory there, of an H100's 227 KB).
 MAX_LAYER_ELEMENTS = 64 * 256
-UNTILED_MAX_LAYER_ELEMENTS = 32 * 128
+UNTILED_MAX_LAYER_ELEMENTS = 16 * 32
+UNTILED_BACKWARD_MAX_LAYER_ELEMENTS = 32 * 128
 _warned: set[str] = set()
 
 
@@ -239,7 +243,8 @@ def scan_forward(
         CLIP=settings.clip > 0, SAVE=save, EXACT=settings.exact_last,
     )  # fmt: skip
     kernel, extra, options = _scan_kernel, [], {}
-    if _wide(weights) and depth == 2 and not settings.exact_last:  # the hidden width in tiles (module docstring)
+    # the hidden width in tiles (module docstring)
+    if depth == 2 and not settings.exact_last and _wide(weights, UNTILED_MAX_LAYER_ELEMENTS):
         kernel = _scan_tiled_kernel
         extra = [q.new_empty(n_mem, scan_triton_tiled.SLOTS, rows, _block(d_outs[0]))]
         options = {"BH": min(scan_triton_tiled.HIDDEN_TILE, _block(d_outs[0])), **scan_triton_tiled.LAUNCH}
@@ -264,16 +269,17 @@ def scan_backward(
     saved: Sequence[Tensor],
     settings: ScanSettings,
 ):
-    """The reverse scan (`scan_torch.scan_backward`'s arguments and returns): the Triton kernel
-    (`scan_triton_backward.py`) for layers up to UNTILED_MAX_LAYER_ELEMENTS, else, or where the GPU lacks the
-    shared memory, the tensor-op reverse scan on the same kept states."""
+    """The reverse scan (`scan_torch.scan_backward`'s arguments and returns): the Triton kernel tiled over the
+    hidden width for depth-2 memories wider than UNTILED_MAX_LAYER_ELEMENTS (`scan_triton_tiled.py`), the untiled
+    one (`scan_triton_backward.py`) for the others up to UNTILED_BACKWARD_MAX_LAYER_ELEMENTS, else, or where the GPU
+    lacks the shared memory, the tensor-op reverse scan on the same kept states."""
     arguments = (grad_y, grad_weights, grad_momentum, grad_last_start, q, k, v, gates, anchor, saved, settings)
-    wide = _wide(grad_weights)
-    if settings.exact_last or (wide and len(grad_weights) != 2):
-        # no kernel has the exact last layer's VJP (its substitution) yet; wide memories tile at depth 2 only
+    tile = len(grad_weights) == 2 and _wide(grad_weights, UNTILED_MAX_LAYER_ELEMENTS)
+    if settings.exact_last or (not tile and _wide(grad_weights, UNTILED_BACKWARD_MAX_LAYER_ELEMENTS)):
+        # no kernel has the exact last layer's VJP (its substitution) yet; wide depth-1 memories have no tiled form
         return scan_torch.scan_backward(*arguments)
     tiled = None
-    if wide:  # the hidden width in tiles
+    if tile:  # the hidden width in tiles
         tiled = (
             _scan_backward_tiled_kernel,
             scan_triton_tiled.HIDDEN_TILE,
@@ -287,9 +293,9 @@ def scan_backward(
         return scan_torch.scan_backward(*arguments)
 
 
-def _wide(weights: Sequence[Tensor]) -> bool:
-    """Whether some layer (padded) is wider than the untiled kernels keep in registers."""
-    return any(_block(w.shape[-2]) * _block(w.shape[-1]) > UNTILED_MAX_LAYER_ELEMENTS for w in weights)
+def _wide(weights: Sequence[Tensor], limit: int) -> bool:
+    """Whether some layer (padded) has more than `limit` elements."""
+    return any(_block(w.shape[-2]) * _block(w.shape[-1]) > limit for w in weights)
 
 
 def _warn_once(which: str, err: Exception) -> None:

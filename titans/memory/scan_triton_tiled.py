@@ -1,8 +1,8 @@
 """The fused scan's reverse scan for memories too wide to keep on chip: the Triton kernel tiled over the hidden width.
 
 `scan_triton_backward._scan_backward_kernel` holds every layer's weights, momentum and their gradients in registers,
-which fits layers up to 32 x 128 (its shared memory on an H100); a memory with heads of 64 at expansion 4 has layers of
-256 x 64 and 64 x 256. This kernel is the same reverse scan for depth-2 memories (the default), with the hidden
+which ptxas spills (tens of KB per thread from heads of 16 at expansion 4, layers of 64 x 16; heads of 64 have 256 x
+64 and 64 x 256). This kernel is the same reverse scan for depth-2 memories (the default), with the hidden
 width cut into tiles of HIDDEN_TILE: per span, the key path, the query path and the span's vector-Jacobian product
 (the formulas of `_span_backward`, unchanged) run as passes over the tiles. What crosses tiles is small and stays in
 registers: the row sums and [rows x rows] products of the clip scales, the coefficients' gradients and the dual
