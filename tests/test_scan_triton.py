@@ -178,10 +178,18 @@ def tiled(monkeypatch) -> list[int]:
 
 
 # (option, clip, chunk, T, every, width): hidden 2 x width in tiles of 16 (one padded tile at width 5, two at 16,
-# four at 32); every gate option; chunk states kept and recomputed; partial last chunks
-TILED_CASES = [(option, 0.3, 4, 19, 2, 16) for option in OPTIONS]
-TILED_CASES += [("defaults", None, 16, 37, 0, 16), ("defaults", 0.3, 1, 7, 0, 16), ("defaults", 0.3, 4, 21, 2, 32)]
-TILED_CASES += [("no-forgetting", None, 4, 9, 3, 5)]
+# four at 32); every gate option; chunk states kept and recomputed; partial last chunks. The default run keeps the
+# defaults, momentum off and an unclipped padded case (a few seconds each in the interpreter); `make test-slow` the
+# rest.
+SLOW = pytest.mark.slow
+TILED_CASES = [("defaults", 0.3, 4, 19, 2, 16), ("no-momentum", 0.3, 4, 19, 2, 16), ("no-forgetting", None, 4, 9, 3, 5)]
+TILED_CASES += [pytest.param(option, 0.3, 4, 19, 2, 16, marks=SLOW) for option in ("no-forgetting", "neither")]
+TILED_CASES += [pytest.param("shared-gates", 0.3, 4, 19, 2, 16, marks=SLOW)]
+TILED_CASES += [
+    pytest.param("defaults", None, 16, 37, 0, 16, marks=SLOW),
+    pytest.param("defaults", 0.3, 1, 7, 0, 16, marks=SLOW),
+]
+TILED_CASES += [pytest.param("defaults", 0.3, 4, 21, 2, 32, marks=SLOW)]
 
 
 @pytest.mark.parametrize("option, clip, chunk_size, T, every, width", TILED_CASES, ids=str)
@@ -195,7 +203,7 @@ def test_tiled_kernels_equal_chunked(tiled, option, clip, chunk_size, T, every, 
     assert not tiled
 
 
-@pytest.mark.parametrize("activation", ["gelu", "silu"])
+@pytest.mark.parametrize("activation", ["gelu", pytest.param("silu", marks=pytest.mark.slow)])
 def test_tiled_kernels_stream_and_resume_mid_chunk(tiled, activation) -> None:
     """Pieces cut inside chunks (each later call's first span resumes with its own anchor, whose gradient the tiled
     kernel writes in its own buffer) equal one chunked_memory call, with either activation."""

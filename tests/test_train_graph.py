@@ -115,17 +115,21 @@ def _checked_capture(record, pool):
     return record, pool
 
 
+# Every variant with the fused CPU op (the model code around the scan), the Triton scan (interpreted, ~10 s a case)
+# once per kind of memory in the default run and for every variant in `make test-slow`, bf16 through both
 MEMORY_VARIANTS = ["LMM", "MAC", "MAG", "MAL"]
 RECORDED = [
     ("baseline", None, None),
-    *[(variant, "triton", None) for variant in MEMORY_VARIANTS],
     *[(variant, "fused", None) for variant in MEMORY_VARIANTS],
-    ("MAC", "triton", torch.bfloat16),
+    ("MAC", "triton", None),
     ("LMM", "fused", torch.bfloat16),
+    ("MAC", "fused", torch.bfloat16),
+    *[pytest.param(v, "triton", None, marks=pytest.mark.slow) for v in ("LMM", "MAG", "MAL")],
+    pytest.param("MAC", "triton", torch.bfloat16, marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize(("variant", "impl", "dtype"), RECORDED, ids=[f"{v}-{i}-{d}" for v, i, d in RECORDED])
+@pytest.mark.parametrize(("variant", "impl", "dtype"), RECORDED)
 def test_the_recorded_step_could_be_a_cuda_graph(variant, impl, dtype):
     """What GraphedStep records (gradients zeroed, forward under autocast, backward, loss copied) reads no value on
     the host and builds no tensor from host data: the memory scan's Triton kernels (the CUDA default, interpreted
