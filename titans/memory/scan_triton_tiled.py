@@ -28,11 +28,12 @@ with tiles of 16 over hidden widths of 32 and 64.
 from __future__ import annotations
 
 from titans.memory.scan_triton_backward import _activation_second, _store_coefficient_grads
-from titans.memory.scan_triton_parts import _activation, _span_coefficients, jit, tl
+from titans.memory.scan_triton_parts import _span_coefficients, jit, tl
 from titans.memory.scan_triton_tiles import (
     _add_tile,
     _copy_tiles,
     _first,
+    _hidden_tile,
     _key_passes,
     _load,
     _recompute_tiled,
@@ -66,13 +67,9 @@ def _hidden_pass(
     d_ed = tl.sum(tl.sum(dz, 1), 0) * 0.0
     d_ec, d_md = d_ed, d_ed
     for h0 in range(0, BO1, BH):
-        G1 = tl.load(_slot(scratch, m, 3, h0, R, BH, BO1))
-        H1 = tl.load(_slot(scratch, m, 0, h0, R, BH, BO1))
-        Z1 = dec1[:, None] * tl.dot(qc, tl.trans(_load(_first(w1, h0, I1, O1, BH, BI1))), input_precision="ieee")
-        Z1 -= tl.dot(mixed1, G1, input_precision="ieee")
-        if MOMENTUM:
-            Z1 += car1[:, None] * tl.dot(qc, tl.trans(_load(_first(s1, h0, I1, O1, BH, BI1))), input_precision="ieee")
-        Q1, QD1 = _activation(Z1, SILU)
+        Q1, QD1, H1 = _hidden_tile(
+            qc, mixed1, dec1, car1, w1, s1, scratch, m, h0, I1, O1, BI1, BO1, BH, R, SILU, MOMENTUM
+        )
         tl.store(_slot(scratch, m, 4, h0, R, BH, BO1), Q1)
         tl.store(_slot(scratch, m, 5, h0, R, BH, BO1), QD1)
         r2 += tl.dot(Q1, tl.trans(H1), input_precision="ieee")

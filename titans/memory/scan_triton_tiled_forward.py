@@ -17,8 +17,8 @@ with tiles of 16.
 
 from __future__ import annotations
 
-from titans.memory.scan_triton_parts import _activation, _span_coefficients, jit, tl
-from titans.memory.scan_triton_tiles import _copy_tiles, _end_state_tiles, _first, _key_passes, _load, _second, _slot
+from titans.memory.scan_triton_parts import _span_coefficients, jit, tl
+from titans.memory.scan_triton_tiles import _copy_tiles, _end_state_tiles, _hidden_tile, _key_passes, _load, _second
 
 
 @jit
@@ -32,13 +32,9 @@ def _query_tiles(
     y = tl.zeros([R, BO2], dtype=qc.dtype)
     r2 = tl.zeros_like(mixed1)
     for h0 in range(0, BO1, BH):
-        G1 = tl.load(_slot(scratch, m, 3, h0, R, BH, BO1))
-        H1 = tl.load(_slot(scratch, m, 0, h0, R, BH, BO1))
-        Z1 = dec1[:, None] * tl.dot(qc, tl.trans(_load(_first(w1, h0, I1, O1, BH, BI1))), input_precision="ieee")
-        Z1 -= tl.dot(mixed1, G1, input_precision="ieee")
-        if MOMENTUM:
-            Z1 += car1[:, None] * tl.dot(qc, tl.trans(_load(_first(s1, h0, I1, O1, BH, BI1))), input_precision="ieee")
-        Q1, _ = _activation(Z1, SILU)
+        Q1, _, H1 = _hidden_tile(
+            qc, mixed1, dec1, car1, w1, s1, scratch, m, h0, I1, O1, BI1, BO1, BH, R, SILU, MOMENTUM
+        )
         y += dec2[:, None] * tl.dot(Q1, tl.trans(_load(_second(w2, h0, O1, O2, BH, BO2))), input_precision="ieee")
         if MOMENTUM:
             y += car2[:, None] * tl.dot(Q1, tl.trans(_load(_second(s2, h0, O1, O2, BH, BO2))), input_precision="ieee")

@@ -163,3 +163,21 @@ def _recompute_tiled(
             kc, G2, w1, s1, w2, s2, w1 + size1, s1 + size1, w2 + size2, s2 + size2, co1, co2, scale1, scale2,
             scratch, m, I1, O1, O2, BI1, BO1, BO2, BH, R, MOMENTUM,
         )  # fmt: skip
+
+
+@jit
+def _hidden_tile(
+    qc, mixed1, dec1, car1, w1, s1, scratch, m, h0,
+    I1: tl.constexpr, O1: tl.constexpr, BI1: tl.constexpr, BO1: tl.constexpr, BH: tl.constexpr, R: tl.constexpr,
+    SILU: tl.constexpr, MOMENTUM: tl.constexpr,
+):  # fmt: skip
+    """Layer 1's query path on hidden tile h0 (`_dual_layer` on a tile): Z^1_t = decay . (q W^1_t^T) + carry .
+    (q S^1_t^T) - mixed1 G^1_t with mixed1 = (q k^T) * mix^1 * s^1; returns sigma(Z^1_t), sigma'(Z^1_t) and H^1_t
+    (G^1_t and H^1_t from scratch)."""
+    G1 = tl.load(_slot(scratch, m, 3, h0, R, BH, BO1))
+    Z1 = dec1[:, None] * tl.dot(qc, tl.trans(_load(_first(w1, h0, I1, O1, BH, BI1))), input_precision="ieee")
+    Z1 -= tl.dot(mixed1, G1, input_precision="ieee")
+    if MOMENTUM:
+        Z1 += car1[:, None] * tl.dot(qc, tl.trans(_load(_first(s1, h0, I1, O1, BH, BI1))), input_precision="ieee")
+    Q1, QD1 = _activation(Z1, SILU)
+    return Q1, QD1, tl.load(_slot(scratch, m, 0, h0, R, BH, BO1))
