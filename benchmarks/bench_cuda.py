@@ -26,10 +26,12 @@ What it does, in order:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,15 +84,22 @@ CASES = [
 FLAGS = (TENSOR_OP, GRAPH, UNTILED)
 
 
-def use_untiled_kernels(untiled: bool) -> None:
-    """The Triton scan's width limit for its untiled kernels: the default, or every width they cover."""
+@contextlib.contextmanager
+def untiled_kernels(enabled: bool) -> Iterator[None]:
+    """Within it (when enabled), the Triton scan runs its untiled kernels at every width they cover."""
     try:
         from titans.memory import scan_triton
     except ImportError:  # no triton: the tensor-op scan runs either way
+        enabled = False
+    if not enabled:
+        yield
         return
-    default = getattr(use_untiled_kernels, "default", scan_triton.UNTILED_MAX_LAYER_ELEMENTS)
-    use_untiled_kernels.default = default  # type: ignore[attr-defined]
-    scan_triton.UNTILED_MAX_LAYER_ELEMENTS = scan_triton.MAX_LAYER_ELEMENTS if untiled else default
+    default = scan_triton.UNTILED_MAX_LAYER_ELEMENTS
+    scan_triton.UNTILED_MAX_LAYER_ELEMENTS = scan_triton.MAX_LAYER_ELEMENTS
+    try:
+        yield
+    finally:
+        scan_triton.UNTILED_MAX_LAYER_ELEMENTS = default
 
 
 # --shape: the model block of every case. "small" is the first GPU measurement's (benchmarks/results/
@@ -285,9 +294,9 @@ def main(argv: list[str] | None = None) -> int:
                 skipped.append(f"{label} T={T}")
                 continue
             fused.TRITON_ON_CUDA = not memory.get(TENSOR_OP, False)
-            use_untiled_kernels(memory.get(UNTILED, False))
             config = model_config(variant, attention, impl, memory, args.shape)
-            row = train_case(label, config, T, args.batch, args.dtype, args, graph=memory.get(GRAPH, False))
+            with untiled_kernels(memory.get(UNTILED, False)):
+                row = train_case(label, config, T, args.batch, args.dtype, args, graph=memory.get(GRAPH, False))
             torch.cuda.empty_cache()  # the case's model and optimiser are gone; give their blocks back
             train_rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
@@ -297,7 +306,6 @@ def main(argv: list[str] | None = None) -> int:
             skipped.append(f"memory layer T={T}")
             continue
         fused.TRITON_ON_CUDA = True
-        use_untiled_kernels(False)
         layer_rows.append(memory_layer_case(args.shape, T, args.batch, args))
         torch.cuda.empty_cache()
     rates = {name: matmul_tflops(dtype) for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}

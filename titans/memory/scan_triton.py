@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,6 +57,7 @@ from titans.memory.scan_triton_parts import (
     _end_state,
     _key_gradients,
     _span_coefficients,
+    _span_rows,
     _span_tensors,
     _two_layers,
     jit,
@@ -119,7 +121,6 @@ def _scan_kernel(
     output width is O2 (at depth 1, O2 = O1); B* are the padded widths, R the padded chunk. Tensors are contiguous,
     in the layouts `scan_forward` and `_coefficients` document; at depth 1 the layer-2 pointers are unused."""
     m = tl.program_id(0)
-    rows = tl.arange(0, R)
     i1, o1, o2 = tl.arange(0, BI1), tl.arange(0, BO1), tl.arange(0, BO2)
     at1, in1 = m * O1 * I1 + o1[:, None] * I1 + i1[None, :], (o1[:, None] < O1) & (i1[None, :] < I1)
     at2, in2 = m * O2 * O1 + o2[:, None] * O1 + o1[None, :], (o2[:, None] < O2) & (o1[None, :] < O1)
@@ -129,12 +130,9 @@ def _scan_kernel(
         W2, S2 = tl.load(w2_ptr + at2, mask=in2, other=0.0), tl.load(s2_ptr + at2, mask=in2, other=0.0)
         P2 = tl.load(a2_ptr + at2, mask=in2, other=0.0)
     for c in range(0, n):
-        tok = m * T + tl.load(start_ptr + c) + rows
-        row_in = rows < tl.load(length_ptr + c)
-        in_rows, out_rows = row_in[:, None] & (i1[None, :] < I1), row_in[:, None] & (o2[None, :] < O2)
-        kc = tl.load(k_ptr + tok[:, None] * I1 + i1[None, :], mask=in_rows, other=0.0)
-        qc = tl.load(q_ptr + tok[:, None] * I1 + i1[None, :], mask=in_rows, other=0.0)
-        vc = tl.load(v_ptr + tok[:, None] * O2 + o2[None, :], mask=out_rows, other=0.0)
+        tok, in_rows, out_rows, qc, kc, vc = _span_rows(
+            q_ptr, k_ptr, v_ptr, start_ptr, length_ptr, m, T, c, I1, O2, BI1, BO2, R
+        )
         # the anchor is the span's start weights, except for a first span resumed mid-chunk (ANCHOR)
         if ANCHOR:
             P1 = tl.where(c == 0, P1, W1)
@@ -234,8 +232,8 @@ def scan_forward(
         w1, s1, a1, w2, s2, a2,
         decay, carry, mix, ends, end_mixes, starts, spans,
         w_end[0], s_end[0], w_last[0], w_end[-1], s_end[-1], w_last[-1], kw1, ks1, kw2, ks2,
-        n_mem, T, n, n_kept, settings.stride, float(settings.clip),
     )  # fmt: skip
+    scalars = (n_mem, T, n, n_kept, settings.stride, float(settings.clip))
     constants = dict(
         DEPTH=depth, I1=d_in, O1=d_outs[0], O2=d_outs[-1],
         BI1=_block(d_in), BO1=_block(d_outs[0]), BO2=_block(d_outs[-1]), R=rows,
@@ -243,13 +241,10 @@ def scan_forward(
         CLIP=settings.clip > 0, SAVE=save, EXACT=settings.exact_last,
     )  # fmt: skip
     kernel, extra, options = _scan_kernel, [], {}
-    # the hidden width in tiles (module docstring)
-    if depth == 2 and not settings.exact_last and _wide(weights, UNTILED_MAX_LAYER_ELEMENTS):
-        kernel = _scan_tiled_kernel
-        extra = [q.new_empty(n_mem, scan_triton_tiled.SLOTS, rows, _block(d_outs[0]))]
-        options = {"BH": min(scan_triton_tiled.HIDDEN_TILE, _block(d_outs[0])), **scan_triton_tiled.LAUNCH}
+    if _tiles(weights, settings):
+        kernel, extra, options = _scan_tiled_kernel, *_tiled_launch(q, weights, settings)
     try:
-        kernel[(n_mem,)](*arguments[:27], *extra, *arguments[27:], **constants, **options)
+        kernel[(n_mem,)](*arguments, *extra, *scalars, **constants, **options)
     except triton.runtime.errors.OutOfResources as err:  # a GPU with less shared memory than the limits assume
         _warn_once("forward", err)
         return scan_torch.scan_forward(q, k, v, gates, weights, momentum, anchor, settings, save)
@@ -274,18 +269,11 @@ def scan_backward(
     one (`scan_triton_backward.py`) for the others up to UNTILED_BACKWARD_MAX_LAYER_ELEMENTS, else, or where the GPU
     lacks the shared memory, the tensor-op reverse scan on the same kept states."""
     arguments = (grad_y, grad_weights, grad_momentum, grad_last_start, q, k, v, gates, anchor, saved, settings)
-    tile = len(grad_weights) == 2 and _wide(grad_weights, UNTILED_MAX_LAYER_ELEMENTS)
-    if settings.exact_last or (not tile and _wide(grad_weights, UNTILED_BACKWARD_MAX_LAYER_ELEMENTS)):
+    tiles = _tiles(grad_weights, settings)
+    if settings.exact_last or (not tiles and _wide(grad_weights, UNTILED_BACKWARD_MAX_LAYER_ELEMENTS)):
         # no kernel has the exact last layer's VJP (its substitution) yet; wide depth-1 memories have no tiled form
         return scan_torch.scan_backward(*arguments)
-    tiled = None
-    if tile:  # the hidden width in tiles
-        tiled = (
-            _scan_backward_tiled_kernel,
-            scan_triton_tiled.HIDDEN_TILE,
-            scan_triton_tiled.SLOTS,
-            scan_triton_tiled.LAUNCH,
-        )
+    tiled = (_scan_backward_tiled_kernel, *_tiled_launch(q, grad_weights, settings)) if tiles else None
     try:
         return _kernel_backward(*arguments, tiled=tiled)
     except triton.runtime.errors.OutOfResources as err:
@@ -296,6 +284,20 @@ def scan_backward(
 def _wide(weights: Sequence[Tensor], limit: int) -> bool:
     """Whether some layer (padded) has more than `limit` elements."""
     return any(_block(w.shape[-2]) * _block(w.shape[-1]) > limit for w in weights)
+
+
+def _tiles(weights: Sequence[Tensor], settings: ScanSettings) -> bool:
+    """Whether this call runs the kernels tiled over the hidden width: depth 2, no exact last layer, layers wider
+    than UNTILED_MAX_LAYER_ELEMENTS (weights [N, d_out, d_in] per layer, or their gradients)."""
+    return len(weights) == 2 and not settings.exact_last and _wide(weights, UNTILED_MAX_LAYER_ELEMENTS)
+
+
+def _tiled_launch(q: Tensor, weights: Sequence[Tensor], settings: ScanSettings) -> tuple[list[Tensor], dict[str, Any]]:
+    """A tiled kernel's extra argument, its scratch [N, SLOTS, rows, hidden], and its launch options (tile, warps,
+    stages)."""
+    hidden = _block(weights[0].shape[1])
+    scratch = q.new_empty(q.shape[0], scan_triton_tiled.SLOTS, _block(settings.chunk_size), hidden)
+    return [scratch], {"BH": min(scan_triton_tiled.HIDDEN_TILE, hidden), **scan_triton_tiled.LAUNCH}
 
 
 def _warn_once(which: str, err: Exception) -> None:

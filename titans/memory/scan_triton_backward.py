@@ -28,6 +28,7 @@ from titans.memory.scan_triton_parts import (
     _dual_layer,
     _end_state,
     _span_coefficients,
+    _span_rows,
     _span_tensors,
     _two_layers,
     jit,
@@ -317,7 +318,6 @@ def _scan_backward_kernel(
     of the end state and of the last span's start weights; d*: the initial state's, the anchor's, the coefficients'
     gradients; s*: scratch for one group's recomputed start states [N, stride, ...]."""
     m = tl.program_id(0)
-    rows = tl.arange(0, R)
     i1, o1, o2 = tl.arange(0, BI1), tl.arange(0, BO1), tl.arange(0, BO2)
     local1, in1 = o1[:, None] * I1 + i1[None, :], (o1[:, None] < O1) & (i1[None, :] < I1)
     local2, in2 = o2[:, None] * O1 + o1[None, :], (o2[:, None] < O2) & (o1[None, :] < O1)
@@ -344,12 +344,9 @@ def _scan_backward_kernel(
             c = first + j
             slot1, slot2 = (m * stride + j) * O1 * I1 + local1, (m * stride + j) * O2 * O1 + local2
             W1, S1 = tl.load(sw1_ptr + slot1, mask=in1, other=0.0), tl.load(ss1_ptr + slot1, mask=in1, other=0.0)
-            tok = m * T + tl.load(start_ptr + c) + rows
-            row_in = rows < tl.load(length_ptr + c)
-            in_rows, out_rows = row_in[:, None] & (i1[None, :] < I1), row_in[:, None] & (o2[None, :] < O2)
-            kc = tl.load(k_ptr + tok[:, None] * I1 + i1[None, :], mask=in_rows, other=0.0)
-            qc = tl.load(q_ptr + tok[:, None] * I1 + i1[None, :], mask=in_rows, other=0.0)
-            vc = tl.load(v_ptr + tok[:, None] * O2 + o2[None, :], mask=out_rows, other=0.0)
+            tok, in_rows, out_rows, qc, kc, vc = _span_rows(
+                q_ptr, k_ptr, v_ptr, start_ptr, length_ptr, m, T, c, I1, O2, BI1, BO2, R
+            )
             dz = tl.load(dy_ptr + tok[:, None] * O2 + o2[None, :], mask=out_rows, other=0.0)
             P1 = W1
             if ANCHOR:
@@ -396,12 +393,12 @@ def scan_backward(
     anchor: Sequence[Tensor],
     saved: Sequence[Tensor],
     settings: ScanSettings,
-    tiled: tuple[Any, int, int, dict[str, int]] | None = None,
+    tiled: tuple[Any, list[Tensor], dict[str, Any]] | None = None,
 ):
     """`scan_torch.scan_backward` in one kernel launch and one autograd call for the gates; same arguments and
     returns: dq, dk, dv [N, T, D], per layer ScanGates of the gates' gradients (None where a gate is off), dW and dS
     of the initial state, the anchor's gradient (empty when the first span's anchor is its start state).
-    tiled: (kernel, hidden tile, scratch slots, launch options) to launch `scan_triton_tiled`'s kernel instead."""
+    tiled: (kernel, extra arguments, launch options) of `scan_triton_tiled`'s kernel, launched instead."""
     n_mem, T, d_in = k.shape
     depth, lengths, n = len(gates), settings.lengths, len(settings.lengths)
     rows = _block(settings.chunk_size)
@@ -421,11 +418,7 @@ def scan_backward(
     a = _two_layers(anchor) if anchor else kw
     gw, gs, gl = _two_layers(grad_weights), _two_layers(grad_momentum), _two_layers(grad_last_start)
     da = _two_layers(d_anchor) if anchor else kw
-    kernel, extra, options = _scan_backward_kernel, [], {}
-    if tiled is not None:  # the hidden width in tiles, its [rows x hidden] intermediates in scratch
-        kernel, tile, slots, launch = tiled
-        extra = [q.new_empty(n_mem, slots, rows, _block(d_outs[0]))]
-        options = {"BH": min(tile, _block(d_outs[0])), **launch}
+    kernel, extra, options = tiled if tiled is not None else (_scan_backward_kernel, [], {})
     kernel[(n_mem,)](
         q.contiguous(), k.contiguous(), v.contiguous(), grad_y.contiguous(), dq, dk, dv,
         *kw, *ks, *a, *gw, *gs, *gl, *_two_layers(d_w), *_two_layers(d_s), *da,

@@ -100,6 +100,23 @@ def _coefficients(gates: Sequence[ScanGates], lengths: Sequence[int], chunk: int
 
 
 @jit
+def _span_rows(
+    q_ptr, k_ptr, v_ptr, start_ptr, length_ptr, m, T, c,
+    I1: tl.constexpr, O2: tl.constexpr, BI1: tl.constexpr, BO2: tl.constexpr, R: tl.constexpr,
+):  # fmt: skip
+    """Span c of memory m: its token indices [R], the masks of its [R, BI1] and [R, BO2] rows (inside the span and the
+    widths), and its q, k [R, BI1] and v [R, BO2] rows, zero outside those masks."""
+    rows, i1, o2 = tl.arange(0, R), tl.arange(0, BI1), tl.arange(0, BO2)
+    tok = m * T + tl.load(start_ptr + c) + rows
+    row_in = rows < tl.load(length_ptr + c)
+    in_rows, out_rows = row_in[:, None] & (i1[None, :] < I1), row_in[:, None] & (o2[None, :] < O2)
+    qc = tl.load(q_ptr + tok[:, None] * I1 + i1[None, :], mask=in_rows, other=0.0)
+    kc = tl.load(k_ptr + tok[:, None] * I1 + i1[None, :], mask=in_rows, other=0.0)
+    vc = tl.load(v_ptr + tok[:, None] * O2 + o2[None, :], mask=out_rows, other=0.0)
+    return tok, in_rows, out_rows, qc, kc, vc
+
+
+@jit
 def _activation(z, SILU: tl.constexpr):
     """sigma(z) and sigma'(z), exact GELU or SiLU (as `network.activation_and_derivative`)."""
     if SILU:

@@ -28,7 +28,7 @@ with tiles of 16 over hidden widths of 32 and 64.
 from __future__ import annotations
 
 from titans.memory.scan_triton_backward import _activation_second, _store_coefficient_grads
-from titans.memory.scan_triton_parts import _span_coefficients, jit, tl
+from titans.memory.scan_triton_parts import _span_coefficients, _span_rows, jit, tl
 from titans.memory.scan_triton_tiles import (
     _add_tile,
     _copy_tiles,
@@ -321,7 +321,6 @@ def _scan_backward_tiled_kernel(
     """`_scan_backward_kernel` for a depth-2 memory, tiled over the hidden width (BH columns); same arguments, plus
     `scratch` [N, 9, R, BO1]. The carried gradients live in the output buffers dw*, ds* from the start."""
     m = tl.program_id(0)
-    rows = tl.arange(0, R)
     i1, o2r = tl.arange(0, BI1), tl.arange(0, BO2)
     size1, size2 = O1 * I1, O2 * O1
     o1, p1, o2, p2 = dw1_ptr + m * size1, ds1_ptr + m * size1, dw2_ptr + m * size2, ds2_ptr + m * size2
@@ -349,12 +348,9 @@ def _scan_backward_tiled_kernel(
                 anchor_span = c == 0
             key1 = tl.where(anchor_span, a1_ptr + m * size1, w1)
             key2 = tl.where(anchor_span, a2_ptr + m * size2, w2)
-            tok = m * T + tl.load(start_ptr + c) + rows
-            row_in = rows < tl.load(length_ptr + c)
-            in_rows, out_rows = row_in[:, None] & (i1[None, :] < I1), row_in[:, None] & (o2r[None, :] < O2)
-            kc = tl.load(k_ptr + tok[:, None] * I1 + i1[None, :], mask=in_rows, other=0.0)
-            qc = tl.load(q_ptr + tok[:, None] * I1 + i1[None, :], mask=in_rows, other=0.0)
-            vc = tl.load(v_ptr + tok[:, None] * O2 + o2r[None, :], mask=out_rows, other=0.0)
+            tok, in_rows, out_rows, qc, kc, vc = _span_rows(
+                q_ptr, k_ptr, v_ptr, start_ptr, length_ptr, m, T, c, I1, O2, BI1, BO2, R
+            )
             dz = tl.load(dy_ptr + tok[:, None] * O2 + o2r[None, :], mask=out_rows, other=0.0)
             dq, dk, dv = _span_tiled(
                 qc, kc, vc, dz, w1, s1, w2, s2, key1, key2, o1, p1, o2, p2,

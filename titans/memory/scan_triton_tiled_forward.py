@@ -17,7 +17,7 @@ with tiles of 16.
 
 from __future__ import annotations
 
-from titans.memory.scan_triton_parts import _span_coefficients, jit, tl
+from titans.memory.scan_triton_parts import _span_coefficients, _span_rows, jit, tl
 from titans.memory.scan_triton_tiles import _copy_tiles, _end_state_tiles, _hidden_tile, _key_passes, _load, _second
 
 
@@ -57,7 +57,7 @@ def _scan_tiled_kernel(
     """`_scan_kernel` for a depth-2 memory without the exact last layer (DEPTH and EXACT are accepted and ignored),
     tiled over the hidden width; same arguments, plus `scratch` [N, 9, R, BO1]."""
     m = tl.program_id(0)
-    rows, i1, o2r = tl.arange(0, R), tl.arange(0, BI1), tl.arange(0, BO2)
+    o2r = tl.arange(0, BO2)
     size1, size2 = O1 * I1, O2 * O1
     w1, s1, w2, s2 = w1_end + m * size1, s1_end + m * size1, w2_end + m * size2, s2_end + m * size2
     _copy_tiles(w1_ptr + m * size1, w1, w2_ptr + m * size2, w2, I1, O1, O2, BI1, BO1, BO2, BH)
@@ -77,12 +77,9 @@ def _scan_tiled_kernel(
         if ANCHOR:
             anchor_span = c == 0
         key1, key2 = tl.where(anchor_span, a1_ptr + m * size1, w1), tl.where(anchor_span, a2_ptr + m * size2, w2)
-        tok = m * T + tl.load(start_ptr + c) + rows
-        row_in = rows < tl.load(length_ptr + c)
-        in_rows, out_rows = row_in[:, None] & (i1[None, :] < I1), row_in[:, None] & (o2r[None, :] < O2)
-        kc = tl.load(k_ptr + tok[:, None] * I1 + i1[None, :], mask=in_rows, other=0.0)
-        qc = tl.load(q_ptr + tok[:, None] * I1 + i1[None, :], mask=in_rows, other=0.0)
-        vc = tl.load(v_ptr + tok[:, None] * O2 + o2r[None, :], mask=out_rows, other=0.0)
+        tok, in_rows, out_rows, qc, kc, vc = _span_rows(
+            q_ptr, k_ptr, v_ptr, start_ptr, length_ptr, m, T, c, I1, O2, BI1, BO2, R
+        )
         G2, h_norm, g_norm = _key_passes(kc, vc, key1, key2, scratch, m, I1, O1, O2, BI1, BO1, BO2, BH, R, SILU)
         co1 = _span_coefficients(decay_ptr, carry_ptr, mix_ptr, ends_ptr, end_mix_ptr, m * n + c, R)
         co2 = _span_coefficients(decay_ptr, carry_ptr, mix_ptr, ends_ptr, end_mix_ptr, (n_mem + m) * n + c, R)
