@@ -153,16 +153,17 @@ def train_case(
     idx = torch.randint(0, VOCAB, (batch, T), device="cuda")
     targets = torch.roll(idx, -1, dims=1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    graphed = GraphedStep(model, torch.bfloat16 if dtype == "bfloat16" else None, cuda_capture) if graph else None
+    autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
+    graphed = GraphedStep(model, autocast_dtype, cuda_capture, optimizer, float("inf")) if graph else None
 
     def step() -> None:
-        if graphed is not None:  # as train_step runs it: the gradients stay in place, zeroed by the next replay
+        if graphed is not None:  # as train_step runs it: forward, backward, clip and AdamW in one replay
             graphed(idx, targets)
-            optimizer.step()
             return
         with autocast:
             _, loss, _ = model(idx, targets)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # measured, as train_step and the graph do
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

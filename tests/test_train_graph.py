@@ -1,12 +1,15 @@
-"""training.cuda_graph: the training step's forward and backward replayed per batch shape (titans/train_graph.py).
+"""training.cuda_graph: the whole training step replayed per batch shape (titans/train_graph.py).
 
 Without a GPU nothing can be recorded; `eager_capture` keeps everything else (the warm-up steps per shape, the
-static inputs, the gradients zeroed in place and kept as the same tensors, the loss copied out, the trainer skipping
-its zero_grad) and runs the recorded function eagerly at each replay. These tests hold such a run to the eager
+static inputs, the gradients zeroed in place and kept as the same tensors, the clip and AdamW's update with the rate
+and the skip flag in device tensors, the loss and norm copied out, the trainer skipping its zero_grad and update) and
+runs the recorded function eagerly at each replay. These tests hold such a run to the eager
 trainer bit for bit; tests/test_cuda.py holds the recorded graphs to eager training on a GPU.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -17,9 +20,10 @@ from test_train import tiny_config, train_records
 
 from titans import train as train_module
 from titans import train_graph
+from titans.checkpoint import find_latest_checkpoint
 from titans.config import ConfigError
 from titans.models import build_model
-from titans.train import train
+from titans.train import TrainingDivergedError, train
 
 # 80 train rows in batches of 12: 7 steps per epoch, the last of 8 rows, so a second batch shape recurs every epoch
 GRAPHED = ["training.batch_size=12", "training.device=auto", "training.max_steps=23", "training.eval_every=10"]
@@ -62,28 +66,118 @@ def test_replayed_steps_equal_eager_training_bit_for_bit(tmp_path, recordings, v
         assert torch.equal(weights[1][name], value), name
 
 
-def test_gradients_stay_the_same_tensors_and_are_replaced_each_step(recordings):
-    """After the warm-up the gradients are recorded by address: every later step leaves new values in the same
-    tensors, equal to a fresh eager backward of that batch (not added to the previous step's)."""
-    torch.manual_seed(0)
+def _lm_and_adamw(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
     model = build_model(variant_config("LMM")).double()
-    step = train_graph.GraphedStep(model, None, train_graph.eager_capture)
-    batches = [torch.randint(0, 11, (2, 2, 9), generator=torch.Generator().manual_seed(s)) for s in range(5)]
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+
+
+def test_a_graphed_step_equals_the_eager_step_and_keeps_its_tensors():
+    """Each step (zero, forward, backward, clip, AdamW at the schedule's current rate) equals the eager step bit for
+    bit: loss, pre-clip norm, gradients and weights; after the warm-up the gradients and AdamW's moments are the same
+    tensors every step (recorded by address), holding new values."""
+    (model, optimizer), (reference, reference_optimizer) = _lm_and_adamw(0), _lm_and_adamw(0)
+    step = train_graph.GraphedStep(model, None, train_graph.eager_capture, optimizer, max_norm=0.5)
+    batches = [torch.randint(0, 11, (2, 2, 9), generator=torch.Generator().manual_seed(s)) for s in range(6)]
     held = None
     for index, (inputs, targets) in enumerate(batches):
-        loss = step(inputs, targets)
-        grads = [p.grad for p in model.parameters()]
-        if index >= train_graph.WARM_UP_STEPS:
-            held = held or grads
-            assert all(a is b for a, b in zip(grads, held, strict=True))
-        reference = build_model(variant_config("LMM")).double()
-        reference.load_state_dict(model.state_dict())
+        for opt in (optimizer, reference_optimizer):
+            opt.param_groups[0]["lr"] = 2.0**-8 * (index + 1)  # a changing schedule, read afresh by each replay
+        loss, norm = step(inputs, targets)
+        reference_optimizer.zero_grad()
         _, expected_loss, _ = reference(inputs, targets)
         expected_loss.backward()
-        assert loss.double() == expected_loss.double()
+        expected_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+        reference_optimizer.step()
+        assert (loss, norm) == (expected_loss, expected_norm)
         for got, want in zip(model.parameters(), reference.parameters(), strict=True):
-            assert torch.equal(got.grad, want.grad)
+            assert torch.equal(got, want) and torch.equal(got.grad, want.grad)
+        tensors = [p.grad for p in model.parameters()] + [optimizer.state[p]["exp_avg"] for p in model.parameters()]
+        if index >= train_graph.WARM_UP_STEPS:
+            held = held or tensors
+            assert all(a is b for a, b in zip(tensors, held, strict=True))
     assert list(step.graphs) == [((2, 9), (2, 9), torch.device("cpu"))]
+    assert optimizer.param_groups[0]["lr"] == 2.0**-8 * 6  # the group holds the schedule's float between steps
+
+
+def test_replacing_the_optimizer_state_after_recording_is_refused():
+    """A checkpoint loaded into the optimizer after recording would leave the graph updating stale moments."""
+    model, optimizer = _lm_and_adamw(0)
+    step = train_graph.GraphedStep(model, None, train_graph.eager_capture, optimizer, max_norm=float("inf"))
+    inputs = torch.randint(0, 11, (2, 9), generator=torch.Generator().manual_seed(1))
+    for _ in range(train_graph.WARM_UP_STEPS + 1):
+        step(inputs, inputs)
+    optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # as from a file: new tensors
+    with pytest.raises(RuntimeError, match="optimizer's state was replaced"):
+        step(inputs, inputs)
+
+
+def test_an_optimizer_that_cannot_hold_back_a_step_on_the_device_is_refused():
+    model = build_model(variant_config("LMM"))
+    with pytest.raises(ValueError, match="needs torch's fused AdamW"):
+        train_graph.GraphedStep(model, None, train_graph.eager_capture, torch.optim.AdamW(model.parameters()), 1.0)
+
+
+class PoisonedLoss(torch.nn.Module):
+    """Wraps a model; its loss is Inf (and so its gradients NaN/Inf) while the buffer `poison` is 1. A buffer, not a
+    Python counter: a recorded graph reads it at every replay."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("poison", torch.zeros(()), persistent=False)
+
+    def forward(self, idx, targets=None, state=None):
+        logits, loss, state = self.model(idx, targets, state)
+        if targets is not None:
+            loss = loss / (1 - self.poison)  # exact when 0
+        return logits, loss, state
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_a_non_finite_step_is_held_back_inside_the_graph(tmp_path, monkeypatch, recordings, policy):
+    """nan_policy with the update recorded: a poisoned step in the warm-up (step 2) and one replayed (step 5) are
+    held back on the device, so `skip` gives the eager run's records and weights bit for bit, and `stop` stops at
+    the same step with the same last good checkpoint."""
+    poisoned = {2, 5}
+    models = []
+
+    def build(model_cfg):
+        models.append(PoisonedLoss(build_model(model_cfg)))
+        return models[-1]
+
+    def poisoned_step(model, data, step, *args, **kwargs):
+        models[-1].poison.fill_(float(step + 1 in poisoned))
+        try:
+            return original_step(model, data, step, *args, **kwargs)
+        finally:
+            models[-1].poison.fill_(0.0)
+
+    original_step = train_module.train_step
+    monkeypatch.setattr(train_module, "build_model", build)
+    monkeypatch.setattr(train_module, "train_step", poisoned_step)
+    if policy == "stop":
+        poisoned.discard(2)
+    runs = {}
+    for graphed in (False, True):
+        cfg = tiny_config(
+            tmp_path, *GRAPHED, "training.max_steps=8", "training.checkpoint_every=4", f"training.nan_policy={policy}",
+            f"training.cuda_graph={graphed}", f"training.run_name={policy}-{graphed}",
+        )  # fmt: skip
+        if policy == "stop":
+            with pytest.raises(TrainingDivergedError, match="at step 5"):
+                train(cfg)
+            runs[graphed] = {"run_dir": tmp_path / f"{policy}-{graphed}"}
+        else:
+            runs[graphed] = train(cfg)
+            assert runs[graphed]["skipped_steps"] == 2
+    eager, replayed = (train_records(runs[g]["run_dir"]) for g in (False, True))
+    assert replayed == eager and len(replayed) == (8 if policy == "skip" else 4)
+    assert recordings == [(12, 24)]
+    last = {g: find_latest_checkpoint(runs[g]["run_dir"]) for g in (False, True)}
+    weights = [torch.load(last[g], weights_only=True)["model"] for g in (False, True)]
+    for name, value in weights[0].items():
+        assert torch.isfinite(value).all() and torch.equal(weights[1][name], value), name
 
 
 @pytest.mark.parametrize(
@@ -131,7 +225,7 @@ RECORDED = [
 
 @pytest.mark.parametrize(("variant", "impl", "dtype"), RECORDED)
 def test_the_recorded_step_could_be_a_cuda_graph(variant, impl, dtype):
-    """What GraphedStep records (gradients zeroed, forward under autocast, backward, loss copied) reads no value on
+    """What GraphedStep records (gradients zeroed, forward under autocast, backward, clip, AdamW) reads no value on
     the host and builds no tensor from host data: the memory scan's Triton kernels (the CUDA default, interpreted
     here) and the fused CPU op, every variant; the input checks run outside the recording."""
     if impl == "triton":
@@ -139,7 +233,8 @@ def test_the_recorded_step_could_be_a_cuda_graph(variant, impl, dtype):
     torch.manual_seed(0)
     memory = {} if impl is None else {"impl": impl}
     model = build_model(tiny_model_config(variant, **memory))
-    step = train_graph.GraphedStep(model, dtype, _checked_capture)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    step = train_graph.GraphedStep(model, dtype, _checked_capture, optimizer, max_norm=1.0)
     inputs = torch.randint(0, 11, (2, 14), generator=torch.Generator().manual_seed(1))
     for _ in range(train_graph.WARM_UP_STEPS + 1):  # the last records and replays
         step(inputs, inputs)

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from titans.checkpoint import checkpoint_path, list_checkpoints
-from titans.config import FLEX_ON_CPU_ERROR, ConfigError, RunConfig, save_config
+from titans.config import FLEX_ON_CPU_ERROR, ConfigError, RunConfig, TrainingConfig, save_config
 from titans.config.model import resolved_memory
 from titans.data import TrainData, check_batch_divisible
 from titans.distributed import (
@@ -153,7 +153,16 @@ def build_optimizer(
     schedule = functools.partial(
         lr_multiplier, warmup_steps=t.warmup_steps, total_steps=total_steps, min_lr_ratio=t.min_lr_ratio
     )
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return optimizer, Float32Schedule(optimizer, schedule)
+
+
+class Float32Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR whose rates are float32 numbers. Fused AdamW computes in float32 but reads a rate given as a Python
+    float in float64 and one held in a device tensor (the CUDA-graphed step's, titans/train_graph.py) in float32:
+    rates exact in float32 make the eager and the graphed update the same to the bit."""
+
+    def get_lr(self) -> list[float]:
+        return [float(torch.tensor(float(lr), dtype=torch.float32)) for lr in super().get_lr()]
 
 
 def train(cfg: RunConfig, resume: str | os.PathLike | bool | None = None) -> dict[str, Any]:
@@ -195,8 +204,6 @@ def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: D
     cfg.model.memory = resolved_memory(cfg.model)  # the variant's memory defaults, saved as values
     module = _seeded_model(cfg, device)
     model = wrap_model(module, t.parallel, dist_info)  # DDP or FSDP2 under torchrun; `module` stays inside
-    # training.cuda_graph: forward and backward replayed from CUDA graphs (titans/train_graph.py; one process)
-    graphed = GraphedStep(module, _autocast_dtype(t.dtype), capture_for(device)) if t.cuda_graph else None
 
     # ---- data: a fixed split reshuffled per epoch, fresh rows, or a text stream (titans/data.py)
     data = TrainData(cfg, task, dist_info.rank, dist_info.world_size)
@@ -204,6 +211,10 @@ def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: D
 
     # ---- optimizer: AdamW with linear warmup then cosine decay to min_lr_ratio * learning_rate
     optimizer, scheduler = build_optimizer(module, cfg, total_steps)
+    # training.cuda_graph: forward, backward, clip and update replayed from CUDA graphs (titans/train_graph.py)
+    graphed = None
+    if t.cuda_graph:
+        graphed = GraphedStep(module, _autocast_dtype(t.dtype), capture_for(device), optimizer, _max_norm(t))
 
     # ---- resume: weights, optimizer, schedule, position in the data and every RNG; metrics rewound to the step
     checkpoints = TrainingCheckpoints(run, cfg, model, optimizer, scheduler, data, is_main)
@@ -366,7 +377,8 @@ def train_step(
 ) -> StepResult:
     """Optimizer step `step` (0-based) over this process's micro-batches of it: token-weighted backward, one
     all-reduce of the loss and the stop flag, gradient clipping, then the update unless the NaN policy skips it.
-    graphed: the forward and backward replayed from CUDA graphs (one process, one micro-batch, no carried state).
+    graphed: the whole step (forward, backward, clip, update) replayed from CUDA graphs (one process, one micro-batch,
+    no carried state); it holds back an update whose loss or gradient norm is NaN/Inf itself.
 
     Raises TrainingDivergedError on a non-finite loss or gradient norm when training.nan_policy is 'stop'.
     """
@@ -381,10 +393,11 @@ def train_step(
 
     # ---- forward and backward of each micro-batch; gradients accumulate
     step_loss = torch.zeros((), dtype=torch.float64, device=device)
+    graphed_norm = None
     if graphed is not None:  # one micro-batch of every scored token, one process: its loss is the step's
         (micro,) = micro_batches
         batch = micro.batch.to(device)
-        step_loss += graphed(batch.inputs, batch.targets)
+        step_loss, graphed_norm = graphed(batch.inputs, batch.targets)  # the update already done, or held back
         micro_batches = []
     for index, micro in enumerate(micro_batches):
         batch = micro.batch.to(device)
@@ -403,8 +416,10 @@ def train_step(
     loss, stop_requested = agreed[0].item(), agreed[1].item() > 0
 
     # ---- clip: clip_grad_norm_ returns the pre-clip norm; with max_norm=inf it only measures
-    max_norm = t.gradient_clip if t.gradient_clip else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if graphed_norm is None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), _max_norm(t))
+    else:
+        grad_norm = graphed_norm
     # Under FSDP the norm is a replicated DTensor; full_tensor() makes it a plain one.
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
 
@@ -415,12 +430,17 @@ def train_step(
     if non_finite is not None and t.nan_policy == "stop":
         raise TrainingDivergedError(_divergence_message(cfg, f"the {non_finite}", step + 1, run.path))
     lr = scheduler.get_last_lr()[0]
-    if non_finite is None:
+    if non_finite is None and graphed is None:
         optimizer.step()
     scheduler.step()
     if graphed is None:  # a graphed step zeroes its gradients in place: they are recorded by address
         optimizer.zero_grad(set_to_none=True)
     return StepResult(loss, grad_norm, lr, non_finite is None, non_finite, stop_requested)
+
+
+def _max_norm(t: TrainingConfig) -> float:
+    """The gradient clip's max_norm: training.gradient_clip, or inf (clip_grad_norm_ then only measures)."""
+    return t.gradient_clip if t.gradient_clip else float("inf")
 
 
 def _autocast_dtype(dtype: str) -> torch.dtype | None:
