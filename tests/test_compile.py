@@ -156,7 +156,7 @@ def test_segment_major_order_equals_the_block_order_with_a_partial_group_and_car
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=[pytest.mark.slow, needs_compiler])])
-@pytest.mark.parametrize("variant", ["LMM", "MAG", "MAL"])
+@pytest.mark.parametrize("variant", ["LMM", pytest.param("MAG", marks=pytest.mark.slow), "MAL"])
 def test_compiled_memory_chunks_equal_eager(variant: str, backend: str, monkeypatch) -> None:
     """LMM, MAG and MAL compile the memory's per-chunk step: same logits, loss, gradients and state, with the
     scan's gradient checkpoints on (5 chunks, groups of 2) and a partial last chunk (eager)."""

@@ -25,21 +25,14 @@ def test_rows_are_evaluated_at_longer_lengths_and_plotted(tmp_path, capsys) -> N
     assert (tmp_path / "vocab256-steps2" / "baseline-swa-seed0" / "metrics.jsonl").exists()
 
 
-def test_another_learning_rate_trains_with_it_in_its_own_folder(tmp_path, capsys) -> None:
-    args = ["--steps", "1", "--rows", "baseline-swa", "--seeds", "0", "--out", str(tmp_path), "--lr", "5e-4"]
-    assert mqar_diagnosis.main(args) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["lr"] == 5e-4
-    config = (tmp_path / "vocab256-steps1-lr0.0005" / "baseline-swa-seed0" / "config.yaml").read_text()
-    assert "learning_rate: 0.0005" in config
-
-
-def test_another_layout_trains_with_it_in_its_own_folder(tmp_path, capsys) -> None:
-    args = ["--steps", "1", "--rows", "mac-defaults", "--seeds", "0", "--out", str(tmp_path)]
+def test_another_learning_rate_and_layout_train_with_them_in_their_own_folder(tmp_path, capsys) -> None:
+    args = ["--steps", "1", "--rows", "mac-defaults", "--seeds", "0", "--out", str(tmp_path), "--lr", "5e-4"]
     assert mqar_diagnosis.main([*args, "--seq-len", "32", "--pairs", "2"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert (summary["seq_len"], summary["pairs"]) == (32, 2) and "accuracy" in summary["results"][0]
-    config = (tmp_path / "vocab256-T32-pairs2-steps1" / "mac-defaults-seed0" / "config.yaml").read_text()
-    assert "seq_len: 32" in config and "mqar_num_kv_pairs: 2" in config
+    assert (summary["seq_len"], summary["pairs"], summary["lr"]) == (32, 2, 5e-4)
+    assert "accuracy" in summary["results"][0]
+    config = (tmp_path / "vocab256-T32-pairs2-steps1-lr0.0005" / "mac-defaults-seed0" / "config.yaml").read_text()
+    assert "seq_len: 32" in config and "mqar_num_kv_pairs: 2" in config and "learning_rate: 0.0005" in config
 
 
 def test_a_plot_needs_lengths(tmp_path) -> None:

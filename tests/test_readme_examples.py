@@ -26,6 +26,7 @@ NOT_RUN = {
     "make ": "`make run` trains for minutes and `make test` is this suite",
     "torchrun ": "multi-process training runs in tests/test_distributed.py",
     "titans bench": "benchmarks take minutes; tests/test_benchmarks.py runs their quick modes",
+    "titans compare": "five trainings in two processes (~20 s); tests/test_cli.py runs compare, alone and --jobs 2",
     "source ": "activating .venv: this test already runs the environment's python",
 }
 # Appended to every command that trains: two steps on a few examples, every step evaluated.
