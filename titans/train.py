@@ -378,7 +378,7 @@ def train_step(
     """Optimizer step `step` (0-based) over this process's micro-batches of it: token-weighted backward, one
     all-reduce of the loss and the stop flag, gradient clipping, then the update unless the NaN policy skips it.
     graphed: the whole step (forward, backward, clip, update) replayed from CUDA graphs (one process, one micro-batch,
-    no carried state); it holds back an update whose loss or gradient norm is NaN/Inf itself.
+    no carried state), which holds back an update whose loss or gradient norm is NaN/Inf on the device.
 
     Raises TrainingDivergedError on a non-finite loss or gradient norm when training.nan_policy is 'stop'.
     """
