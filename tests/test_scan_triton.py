@@ -190,9 +190,10 @@ def tiled(monkeypatch) -> list[int]:
 # test-slow` the rest.
 SLOW = pytest.mark.slow
 TILED_CASES = [("defaults", 0.3, 4, 19, 2, 16), ("no-forgetting", None, 4, 9, 3, 5)]
-TILED_CASES += [pytest.param(option, 0.3, 4, 19, 2, 16, marks=SLOW) for option in ("no-momentum", "no-forgetting")]
-TILED_CASES += [pytest.param("neither", 0.3, 4, 19, 2, 16, marks=SLOW)]
-TILED_CASES += [pytest.param("shared-gates", 0.3, 4, 19, 2, 16, marks=SLOW)]
+TILED_CASES += [
+    pytest.param(option, 0.3, 4, 19, 2, 16, marks=SLOW)
+    for option in ("no-momentum", "no-forgetting", "neither", "shared-gates")
+]
 TILED_CASES += [
     pytest.param("defaults", None, 16, 37, 0, 16, marks=SLOW),
     pytest.param("defaults", 0.3, 1, 7, 0, 16, marks=SLOW),

@@ -112,15 +112,13 @@ class GraphedStep:
         self.held: list[Tensor] = []  # the gradients and AdamW's state, as first recorded
         self.seen: dict[tuple[Any, ...], int] = {}
         self.graphs: dict[tuple[Any, ...], tuple[Callable[[], None], Tensor, Tensor, Tensor, Tensor]] = {}
-        self.lrs: list[Tensor] = []  # one per parameter group, on the parameters' device
-        self.skip = torch.zeros(())  # AdamW's found_inf: 1.0 holds the update back
+        device = next(model.parameters()).device
+        self.lrs = [torch.zeros((), device=device) for _ in optimizer.param_groups]  # filled before each step
+        self.skip = torch.zeros((), device=device)  # AdamW's found_inf: 1.0 holds the update back
 
     def __call__(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """One step on (inputs, targets) [B, T]: returns (loss, pre-clip gradient norm), 0-d float64 device tensors,
         after updating the parameters unless either is NaN/Inf. The gradients are left in `.grad`, clipped."""
-        if not self.lrs:
-            self.lrs = [torch.zeros((), device=inputs.device) for _ in self.optimizer.param_groups]
-            self.skip = torch.zeros((), device=inputs.device)
         for lr, group in zip(self.lrs, self.optimizer.param_groups, strict=True):
             lr.fill_(group["lr"])  # this step's rate from the schedule: a write, no host read
         key = (tuple(inputs.shape), tuple(targets.shape), inputs.device)
