@@ -5,7 +5,7 @@ Against titans-pytorch: MAC training and cached generation.
     python benchmarks/bench_models.py --quick        # tiny sweep, well under a minute
     python benchmarks/bench_models.py                # the full sweep, about 15 minutes on 2 cores
     python benchmarks/bench_models.py --variants baseline-full,MAC --seq-lens 1024,4096
-    python benchmarks/bench_models.py --vs-transformer   # only the same-size comparison, about 3 minutes
+    python benchmarks/bench_models.py --vs-transformer   # only the same-size comparison, about 9 minutes
 
 What it does, in order:
 1. Gate: for every memory variant of the sweep, the model built with the default fused scan (`memory.impl=fused`,
@@ -17,8 +17,9 @@ What it does, in order:
    worker process (bench_memory.py's harness: warm-up, median of repeats, peak-RSS delta, RSS watchdog).
 3. Where the memory variants' linear cost crosses the full-attention baseline's quadratic one (tokens/s and memory).
 4. Memory variants vs a same-size Transformer: at d_model 256 and 64 (4 heads, 2 layers, window and segment 128,
-   T 1024, batch 4), every model's training step timed in turn in one worker; tokens/s over the sliding-window
-   baseline's, beside the ratio the matmul FLOPs allow (targets: >= 0.35x at d256, >= 0.2x at d64).
+   T 1024, batch 4), every model's training step timed in turn in one worker, in --workers fresh workers (default
+   3); the median over workers of tokens/s over the sliding-window baseline's, with its range, beside the ratio the
+   matmul FLOPs allow (targets: >= 0.35x at d256, >= 0.2x at d64).
 5. titans-pytorch 0.5.5 side by side when its venv exists: its MAC training step at dim 64, depth 2, segment 32,
    batch 4, T 512-2048 against our MAC at the same shape, and cached greedy generation of a ~1.3M-parameter MAC.
 6. Aligned tables, the targets, then ONE JSON line.
@@ -440,18 +441,26 @@ def vs_transformer(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list
         payload = {"side_by_side": [asdict(c) for c in cases], "threads": args.threads, "warmup": args.warmup}
         payload["repeats"] = args.repeats
         command = [sys.executable, str(SCRIPT), "--worker", json.dumps(payload)]
-        result = run_isolated(command, args.timeout, args.mem_cap_gb, worker_env(args.omp_wait_policy))
-        if "error" in result:
-            print(f"  same-size comparison d{d_model}: {result['error']}", flush=True)
+        # several workers: one process's timings move together (its memory layout, the machine at that minute), so
+        # a single worker's ratios spread by +-0.03-0.05 from run to run; the median over workers is the figure
+        results = []
+        for _ in range(args.workers):
+            result = run_isolated(command, args.timeout, args.mem_cap_gb, worker_env(args.omp_wait_policy))
+            if "error" in result:
+                print(f"  same-size comparison d{d_model}: {result['error']}", flush=True)
+            else:
+                results.append(result)
+        if not results:
             continue
         base = cases[0]
         base_flops = flops_per_token(base)
-        base_tps = base.batch * base.seq_len / result[base.variant]["seconds"]
         for case in cases:
-            seconds = result[case.variant]["seconds"]
+            # each worker's ratio compares steps timed in turn in that worker; tok/s from the median step time
+            ratios = [r[base.variant]["seconds"] / r[case.variant]["seconds"] for r in results]
+            seconds = statistics.median(r[case.variant]["seconds"] for r in results)
             tps = case.batch * case.seq_len / seconds
             flops = flops_per_token(case)
-            ratio, limit = tps / base_tps, base_flops / flops
+            ratio, limit = statistics.median(ratios), base_flops / flops
             rows.append(
                 {
                     "d_model": d_model,
@@ -459,6 +468,8 @@ def vs_transformer(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list
                     "tokens_per_s": tps,
                     "seconds": seconds,
                     "ratio": ratio,
+                    "ratio_range": f"{min(ratios):.3f}-{max(ratios):.3f}",
+                    "workers": len(results),
                     "mflops_per_token": flops / 1e6,
                     "gflops": flops * tps / 1e9,
                     "flop_limit": limit,
@@ -487,6 +498,7 @@ VS_COLUMNS = [
     ("tok/s", "tokens_per_s", ",.0f"),
     ("s/step", "seconds", ".3f"),
     ("vs baseline", "ratio", ".3f"),
+    ("over workers", "ratio_range", ""),
     ("MFLOP/tok", "mflops_per_token", ".2f"),
     ("GFLOP/s", "gflops", ".1f"),
     ("FLOP limit", "flop_limit", ".3f"),
@@ -607,11 +619,18 @@ def peer_comparison(args: argparse.Namespace) -> tuple[list[dict[str, Any]], lis
     return rows, targets
 
 
+def vs_title(workers: int) -> str:
+    return (
+        "memory variants vs a same-size Transformer (training, each model timed in turn in one process; the median "
+        f"over {workers} such processes):"
+    )
+
+
 def report_vs_transformer(args: argparse.Namespace, gate: dict[str, float]) -> int:
     """`--vs-transformer`: the same-size table and its targets, then one JSON line."""
     rows, targets = vs_transformer(args)
     print()
-    print("memory variants vs a same-size Transformer (training, each model timed in turn in one process):")
+    print(vs_title(args.workers))
     print(format_table(rows, VS_COLUMNS))
     print(
         "FLOP limit: the baseline's matmul FLOPs per token over the variant's (FlopCounterMode, the memory without "
@@ -620,7 +639,8 @@ def report_vs_transformer(args: argparse.Namespace, gate: dict[str, float]) -> i
     for t in targets:
         print(f"[{'MET ' if t['met'] else 'MISS'}] {t['target']}: {t['value']}")
     summary = {"benchmark": "models", "gate": "passed", "gate_max_abs_diff": gate, "torch": torch.__version__}
-    summary |= {"threads": args.threads, "load_end": load_average(), "vs_transformer": rows, "targets": targets}
+    summary |= {"threads": args.threads, "workers": args.workers, "load_end": load_average()}
+    summary |= {"vs_transformer": rows, "targets": targets}
     print(json.dumps(summary))
     return 0
 
@@ -657,13 +677,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="MAC training against the peer as this many DDP processes (gloo) of --threads each, on batch 4 split "
         "between them; the peer then gets processes x --threads threads, so both use the same cores (default 1)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=3,
+        help="--vs-transformer: run the side-by-side timing in this many fresh workers, one after another, and report "
+        "the median ratio with its range (default 3)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.processes < 1 or PEER_TRAIN_BATCH % args.processes:
         p.error(f"--processes must divide the peer comparison's batch of {PEER_TRAIN_BATCH}, got {args.processes}")
-    if args.threads < 1 or args.repeats < 1 or args.warmup < 0:
+    if args.threads < 1 or args.repeats < 1 or args.warmup < 0 or args.workers < 1:
         p.error(
-            f"need --threads >= 1, --repeats >= 1, --warmup >= 0; got {args.threads}, {args.repeats}, {args.warmup}"
+            f"need --threads >= 1, --repeats >= 1, --warmup >= 0, --workers >= 1; got {args.threads}, {args.repeats}, "
+            f"{args.warmup}, {args.workers}"
         )
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
@@ -758,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if vs_rows:
         print()
-        print("memory variants vs a same-size Transformer (training, each model timed in turn in one process):")
+        print(vs_title(args.workers))
         print(format_table(vs_rows, VS_COLUMNS))
     print()
     print("vs titans-pytorch 0.5.5 (same run, same threads):")

@@ -144,6 +144,21 @@ def test_bench_models_quick_runs_gated_and_ends_with_json():
     assert out["peer"][0]["ours"] > 0 and out["peer"][0]["peer_source"].startswith("quoted")
 
 
+def test_vs_transformer_reports_the_median_ratio_over_workers_with_its_range():
+    """--vs-transformer --workers 2: each variant's ratio is the median of the two workers' own ratios (so it lies in
+    the range printed beside it), the baseline's is 1, and tok/s comes from the median step time."""
+    args = bench_models.parse_args(["--vs-transformer", "--quick", "--workers", "2", "--repeats", "1", "--warmup", "0"])
+    rows, targets = bench_models.vs_transformer(args)
+    assert [r["variant"] for r in rows] == list(bench_models.VS_VARIANTS) and not targets
+    for row in rows:
+        low, high = (float(x) for x in row["ratio_range"].split("-"))
+        assert row["workers"] == 2 and low <= row["ratio"] <= high
+        assert row["tokens_per_s"] == pytest.approx(2 * 64 / row["seconds"])
+    assert rows[0]["ratio"] == 1.0 and rows[0]["ratio_range"] == "1.000-1.000"
+    with pytest.raises(SystemExit):
+        bench_models.parse_args(["--vs-transformer", "--workers", "0"])
+
+
 def test_bench_update_rules_quick_runs_gated_and_ends_with_json():
     out = _last_json([sys.executable, str(BENCH / "bench_update_rules.py"), "--quick", "--variants", "LMM"])
     assert out["gate"] == "passed" and out["gate_max_abs_diff"]["LMM"] < 1e-10
