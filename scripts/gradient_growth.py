@@ -4,6 +4,7 @@
     python scripts/gradient_growth.py --variants MAC --theta 0.05,0.1,0.2 --eta 0.5,0.9
     python scripts/gradient_growth.py --variants MAC --theta 0.3 model.memory.exact_last_layer=true
     python scripts/gradient_growth.py --run runs/mqar-diagnosis/.../mac-residual-seed0 --lengths 128,256
+    python scripts/gradient_growth.py --run RUN --lengths 512,2048 model.memory.exact_last_layer=true
 
 The memory's write is a recurrence over chunks, M_c = M_{c-1} - theta * (the chunk's gradients, all taken at
 M_{c-1}: Eq. 16) with momentum eta and forgetting alpha, and the outer loop backpropagates through every step of it.
@@ -15,9 +16,10 @@ random tokens from the vocabulary (fresh models, gates started at `--theta` / `-
 `memory.eta_init`, d_model 64, 4 heads, 2 layers, window and segment 64 unless overridden) or on a trained run's own
 task at those lengths (`--run`, the gates as trained); with them the theta and eta the memories used (mean / max over
 tokens, heads and layers) and the largest eigenvalue of each chunk's key Gram matrix (mean and 90th percentile over
-chunks: 1 for orthogonal unit keys, the chunk size for identical ones; the summed key curvature above). "growth" is the norm at the longest length over the norm at the shortest:
-about 1 or below is stable (a longer sequence's mean loss spreads the same gradient over more tokens), orders of
-magnitude is not. Prints one line per model, then one JSON line.
+chunks: 1 for orthogonal unit keys, the chunk size for identical ones; the summed key curvature above). "growth" is
+the norm at the longest length over the norm at the shortest: about 1 or below is stable (a longer sequence's mean
+loss spreads the same gradient over more tokens), orders of magnitude is not. Prints one line per model, then one
+JSON line.
 """
 
 from __future__ import annotations
@@ -111,7 +113,9 @@ def run_rows(args: argparse.Namespace) -> list[dict]:
         norms, seen = {}, None
         for length in args.lengths:
             try:
-                _, task, model, _ = load_trained(run, [f"data.seq_len={length}", "training.device=cpu"])
+                _, task, model, _ = load_trained(
+                    run, [f"data.seq_len={length}", "training.device=cpu", *args.overrides]
+                )
             except ConfigError as error:
                 raise SystemExit(f"gradient_growth: {run} at --lengths {length}: {error}") from error
             model.train()
@@ -135,7 +139,12 @@ def summarise(label: str, norms: dict[int, float], seen: dict[str, list[float]])
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", help="model.* key=value overrides for the fresh models")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="model.* key=value overrides: of the fresh models, or of a --run's model where its parameters keep their "
+        "shapes (e.g. model.memory.exact_last_layer=true: the trained weights under another write rule)",
+    )
     p.add_argument("--variants", type=lambda s: s.split(","), default=["MAC", "MAG", "MAL", "LMM"])
     p.add_argument("--theta", type=lambda s: [float(v) for v in s.split(",")], help="memory.theta_init values")
     p.add_argument("--eta", type=lambda s: [float(v) for v in s.split(",")], help="memory.eta_init values")
@@ -148,8 +157,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if len(args.lengths) < 2 or min(args.lengths) < 1 or args.batch < 1:
         p.error(f"need two or more --lengths >= 1 and --batch >= 1, got {args.lengths} and {args.batch}")
-    if args.run and (args.theta or args.eta or args.overrides):
-        p.error("--theta, --eta and overrides set fresh models' gates; a --run keeps its trained ones")
+    bad = [o for o in args.overrides if not o.startswith("model.") or "=" not in o]
+    if bad:
+        p.error(f"overrides are model.* key=value pairs, got {bad}")
+    if args.run and (args.theta or args.eta):
+        p.error("--theta and --eta start fresh models' gates; a --run keeps its trained ones")
     return args
 
 

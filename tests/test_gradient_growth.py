@@ -48,6 +48,10 @@ def test_a_trained_run_is_measured_on_its_own_task(tmp_path, capsys) -> None:
     (row,) = _rows(capsys, ["--run", str(tmp_path / "mac-residual-seed0"), "--lengths", "64,128", "--batch", "2"])
     assert list(row["grad_norm"]) == ["64", "128"] and all(n > 0 for n in row["grad_norm"].values())
     assert 0 < row["theta_mean"] <= row["theta_max"] < 1
+    # the trained weights under the delta rule's form of the last layer: same parameters, another write rule
+    args = ["--run", str(tmp_path / "mac-residual-seed0"), "--lengths", "64,128", "model.memory.exact_last_layer=true"]
+    (exact,) = _rows(capsys, args)
+    assert exact["grad_norm"] != row["grad_norm"] and all(n > 0 for n in exact["grad_norm"].values())
 
 
 def test_bad_arguments_are_refused() -> None:
@@ -55,3 +59,5 @@ def test_bad_arguments_are_refused() -> None:
         gradient_growth.parse_args(["--lengths", "64"])
     with pytest.raises(SystemExit):
         gradient_growth.parse_args(["--run", "somewhere", "--theta", "0.1"])
+    with pytest.raises(SystemExit):
+        gradient_growth.parse_args(["training.batch_size=4"])
