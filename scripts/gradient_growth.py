@@ -88,12 +88,16 @@ def gradient_norm(model: TitansLM, inputs: torch.Tensor, targets: torch.Tensor) 
 
 
 def fresh_rows(args: argparse.Namespace) -> list[dict]:
+    """One row per (variant, theta start, eta start): a fresh model measured on random tokens at every length."""
     rows = []
     for variant, theta, eta in itertools.product(args.variants, args.theta or [None], args.eta or [None]):
         gates = [f"model.memory.theta_init={theta}"] if theta is not None else []
         gates += [f"model.memory.eta_init={eta}"] if eta is not None else []
         model_keys = [f"model.variant={variant}", f"model.vocab_size={args.vocab}", *SHAPE, *gates, *args.overrides]
-        cfg = load_config(None, model_keys).model  # validated as `titans train` would
+        try:
+            cfg = load_config(None, model_keys).model  # validated as `titans train` would
+        except ConfigError as error:
+            raise SystemExit(f"gradient_growth: {error}") from error
         torch.manual_seed(args.seed)
         model = build_model(cfg).train()
         seen = record_memory_inputs(model)
@@ -108,6 +112,7 @@ def fresh_rows(args: argparse.Namespace) -> list[dict]:
 
 
 def run_rows(args: argparse.Namespace) -> list[dict]:
+    """One row per trained run: its weights (under the overrides) measured on its own task at every length."""
     rows = []
     for run in args.run:
         norms, seen = {}, None

@@ -61,3 +61,5 @@ def test_bad_arguments_are_refused() -> None:
         gradient_growth.parse_args(["--run", "somewhere", "--theta", "0.1"])
     with pytest.raises(SystemExit):
         gradient_growth.parse_args(["training.batch_size=4"])
+    with pytest.raises(SystemExit, match="theta_init"):  # the config's own check, one line instead of a traceback
+        gradient_growth.main(["--variants", "MAC", "--theta", "2.0", "--lengths", "8,16"])
