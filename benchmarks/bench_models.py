@@ -3,7 +3,7 @@
 Against titans-pytorch: MAC training and cached generation.
 
     python benchmarks/bench_models.py --quick        # tiny sweep, well under a minute
-    python benchmarks/bench_models.py                # the full sweep, about 15 minutes on 2 cores
+    python benchmarks/bench_models.py                # the full sweep, about 20-25 minutes on 2 cores
     python benchmarks/bench_models.py --variants baseline-full,MAC --seq-lens 1024,4096
     python benchmarks/bench_models.py --vs-transformer   # only the same-size comparison, about 9 minutes
 
@@ -620,6 +620,7 @@ def peer_comparison(args: argparse.Namespace) -> tuple[list[dict[str, Any]], lis
 
 
 def vs_title(workers: int) -> str:
+    """The heading of the same-size table."""
     return (
         "memory variants vs a same-size Transformer (training, each model timed in turn in one process; the median "
         f"over {workers} such processes):"
