@@ -144,17 +144,30 @@ def test_bench_models_quick_runs_gated_and_ends_with_json():
     assert out["peer"][0]["ours"] > 0 and out["peer"][0]["peer_source"].startswith("quoted")
 
 
-def test_vs_transformer_reports_the_median_ratio_over_workers_with_its_range():
-    """--vs-transformer --workers 2: each variant's ratio is the median of the two workers' own ratios (so it lies in
-    the range printed beside it), the baseline's is 1, and tok/s comes from the median step time."""
-    args = bench_models.parse_args(["--vs-transformer", "--quick", "--workers", "2", "--repeats", "1", "--warmup", "0"])
+def test_vs_transformer_reports_the_median_ratio_over_workers_with_its_range(monkeypatch):
+    """--vs-transformer --workers 3: each variant's ratio is the median of the workers' own ratios (baseline seconds
+    over the variant's, within one worker), printed with their range; tok/s comes from the median step time; a worker
+    that fails is left out. The workers' timings are given (run_isolated replaced), so the arithmetic is exact."""
+    base_seconds = iter([1.0, 2.0, None, 1.0])  # the third worker fails
+    variant_seconds = {"LMM": 2.0, "MAC": 4.0, "MAG": 3.0, "MAL": 2.5}
+
+    def worker(command, timeout, mem_cap_gb, env):
+        base = next(base_seconds)
+        if base is None:
+            return {"error": "killed"}
+        # the second worker's machine is twice as slow for the baseline but not for the variants: ratios differ
+        return {"baseline-sliding": {"seconds": base}} | {v: {"seconds": s} for v, s in variant_seconds.items()}
+
+    monkeypatch.setattr(bench_models, "run_isolated", worker)
+    monkeypatch.setattr(bench_models, "flops_per_token", lambda case: 1.0)
+    args = bench_models.parse_args(["--vs-transformer", "--quick", "--workers", "4"])
     rows, targets = bench_models.vs_transformer(args)
-    assert [r["variant"] for r in rows] == list(bench_models.VS_VARIANTS) and not targets
-    for row in rows:
-        low, high = (float(x) for x in row["ratio_range"].split("-"))
-        assert row["workers"] == 2 and low <= row["ratio"] <= high
-        assert row["tokens_per_s"] == pytest.approx(2 * 64 / row["seconds"])
-    assert rows[0]["ratio"] == 1.0 and rows[0]["ratio_range"] == "1.000-1.000"
+    by_variant = {r["variant"]: r for r in rows}
+    assert list(by_variant) == list(bench_models.VS_VARIANTS) and not targets
+    mac = by_variant["MAC"]  # ratios 1/4, 2/4, 1/4 over the three workers that answered
+    assert mac["workers"] == 3 and mac["ratio"] == 0.25 and mac["ratio_range"] == "0.250-0.500"
+    assert mac["seconds"] == 4.0 and mac["tokens_per_s"] == pytest.approx(2 * 64 / 4.0)
+    assert by_variant["baseline-sliding"]["ratio"] == 1.0 and by_variant["baseline-sliding"]["seconds"] == 1.0
     with pytest.raises(SystemExit):
         bench_models.parse_args(["--vs-transformer", "--workers", "0"])
 
