@@ -25,6 +25,7 @@ JSON line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -37,6 +38,7 @@ from titans.config import load_config
 from titans.errors import ConfigError
 from titans.models import TitansLM, build_model
 from titans.run import load_trained
+from titans.tasks import make_task
 
 SHAPE = ["model.d_model=64", "model.n_heads=4", "model.n_layers=2", "model.window=64", "model.segment_len=64"]
 
@@ -115,20 +117,21 @@ def run_rows(args: argparse.Namespace) -> list[dict]:
     """One row per trained run: its weights (under the overrides) measured on its own task at every length."""
     rows = []
     for run in args.run:
-        norms, seen = {}, None
+        try:
+            cfg, _, model, _ = load_trained(run, ["training.device=cpu", *args.overrides])
+        except ConfigError as error:
+            raise SystemExit(f"gradient_growth: {run}: {error}") from error
+        model.train()
+        seen = record_memory_inputs(model)
+        norms = {}
         for length in args.lengths:
-            try:
-                _, task, model, _ = load_trained(
-                    run, [f"data.seq_len={length}", "training.device=cpu", *args.overrides]
-                )
+            try:  # the data config checks the length against the task (e.g. S-NIAH's template needs 369 bytes)
+                task = make_task(dataclasses.replace(cfg.data, seq_len=length))
             except ConfigError as error:
                 raise SystemExit(f"gradient_growth: {run} at --lengths {length}: {error}") from error
-            model.train()
-            seen_now = record_memory_inputs(model)
-            seen = seen_now if seen is None else {k: seen[k] + v for k, v in seen_now.items()}
             batch = task.sample(args.batch, torch.Generator().manual_seed(args.seed))
             norms[length] = gradient_norm(model, batch.inputs, batch.targets)
-        rows.append(summarise(run, norms, seen or {}))
+        rows.append(summarise(run, norms, seen))
     return rows
 
 

@@ -145,9 +145,10 @@ def test_bench_models_quick_runs_gated_and_ends_with_json():
 
 
 def test_vs_transformer_reports_the_median_ratio_over_workers_with_its_range(monkeypatch):
-    """--vs-transformer --workers 3: each variant's ratio is the median of the workers' own ratios (baseline seconds
-    over the variant's, within one worker), printed with their range; tok/s comes from the median step time; a worker
-    that fails is left out. The workers' timings are given (run_isolated replaced), so the arithmetic is exact."""
+    """--vs-transformer --workers 4, one of which fails: each variant's ratio is the median of the workers' own
+    ratios (baseline seconds over the variant's, within one worker), printed with their range; tok/s comes from the
+    median step time; the worker that fails is left out. The workers' timings are given (run_isolated replaced), so
+    the arithmetic is exact."""
     base_seconds = iter([1.0, 2.0, None, 1.0])  # the third worker fails
     variant_seconds = {"LMM": 2.0, "MAC": 4.0, "MAG": 3.0, "MAL": 2.5}
 
