@@ -67,6 +67,7 @@ def test_smoke_run_learns_and_writes_its_outputs(tmp_path):
     assert result["copy_accuracy"] == evals[-1]["copy_accuracy"]
     assert result["train_loss"] == pytest.approx(sum(losses[20:]) / 20)
     assert (result["steps"], result["skipped_steps"], result["interrupted"]) == (40, 0, False)
+    assert result["gradient_spikes"] == 0
 
     run_dir = Path(result["run_dir"])
     assert run_dir == tmp_path / "smoke"
@@ -202,6 +203,41 @@ def test_nan_skip_skips_only_that_update(tmp_path, monkeypatch):
     assert [r.get("skipped", False) for r in records] == [False, False, True, False, False, False]
     assert all(math.isfinite(r["loss"]) for i, r in enumerate(records) if i != 2)
     assert all(torch.isfinite(p).all() for p in wrapped["model"].parameters())
+
+
+class LossScaledFrom(torch.nn.Module):
+    """Wraps a model; from training call number `first_call` (1-based, counting on from `calls_before`) the loss and
+    so every gradient is 1e5 times larger: a gradient explosion whose update the clip bounds."""
+
+    def __init__(self, model: torch.nn.Module, first_call: int, calls_before: int = 0) -> None:
+        super().__init__()
+        self.model, self.first_call, self.calls = model, first_call, calls_before
+
+    def forward(self, idx, targets=None, state=None):
+        logits, loss, state = self.model(idx, targets, state)
+        if targets is not None and self.training:
+            self.calls += 1
+            if self.calls >= self.first_call:
+                loss = loss * 1e5
+        return logits, loss, state
+
+
+def test_gradient_spikes_are_said_counted_and_recounted_on_resume(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("titans.train.build_model", lambda model_cfg: LossScaledFrom(build_model(model_cfg), 26))
+    cfg = tiny_config(tmp_path, "training.max_steps=30", "training.checkpoint_every=28", "training.run_name=spiky")
+    result = train(cfg)
+    said = capsys.readouterr()
+    assert result["gradient_spikes"] == 5 and result["skipped_steps"] == 0
+    assert "step 26: gradient norm" in said.out + said.err and "1 such step so far" in said.out + said.err
+
+    # A crash after step 29: the resumed run replays the log's norms up to its checkpoint (28), so it counts the
+    # spikes at 26-28 again without having seen them, and the new one at 29-30.
+    for step, path in list_checkpoints(tmp_path / "spiky"):
+        if step > 28:
+            path.unlink()
+    monkeypatch.setattr("titans.train.build_model", lambda model_cfg: LossScaledFrom(build_model(model_cfg), 26, 28))
+    resumed = train(cfg, resume=tmp_path / "spiky")
+    assert resumed["gradient_spikes"] == 5 and resumed["steps"] == 30
 
 
 def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():

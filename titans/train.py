@@ -53,6 +53,7 @@ from titans.distributed import (
 )
 from titans.evaluate import evaluate
 from titans.footprint import check_memory
+from titans.grad_watch import GradientWatch
 from titans.models import build_model, num_parameters
 from titans.plots import plot_run
 from titans.progress import Progress
@@ -172,7 +173,7 @@ def train(cfg: RunConfig, resume: str | os.PathLike | bool | None = None) -> dic
         True = continue from the newest valid checkpoint in this run's own directory;
         a path = continue from that ckpt_*.pt file, or the newest valid one in that run directory.
     Returns {"variant", "task", <task.metric>, "test_loss", "train_loss", "chance", "params", "steps", "epochs",
-        "skipped_steps", "interrupted", "wall_s", "device", "allocator", "run_dir", "checkpoint"}.
+        "skipped_steps", "gradient_spikes", "interrupted", "wall_s", "device", "allocator", "run_dir", "checkpoint"}.
     Raises TrainingDivergedError on a NaN/Inf loss or gradient when training.nan_policy == 'stop'.
 
     Launched by torchrun (WORLD_SIZE > 1), every process calls train() and gets the same result dict; the process
@@ -219,11 +220,7 @@ def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: D
     # ---- resume: weights, optimizer, schedule, position in the data and every RNG; metrics rewound to the step
     checkpoints = TrainingCheckpoints(run, cfg, model, optimizer, scheduler, data, is_main)
     log = MetricsLog(run, task.metric, is_main, t.tensorboard)
-    step, skipped_steps = 0, 0
-    if run.resume_from is not None:
-        step, skipped_steps = checkpoints.restore()
-        log.rewind(step)
-        print0(f"resumed from {run.resume_from} at step {step}")
+    step, skipped_steps, spikes = _restored(cfg, run, checkpoints, log)
     if is_main:  # after restore: a checkpoint that does not fit this config leaves the run's config.yaml as it was
         save_config(cfg, run.path / "config.yaml")
     print0(_header(cfg, task, module, dist_info, data, total_steps, run))
@@ -242,9 +239,10 @@ def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: D
             stop_requested = result.stop_requested
             step += 1
             skipped_steps += not result.applied
-            if not result.applied and is_main:
-                # Said once per skipped step: a run that skips every step should not look healthy in the log.
-                tqdm.write(result.skip_message(step, skipped_steps))
+            # Said once per skipped step (a run that skips every step should not look healthy in the log), and on
+            # the 1st, 10th, 100th ... gradient-norm spike (titans/grad_watch.py).
+            skip_message = None if result.applied else result.skip_message(step, skipped_steps)
+            _write(is_main, skip_message, spikes.check(step, result.grad_norm))
             progress.update(epoch=epoch + 1, loss=result.loss, lr=result.lr)
             stop.last_step_s = time.perf_counter() - step_start
             log.log(result.record(step, epoch, stop.last_step_s))
@@ -282,8 +280,35 @@ def _train(cfg: RunConfig, resume: str | os.PathLike | bool | None, dist_info: D
         )
 
     summary = {"steps": step, "epochs": step / data.steps_per_epoch, "skipped_steps": skipped_steps}
+    summary["gradient_spikes"] = spikes.spikes  # steps with a norm over 100x the recent median
     summary.update(interrupted=interrupted is not None, wall_s=round(time.time() - start_time, 2), device=str(device))
     return _result(cfg, task, module, log, run, checkpoints, summary)
+
+
+def _restored(
+    cfg: RunConfig, run: RunDir, checkpoints: TrainingCheckpoints, log: MetricsLog
+) -> tuple[int, int, GradientWatch]:
+    """Where the loop starts: the optimizer steps done and skipped (0, 0 for a fresh run; a resumed run's weights,
+    optimizer, schedule, data position and RNGs restored and its metrics rewound to the checkpoint), and the gradient
+    watch, which has seen a resumed run's own gradient norms so that it counts as the uninterrupted run would."""
+    step, skipped_steps = 0, 0
+    if run.resume_from is not None:
+        step, skipped_steps = checkpoints.restore()
+        log.rewind(step)
+        print0(f"resumed from {run.resume_from} at step {step}")
+    spikes = GradientWatch(cfg.model.variant != "baseline", run.path)
+    for record in log.records:
+        if record["kind"] == "train":
+            spikes.check(record["step"], record["grad_norm"])
+    return step, skipped_steps, spikes
+
+
+def _write(is_main: bool, *messages: str | None) -> None:
+    """Print the messages that are not None above the progress bar, on the main process only."""
+    if is_main:
+        for message in messages:
+            if message is not None:
+                tqdm.write(message)
 
 
 def _seeded_model(cfg: RunConfig, device: torch.device) -> nn.Module:
