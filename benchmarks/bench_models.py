@@ -92,6 +92,7 @@ class ModelCase:
     malloc: str = "glibc"
     compile: bool = False  # MAC: training.compile (whole segments), or for "generate" compile_decode
     processes: int = 1  # training as that many DDP processes on gloo (titans.distributed), each on batch/processes
+    exact_last_layer: bool | None = None  # memory.exact_last_layer; None: the variant's default
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -121,7 +122,7 @@ class ModelCase:
             window=self.window,
             segment_len=self.segment_len,
             baseline_attention="sliding" if self.variant == "baseline-sliding" else "full",
-            memory=MemoryConfig(chunk_size=self.chunk_size, impl=impl),
+            memory=MemoryConfig(chunk_size=self.chunk_size, impl=impl, exact_last_layer=self.exact_last_layer),
         )
 
     def label(self) -> str:
@@ -376,11 +377,13 @@ VS_TARGETS = {256: 0.35, 64: 0.2}
 VS_SHAPE = {"n_layers": 2, "n_heads": 4, "segment_len": 128, "window": 128, "chunk_size": 16}
 
 
-def vs_cases(d_model: int, quick: bool) -> list[ModelCase]:
-    """The same-size comparison at one width: T 1024, batch 4 (--quick: the tiny model, T 64)."""
-    if quick:
-        return [ModelCase(v, 64, batch=2, **QUICK_SHAPE) for v in VS_VARIANTS]
-    return [ModelCase(v, 1024, batch=4, d_model=d_model, **VS_SHAPE) for v in VS_VARIANTS]
+def vs_cases(d_model: int, quick: bool, exact_last_layer: bool = False) -> list[ModelCase]:
+    """The same-size comparison at one width: T 1024, batch 4 (--quick: the tiny model, T 64); with
+    `exact_last_layer`, every memory variant's memory writes its last layer token by token."""
+    shape = QUICK_SHAPE | {"batch": 2} if quick else VS_SHAPE | {"batch": 4, "d_model": d_model}
+    length = 64 if quick else 1024
+    exact = {"exact_last_layer": True} if exact_last_layer else {}
+    return [ModelCase(v, length, **shape, **({} if v.startswith("baseline") else exact)) for v in VS_VARIANTS]
 
 
 def flops_per_token(case: ModelCase) -> float:
@@ -395,7 +398,9 @@ def flops_per_token(case: ModelCase) -> float:
     from titans.models import build_model
 
     config = case.config("chunked")
-    config.memory = MemoryConfig(chunk_size=case.chunk_size, impl="chunked", checkpoint_every=0)
+    config.memory = MemoryConfig(
+        chunk_size=case.chunk_size, impl="chunked", checkpoint_every=0, exact_last_layer=case.exact_last_layer
+    )
     torch.manual_seed(0)
     model = build_model(config)
     idx = torch.randint(0, VOCAB, (case.batch, case.seq_len + 1), generator=torch.Generator().manual_seed(1))
@@ -437,7 +442,7 @@ def vs_transformer(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list
     """The table "memory variants vs a same-size Transformer" at d_model 256 and 64, with its targets."""
     rows, targets = [], []
     for d_model in [16] if args.quick else [256, 64]:
-        cases = vs_cases(d_model, args.quick)
+        cases = vs_cases(d_model, args.quick, args.exact_last_layer)
         payload = {"side_by_side": [asdict(c) for c in cases], "threads": args.threads, "warmup": args.warmup}
         payload["repeats"] = args.repeats
         command = [sys.executable, str(SCRIPT), "--worker", json.dumps(payload)]
@@ -619,11 +624,12 @@ def peer_comparison(args: argparse.Namespace) -> tuple[list[dict[str, Any]], lis
     return rows, targets
 
 
-def vs_title(workers: int) -> str:
+def vs_title(workers: int, exact_last_layer: bool = False) -> str:
     """The heading of the same-size table."""
+    exact = "; the memories with exact_last_layer=true" if exact_last_layer else ""
     return (
         "memory variants vs a same-size Transformer (training, each model timed in turn in one process; the median "
-        f"over {workers} such processes):"
+        f"over {workers} such processes{exact}):"
     )
 
 
@@ -631,7 +637,7 @@ def report_vs_transformer(args: argparse.Namespace, gate: dict[str, float]) -> i
     """`--vs-transformer`: the same-size table and its targets, then one JSON line."""
     rows, targets = vs_transformer(args)
     print()
-    print(vs_title(args.workers))
+    print(vs_title(args.workers, args.exact_last_layer))
     print(format_table(rows, VS_COLUMNS))
     print(
         "FLOP limit: the baseline's matmul FLOPs per token over the variant's (FlopCounterMode, the memory without "
@@ -641,7 +647,7 @@ def report_vs_transformer(args: argparse.Namespace, gate: dict[str, float]) -> i
         print(f"[{'MET ' if t['met'] else 'MISS'}] {t['target']}: {t['value']}")
     summary = {"benchmark": "models", "gate": "passed", "gate_max_abs_diff": gate, "torch": torch.__version__}
     summary |= {"threads": args.threads, "workers": args.workers, "load_end": load_average()}
-    summary |= {"vs_transformer": rows, "targets": targets}
+    summary |= {"exact_last_layer": args.exact_last_layer, "vs_transformer": rows, "targets": targets}
     print(json.dumps(summary))
     return 0
 
@@ -685,6 +691,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="--vs-transformer: run the side-by-side timing in this many fresh workers, one after another, and report "
         "the median ratio with its range (default 3)",
     )
+    p.add_argument(
+        "--exact-last-layer",
+        action="store_true",
+        help="--vs-transformer: every memory variant with memory.exact_last_layer=true (the write that stays stable "
+        "where training takes the gates; what it costs against the default)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.processes < 1 or PEER_TRAIN_BATCH % args.processes:
@@ -699,6 +711,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown --variants {unknown}; choose from {','.join(VARIANTS)}")
     if args.peer_only:
         args.variants = ["MAC"]
+    if args.exact_last_layer and not args.vs_transformer:
+        p.error("--exact-last-layer applies to the same-size table only: add --vs-transformer")
     if not args.peer_parts or set(args.peer_parts) - {"train", "generate"}:
         p.error(f"--peer-parts takes train, generate or both (comma-separated), got {','.join(args.peer_parts)}")
     return args
@@ -787,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if vs_rows:
         print()
-        print(vs_title(args.workers))
+        print(vs_title(args.workers, args.exact_last_layer))
         print(format_table(vs_rows, VS_COLUMNS))
     print()
     print("vs titans-pytorch 0.5.5 (same run, same threads):")

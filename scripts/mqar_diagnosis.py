@@ -39,6 +39,7 @@ UNPINNED = (
     "lmm-defaults", "lmm-s14", "lmm-s14-eta0.1", "mac-defaults", "mac-attention", "mac-nomomentum", "mac-theta0.25",
     "mac-lmm", "mac-residual", "mac-residual-nomomentum", "mac-residual-seg32",
     "baseline-full", "baseline-swa", "mag-defaults", "mal-defaults", "mag-lmm", "mal-lmm",
+    "mac-residual-exactlast", "mag-exactlast", "mal-exactlast",
 )  # fmt: skip
 DELTA_RULE = [
     "model.memory_layers=1",
@@ -84,6 +85,11 @@ ROWS = {
     # MAG and MAL with the LMM's memory defaults (theta_init 0.25, the exact last layer, no momentum)
     "mag-lmm": ["model.variant=MAG", "model.window=16", *LMM_MEMORY],
     "mal-lmm": ["model.variant=MAL", "model.window=16", *LMM_MEMORY],
+    # MAC (as mac-residual), MAG and MAL with their defaults but the exact last layer, the write that stays stable
+    # where training takes their gates and keys (docs/results.md, "Why MAC's gradient norms exploded on S-NIAH")
+    "mac-residual-exactlast": [*MAC, "model.mac_memory_input=residual", "model.memory.exact_last_layer=true"],
+    "mag-exactlast": ["model.variant=MAG", "model.window=16", "model.memory.exact_last_layer=true"],
+    "mal-exactlast": ["model.variant=MAL", "model.window=16", "model.memory.exact_last_layer=true"],
     "lmm": [],  # the LMM's defaults before session 14 (PINNED)
     "delta": DELTA_RULE,
     "lmm-noclip": ["model.memory.inner_grad_clip=null"],

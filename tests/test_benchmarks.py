@@ -17,6 +17,8 @@ sys.path.insert(0, str(BENCH))
 import bench_memory  # noqa: E402
 import bench_models  # noqa: E402
 
+from titans.memory import NeuralMemory  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
@@ -171,6 +173,27 @@ def test_vs_transformer_reports_the_median_ratio_over_workers_with_its_range(mon
     assert by_variant["baseline-sliding"]["ratio"] == 1.0 and by_variant["baseline-sliding"]["seconds"] == 1.0
     with pytest.raises(SystemExit):
         bench_models.parse_args(["--vs-transformer", "--workers", "0"])
+
+
+def test_vs_transformer_exact_last_layer_reaches_every_memory_and_only_them(monkeypatch):
+    """--exact-last-layer: the workers get the memory variants' cases with exact_last_layer set (the baseline's
+    untouched), and those cases build models whose memories write their last layer token by token."""
+    sent = []
+
+    def worker(command, timeout, mem_cap_gb, env):
+        sent.extend(json.loads(command[-1])["side_by_side"])
+        return {v: {"seconds": 1.0} for v in bench_models.VS_VARIANTS}
+
+    monkeypatch.setattr(bench_models, "run_isolated", worker)
+    monkeypatch.setattr(bench_models, "flops_per_token", lambda case: 1.0)
+    bench_models.vs_transformer(bench_models.parse_args(["--vs-transformer", "--quick", "--exact-last-layer"]))
+    exact = {case["variant"]: case["exact_last_layer"] for case in sent}
+    assert exact == {"baseline-sliding": None, "LMM": True, "MAC": True, "MAG": True, "MAL": True}
+    mag = bench_models.build(bench_models.ModelCase(**sent[-2]))
+    memories = [m for m in mag.modules() if isinstance(m, NeuralMemory)]
+    assert sent[-2]["variant"] == "MAG" and memories and all(m.exact_last_layer for m in memories)
+    with pytest.raises(SystemExit):
+        bench_models.parse_args(["--exact-last-layer"])
 
 
 def test_bench_update_rules_quick_runs_gated_and_ends_with_json():
