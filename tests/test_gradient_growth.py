@@ -26,10 +26,11 @@ def _rows(capsys, argv: list[str]) -> list[dict]:
 def test_growth_separates_a_stable_write_from_an_exploding_one(capsys) -> None:
     """The positive control: MAC's chunk-start update with momentum (Eq. 16 + Eq. 14) at theta 0.5 backpropagates an
     exponentially growing gradient over 512 tokens, at theta 0.05 a shrinking one; the same theta with the last
-    layer's gradient at the current weights and no momentum (the delta rule's form) is stable. The gates the
+    layer's gradient at the current weights (MAC's default), with or without momentum, is stable. The gates the
     memories used are reported: theta near its start value."""
     lengths = ["--lengths", "32,512"]
-    rows = _rows(capsys, ["--variants", "MAC", "--theta", "0.05,0.5", *lengths, *SMALL])
+    eq16 = "model.memory.exact_last_layer=false"
+    rows = _rows(capsys, ["--variants", "MAC", "--theta", "0.05,0.5", *lengths, *SMALL, eq16])
     stable, exploding = rows
     assert stable["growth"] < 1 and exploding["growth"] > 100
     assert stable["theta_mean"] == pytest.approx(0.05, rel=0.05) and exploding["theta_mean"] == pytest.approx(
@@ -40,6 +41,8 @@ def test_growth_separates_a_stable_write_from_an_exploding_one(capsys) -> None:
     delta_form = ["model.memory.exact_last_layer=true", "model.memory.momentum=false"]
     (row,) = _rows(capsys, ["--variants", "MAC", "--theta", "0.5", *lengths, *SMALL, *delta_form])
     assert row["growth"] < 1 and "eta_mean" not in row
+    (default,) = _rows(capsys, ["--variants", "MAC", "--theta", "0.5", *lengths, *SMALL])
+    assert default["growth"] < 1 and default["eta_mean"] > 0
 
 
 def test_a_trained_run_is_measured_on_its_own_task(tmp_path, capsys) -> None:
