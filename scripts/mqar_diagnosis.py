@@ -50,9 +50,7 @@ DELTA_RULE = [
     "model.memory.theta_init=0.25",
 ]
 LMM_MEMORY = ["model.memory.theta_init=0.25", "model.memory.exact_last_layer=true", "model.memory.momentum=false"]
-MAC_DEFAULTS = ["model.variant=MAC", "model.segment_len=16"]
-# the other MAC rows as made before MAC's default became the exact last layer (session 23): Eq. 16 pinned
-MAC = [*MAC_DEFAULTS, "model.memory.exact_last_layer=false"]
+MAC = ["model.variant=MAC", "model.segment_len=16"]
 DEFAULT_LR = 2e-3  # the peak learning rate of every table made with this script before --lr existed
 DEPTH2_CLIP = ["model.memory_layers=2", "model.memory.inner_grad_clip=1.0"]
 ROWS = {
@@ -64,7 +62,7 @@ ROWS = {
     "lmm-s14-eta0.1": ["model.memory.momentum=true", "model.memory.eta_init=0.1"],
     # MAC with segments of 16 (four per sequence: a key in an earlier segment reaches its query only through the
     # memory), with its defaults
-    "mac-defaults": MAC_DEFAULTS,
+    "mac-defaults": MAC,
     # the memory writing the attention output y (Eq. 24 as written; MAC's default up to session 16), with MAC's memory
     # defaults, without momentum, with the LMM's stronger write (theta_init 0.25, momentum on, anchored), and with all
     # three of the LMM's memory defaults (theta_init 0.25, the exact last layer, no momentum)
@@ -88,7 +86,7 @@ ROWS = {
     "mag-lmm": ["model.variant=MAG", "model.window=16", *LMM_MEMORY],
     "mal-lmm": ["model.variant=MAL", "model.window=16", *LMM_MEMORY],
     # MAC (as mac-residual), MAG and MAL with the exact last layer, the write that stays stable where training takes
-    # their gates and keys (docs/results.md, "Why MAC's gradient norms exploded on S-NIAH"); MAC's default since then
+    # their gates and keys (docs/results.md, "Why MAC's gradient norms exploded on S-NIAH")
     "mac-residual-exactlast": [*MAC, "model.mac_memory_input=residual", "model.memory.exact_last_layer=true"],
     "mag-exactlast": ["model.variant=MAG", "model.window=16", "model.memory.exact_last_layer=true"],
     "mal-exactlast": ["model.variant=MAL", "model.window=16", "model.memory.exact_last_layer=true"],

@@ -37,14 +37,13 @@ def test_memory_check_reports_updates_surprise_and_ablation(tmp_path, variant: s
     )
     train(cfg)
     result = memory_check(str(tmp_path / "run"), repeats=3, block=8, samples=16)
-    # the rule the checkpoint writes with: the variant's defaults (LMM: theta 0.25, the exact last layer, no momentum;
-    # MAC: theta 0.05, the exact last layer, momentum; MAG, MAL: theta 0.05, Eq. 16, momentum), read from the rebuilt
-    # model, not from the config's nulls
+    # the rule the checkpoint writes with: the variant's defaults (LMM: theta 0.25 and the exact last layer; the
+    # others: theta 0.05 and Eq. 16), read from the rebuilt model, not from the config's nulls
     strong = variant == "LMM"
     expected_rule = {
         "theta_init": 0.25 if strong else 0.05,
         "chunk_size": 16,
-        "exact_last_layer": variant in ("LMM", "MAC"),
+        "exact_last_layer": strong,
         "momentum": not strong,
     }
     if variant == "MAC":  # and what its memory writes: by default the residual stream after attention

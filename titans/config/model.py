@@ -17,17 +17,10 @@ VARIANTS = ("baseline", "LMM", "MAC", "MAG", "MAL")
 # The variants whose memory writes strongly by default: theta_init 0.25, the last layer's inner gradient at the
 # current weights and no surprise momentum (`memory_defaults`). With the first two the LMM leaves MQAR's value prior on
 # every seed; without momentum it goes on to bind keys to values (recall), which it did not do within 6,000 steps with
-# it. MAC, MAG and MAL keep theta_init 0.05 and momentum: MAC lost the patterns and needle tables with the strong
-# write; MAG and MAL gained on patterns but trained 10-16 % slower (docs/results.md, "The memory defaults by variant").
+# it. MAC, MAG and MAL keep theta_init 0.05, Eq. 16's chunk-start gradients and momentum: MAC lost the patterns and
+# needle tables with the strong write; MAG and MAL gained on patterns but trained 10-16 % slower (docs/results.md,
+# "The memory defaults by variant").
 STRONG_WRITE_VARIANTS = ("LMM",)
-
-# The variants whose last memory layer learns token by token by default (exact_last_layer): the LMM (above), and MAC
-# since session 23. MAC's Eq. 16 write turned unstable in training (its gradient grew exponentially with the length
-# once its keys grew alike: S-NIAH after ~170 steps); the exact last layer stays stable at every theta and eta tried,
-# learned MQAR faster (100 % at T to 4T) and kept copy, patterns and needle, for ~10 % of its training speed
-# (docs/results.md, "Why MAC's gradient norms exploded on S-NIAH"). MAG and MAL keep Eq. 16: with it they meet the
-# speed target, and MAG's MQAR recall fell with the exact last layer.
-EXACT_LAST_VARIANTS = ("LMM", "MAC")
 
 # Vocabularies beyond 2**20 ids are refused: the embedding and head would need megabytes per channel each,
 # and tasks enumerate their answer ids; refusing them in the config beats an out-of-memory kill in a task or model.
@@ -93,8 +86,7 @@ class MemoryConfig:
     exact_last_layer: bool | None = None
     """The last memory layer's inner gradient at the current weights, the others' at the chunk start (the delta rule
     within a chunk for the last layer; not Eq. 16). Every impl; with residual_norm only impl = naive. null = the
-    variant's: true for LMM and MAC (false with residual_norm), false for MAG and MAL (docs/results.md, "Why MAC's
-    gradient norms exploded on S-NIAH")."""
+    variant's: true for LMM (false with residual_norm), false for MAC, MAG and MAL."""
 
     eta_init: float = 0.5
     """eta_t (the surprise momentum's decay) starts near this, in (0, 1)."""
@@ -148,13 +140,12 @@ class MemoryDefaults(NamedTuple):
 
 def memory_defaults(variant: str, memory: MemoryConfig) -> MemoryDefaults:
     """theta_init, exact_last_layer and momentum of `variant`'s memory: `memory`'s own values, or where null the
-    variant's defaults (STRONG_WRITE_VARIANTS and EXACT_LAST_VARIANTS above; the fields' docstrings)."""
+    variant's defaults (STRONG_WRITE_VARIANTS above; the fields' docstrings)."""
     strong = variant in STRONG_WRITE_VARIANTS
     theta = memory.theta_init if memory.theta_init is not None else min(0.25 if strong else 0.05, memory.max_lr / 2)
     exact = memory.exact_last_layer
     if exact is None:
-        # a residual + LayerNorm memory has no chunk-parallel exact form
-        exact = variant in EXACT_LAST_VARIANTS and not memory.residual_norm
+        exact = strong and not memory.residual_norm  # a residual + LayerNorm memory has no chunk-parallel exact form
     momentum = memory.momentum if memory.momentum is not None else not strong
     return MemoryDefaults(theta, exact, momentum)
 
