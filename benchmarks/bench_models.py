@@ -34,7 +34,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -394,13 +394,10 @@ def flops_per_token(case: ModelCase) -> float:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from titans.config import MemoryConfig
     from titans.models import build_model
 
     config = case.config("chunked")
-    config.memory = MemoryConfig(
-        chunk_size=case.chunk_size, impl="chunked", checkpoint_every=0, exact_last_layer=case.exact_last_layer
-    )
+    config.memory = replace(config.memory, checkpoint_every=0)  # the case's memory, every chunk kept
     torch.manual_seed(0)
     model = build_model(config)
     idx = torch.randint(0, VOCAB, (case.batch, case.seq_len + 1), generator=torch.Generator().manual_seed(1))
