@@ -41,7 +41,7 @@ def accuracy_by_distance(run: str, length: int | None, samples: int, edges: list
     task = dataclasses.replace(task, seq_len=length or task.seq_len)
     batch = task.sample(samples, torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        logits, _, _ = model(batch.inputs.to(cfg.training.device))
+        logits, _, _ = model(batch.inputs.to(next(model.parameters()).device))
     correct = logits.argmax(dim=-1).cpu() == batch.targets
     scored, distance = query_distances(batch.inputs, batch.targets, task.num_kv_pairs)
     bins = {}

@@ -146,6 +146,24 @@ def test_teacher_forced_batch_scores_only_the_answer(haystack):
     assert (prompt + " " + answer).encode() == bytes(single.inputs[0].tolist() + single.targets[0, -1:].tolist())
 
 
+def test_training_on_the_text_targets_every_next_byte_but_scores_the_answer():
+    answer_only, text = SNIAH(seq_len=600), SNIAH(seq_len=600, train_on="text")
+    batch, whole = answer_only.sample(4, _gen(3)), text.sample(4, _gen(3))
+    # The same examples, every target now the next byte, the answer's the same as before.
+    assert torch.equal(batch.inputs, whole.inputs)
+    assert torch.equal(whole.targets[:, :-1], whole.inputs[:, 1:]) and torch.equal(
+        whole.targets[:, -7:], batch.targets[:, -7:]
+    )
+    logits = torch.nn.functional.one_hot(whole.targets, 256).double()
+    # A model wrong on every haystack byte but right on the answer scores perfectly: only the answer counts.
+    logits[:, :-7] = logits[:, :-7].roll(1, dims=-1)
+    assert text.score(logits, whole) == {"niah_accuracy": 1.0, "niah_byte_accuracy": 1.0}
+    logits[1, -1] = logits[1, -1].roll(1)
+    assert text.score(logits, whole)["niah_accuracy"] == 0.75
+    with pytest.raises(ValueError, match="train_on"):
+        SNIAH(train_on="all")
+
+
 def test_score_needs_every_answer_byte():
     task = SNIAH(seq_len=511)
     batch = task.sample(4, _gen(2))

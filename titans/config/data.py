@@ -92,6 +92,11 @@ class DataConfig:
     niah_depth: float | None = None
     """niah: needle depth in [0, 1]; null = uniform per example."""
 
+    niah_train_on: Literal["answer", "text"] = "answer"
+    """niah: training targets; answer = the answer's 7 bytes only (RULER's scoring), text = every next byte (the
+    question repeats the needle's key: a long-range copy to learn from; scripts/niah_copy_probe.py measures it).
+    Evaluation scores the answer either way."""
+
     curriculum_lengths: tuple[int, ...] = ()
     """Shorter training lengths before seq_len, shortest first (fresh_samples only), e.g. [400, 600, 800] for niah:
     curriculum_steps optimizer steps at each, then seq_len for the rest of the run; evaluation stays at seq_len."""

