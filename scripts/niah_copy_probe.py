@@ -7,7 +7,7 @@ in the question and in the answer prefix; the value appears once, in the needle,
 trained S-NIAH run (a run directory or a checkpoint) on `--samples` fresh examples (the same for every run), this
 prints the mean loss in nats per byte, teacher-forced, of
 * the needle's key, where nothing before it tells the key (what the key list alone gives: its floor without copying);
-* the question's key, which only the needle tells (below the first number: the model copies it from far back);
+* the question's key, which only the needle tells (a loss below the needle key's: the model copies it from far back);
 * each of the answer's 7 digits, which only the needle tells (ln 10 = 2.30 is a uniform guess among the digits).
 Each key's first byte is left out (it starts the key, and the key list, not the context, decides how guessable it is).
 Ends with one JSON line.
