@@ -254,8 +254,8 @@ class SNIAH:
         self.depth = depth
         self.train_on = train_on
         self.name = "niah_single_1" if haystack == "noise" else f"s_niah_{haystack}"
-        # The answer is always 7 digits, so a uniform guesser gets it whole with probability 256**-7.
-        self.chance = 256.0**-7
+        # The answer is always ANSWER_BYTES digits, so a uniform guesser gets it whole with probability 256**-7.
+        self.chance = 256.0**-ANSWER_BYTES
 
     @classmethod
     def from_config(cls, data: DataConfig) -> SNIAH:
